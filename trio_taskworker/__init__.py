@@ -1,0 +1,59 @@
+"""trio_taskworker: run Python functions in the background, the trio way.
+
+Submit runs of a :func:`task` with ``await fn.delay(...)``; a server keeps
+them in a durable queue; :class:`TaskWorker` processes run them under a
+capacity limit; ``await future.result()`` brings the value back.
+"""
+
+from ._client import SyncClient, TaskWorkerClient, open_client
+from ._exceptions import (
+    ConfigurationError,
+    ProtocolError,
+    SerializationError,
+    ServerError,
+    ServerUnavailable,
+    StopTaskWorker,
+    TaskRunCancelled,
+    TaskRunCrashed,
+    TaskRunFailed,
+    TaskRunNotFound,
+    TaskRunTimedOut,
+    TaskWorkerError,
+)
+from ._future import TaskRunFuture, gather_results
+from ._models import ErrorInfo, TaskRun
+from ._server import TaskServer
+from ._states import TaskRunState
+from ._task import Task, task
+from ._version import __version__
+from ._worker import TaskWorker, serve, should_try_to_read_parameters
+
+__all__ = [
+    "ConfigurationError",
+    "ErrorInfo",
+    "ProtocolError",
+    "SerializationError",
+    "ServerError",
+    "ServerUnavailable",
+    "StopTaskWorker",
+    "SyncClient",
+    "Task",
+    "TaskRun",
+    "TaskRunCancelled",
+    "TaskRunCrashed",
+    "TaskRunFailed",
+    "TaskRunFuture",
+    "TaskRunNotFound",
+    "TaskRunState",
+    "TaskRunTimedOut",
+    "TaskServer",
+    "TaskWorker",
+    "TaskWorkerClient",
+    "TaskWorkerError",
+    "__version__",
+    "gather_results",
+    "open_client",
+    "serve",
+    "should_try_to_read_parameters",
+    "task",
+]

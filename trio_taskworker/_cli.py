@@ -1,0 +1,217 @@
+"""The ``trio-taskworker`` command line.
+
+::
+
+    trio-taskworker server start [--host H] [--port P] [--data-dir DIR]
+    trio-taskworker task serve ENTRYPOINT... [--module MOD] [--limit N]
+                                             [--status-server-port P]
+                                             [--shutdown-timeout S]
+
+An ENTRYPOINT is ``pkg.mod:fn`` or ``path/to/mod.py:fn``. Errors print one
+line to stderr and exit 1; a usage error exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ._exceptions import TaskWorkerError
+from ._task import Task, module_name_for_path
+from ._version import __version__
+
+__all__ = ["load_entrypoint", "load_module_tasks", "main"]
+
+
+class CLIError(Exception):
+    """A problem to report in one line, with exit code 1."""
+
+
+def _import(module_name: str, root: Path | None = None) -> Any:
+    if root is not None and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise CLIError(f"cannot import module {module_name!r}: {exc}") from None
+    except Exception as exc:
+        raise CLIError(f"importing {module_name!r} raised {type(exc).__name__}: {exc}") from None
+
+
+def load_entrypoint(entrypoint: str) -> Task[Any, Any]:
+    """Load the task named by ``pkg.mod:fn`` or ``path/to/mod.py:fn``.
+
+    A file is imported under its package-qualified module name, so its
+    tasks have the same keys as when imported by name.
+    """
+    module_part, sep, attr = entrypoint.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise CLIError(f"entrypoint {entrypoint!r} must look like 'pkg.mod:fn' or 'file.py:fn'")
+    if module_part.endswith(".py") or "/" in module_part or "\\" in module_part:
+        path = Path(module_part)
+        if not path.is_file():
+            raise CLIError(f"entrypoint {entrypoint!r}: no file {module_part!r}")
+        name, root = module_name_for_path(path)
+        module = _import(name, root)
+    else:
+        module = _import(module_part)
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise CLIError(
+                f"entrypoint {entrypoint!r}: {module.__name__} has no {attr!r}"
+            ) from None
+    if not isinstance(obj, Task):
+        raise CLIError(f"entrypoint {entrypoint!r} is not a task; decorate it with @task")
+    return obj
+
+
+def load_module_tasks(module_name: str) -> list[Task[Any, Any]]:
+    """Every task defined at the top level of a module."""
+    module = _import(module_name)
+    tasks = [v for v in vars(module).values() if isinstance(v, Task)]
+    if not tasks:
+        raise CLIError(f"module {module_name!r} defines no tasks")
+    return tasks
+
+
+def _limit(value: str) -> int | None:
+    if value.lower() == "none":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer or 'none', got {value!r}"
+        ) from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {value!r}")
+    return number
+
+
+def _port(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"port {number} is out of range")
+    return number
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError("seconds must be 0 or more")
+    return number
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trio-taskworker", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    groups = parser.add_subparsers(dest="group", required=True)
+
+    server = groups.add_parser("server", help="run the server").add_subparsers(
+        dest="command", required=True
+    )
+    start = server.add_parser("start", help="start the server and serve until SIGINT/SIGTERM")
+    start.add_argument("--host", default="127.0.0.1")
+    start.add_argument("--port", type=_port, default=4200, help="0 picks a free port")
+    start.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where the SQLite file lives (default $TRIO_TASKWORKER_HOME or ~/.trio-taskworker)",
+    )
+
+    task = groups.add_parser("task", help="serve tasks").add_subparsers(
+        dest="command", required=True
+    )
+    serve = task.add_parser("serve", help="run a task worker until SIGINT/SIGTERM")
+    serve.add_argument("entrypoints", nargs="*", metavar="ENTRYPOINT")
+    serve.add_argument("--module", action="append", default=[], help="serve every task of MOD")
+    serve.add_argument("--limit", type=_limit, default=10, help="runs at once, or 'none'")
+    serve.add_argument("--status-server-port", type=_port, default=None)
+    serve.add_argument("--shutdown-timeout", type=_seconds, default=30.0)
+    serve.add_argument("--api-url", default=None, help="default $TRIO_TASKWORKER_API_URL")
+    return parser
+
+
+async def _run_server(args: argparse.Namespace) -> None:
+    from ._server import TaskServer
+
+    kwargs: dict[str, Any] = {"host": args.host, "port": args.port}
+    if args.data_dir is not None:
+        kwargs["data_dir"] = args.data_dir
+    server = TaskServer(**kwargs)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(server.run)
+        print(f"trio_taskworker server ready at {url} (data in {server.data_dir})", flush=True)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                logging.getLogger(__name__).info("signal %s: shutting down", signum)
+                await server.stop()
+                break
+
+
+def _serve_tasks(args: argparse.Namespace) -> None:
+    from ._worker import TaskWorker
+
+    tasks = [load_entrypoint(e) for e in args.entrypoints]
+    for module in args.module:
+        tasks.extend(load_module_tasks(module))
+    if not tasks:
+        raise CLIError("give at least one ENTRYPOINT or --module")
+    worker = TaskWorker(
+        *dict.fromkeys(tasks),
+        limit=args.limit,
+        shutdown_timeout=args.shutdown_timeout,
+        api_url=args.api_url,
+        status_server_port=args.status_server_port,
+    )
+    trio.run(worker.start)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.group == "server":
+            trio.run(_run_server, args)
+        else:
+            _serve_tasks(args)
+    except (CLIError, TaskWorkerError) as exc:
+        print(f"trio-taskworker: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"trio-taskworker: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

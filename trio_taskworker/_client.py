@@ -1,0 +1,407 @@
+"""HTTP clients for the server's REST API: :class:`TaskWorkerClient` (trio) and
+:class:`SyncClient` (plain blocking code).
+
+Each API operation is written once, as a generator that yields the requests
+it needs and receives their responses (the sans-I/O shape httpx and hypercorn
+use internally); the two clients only differ in how they send a request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
+from typing import Any, TypeVar
+
+import attrs
+import httpx
+
+from ._exceptions import (
+    ServerError,
+    ServerUnavailable,
+    TaskRunCancelled,
+    TaskRunCrashed,
+    TaskRunFailed,
+    TaskRunNotFound,
+)
+from ._future import TaskRunFuture
+from ._models import CreatedRuns, RunList, TaskRun, TaskRunCreate, TaskRunCreateBatch, WaitRequest
+from ._serialization import from_json, loads_payload, to_json
+from ._states import TaskRunState
+
+__all__ = [
+    "DEFAULT_API_URL",
+    "INLINE_PAYLOAD_LIMIT",
+    "SyncClient",
+    "TaskWorkerClient",
+    "api_url_from_env",
+    "current_client",
+    "open_client",
+]
+
+T = TypeVar("T")
+
+DEFAULT_API_URL = "http://127.0.0.1:4200"
+#: Payloads up to this size travel inline with the run; larger ones become blobs.
+INLINE_PAYLOAD_LIMIT = 64 * 1024
+#: The longest one long-poll request waits on the server before asking again.
+LONG_POLL_SECONDS = 30.0
+_CONNECT_TIMEOUT = 10.0
+
+
+def api_url_from_env() -> str:
+    """The server URL from ``TRIO_TASKWORKER_API_URL``, or ``http://127.0.0.1:4200``."""
+    return os.environ.get("TRIO_TASKWORKER_API_URL", DEFAULT_API_URL).rstrip("/")
+
+
+@attrs.frozen(kw_only=True)
+class _Call:
+    method: str
+    path: str
+    params: dict[str, Any] | None = None
+    content: bytes | None = None
+    content_type: str = "application/json"
+    read_timeout: float = 30.0
+
+
+Operation = Generator[_Call, httpx.Response, T]
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        detail = str(response.json()["detail"])
+    except (ValueError, KeyError, TypeError):
+        detail = response.text[:500] or response.reason_phrase
+    if response.status_code == 404 and "run" in detail:
+        raise TaskRunNotFound(404, detail)
+    raise ServerError(response.status_code, detail)
+
+
+# --- operations ----------------------------------------------------------------------
+
+
+def _op_put_blob(data: bytes) -> Operation[str]:
+    response = yield _Call(
+        method="POST", path="/blobs", content=data, content_type="application/octet-stream"
+    )
+    _raise_for_status(response)
+    return str(response.json()["id"])
+
+
+def _op_get_blob(ref: str) -> Operation[bytes]:
+    response = yield _Call(method="GET", path=f"/blobs/{ref}")
+    _raise_for_status(response)
+    return response.content
+
+
+def _op_submit(calls: Sequence[tuple[TaskRunCreate, bytes]]) -> Operation[list[uuid.UUID]]:
+    creates = []
+    for create, payload in calls:
+        if len(payload) <= INLINE_PAYLOAD_LIMIT:
+            creates.append(attrs.evolve(create, parameters=payload))
+        else:
+            ref = yield from _op_put_blob(payload)
+            creates.append(attrs.evolve(create, parameters_ref=ref))
+    response = yield _Call(
+        method="POST", path="/runs", content=to_json(TaskRunCreateBatch(runs=tuple(creates)))
+    )
+    _raise_for_status(response)
+    return list(from_json(response.content, CreatedRuns).ids)
+
+
+def _op_read_run(run_id: uuid.UUID) -> Operation[TaskRun]:
+    response = yield _Call(method="GET", path=f"/runs/{run_id}")
+    _raise_for_status(response)
+    return from_json(response.content, TaskRun)
+
+
+def _op_list_runs(
+    state: TaskRunState | None, task_key: str | None, limit: int, offset: int
+) -> Operation[list[TaskRun]]:
+    params: dict[str, Any] = {"limit": limit, "offset": offset}
+    if state is not None:
+        params["state"] = str(state)
+    if task_key is not None:
+        params["task_key"] = task_key
+    response = yield _Call(method="GET", path="/runs", params=params)
+    _raise_for_status(response)
+    return list(from_json(response.content, RunList).runs)
+
+
+def _remaining(deadline: float | None) -> float:
+    if deadline is None:
+        return LONG_POLL_SECONDS
+    return max(0.0, min(LONG_POLL_SECONDS, deadline - time.monotonic()))
+
+
+def _op_wait_run(run_id: uuid.UUID, timeout: float | None) -> Operation[TaskRun]:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        wait = _remaining(deadline)
+        response = yield _Call(
+            method="GET",
+            path=f"/runs/{run_id}/wait",
+            params={"timeout": wait},
+            read_timeout=wait + _CONNECT_TIMEOUT,
+        )
+        _raise_for_status(response)
+        run = from_json(response.content, TaskRun)
+        if run.state.is_terminal or (deadline is not None and time.monotonic() >= deadline):
+            return run
+
+
+def _op_wait_runs(ids: Sequence[uuid.UUID], timeout: float | None) -> Operation[list[TaskRun]]:
+    """Wait until every run in ``ids`` has ended; return them in the order given."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    done: dict[uuid.UUID, TaskRun] = {}
+    pending = list(dict.fromkeys(ids))
+    while pending:
+        wait = _remaining(deadline)
+        # Chunks keep each request body and answer a sensible size.
+        chunk = tuple(pending[:1000])
+        response = yield _Call(
+            method="POST",
+            path="/runs/wait",
+            content=to_json(WaitRequest(ids=chunk, timeout=wait)),
+            read_timeout=wait + _CONNECT_TIMEOUT,
+        )
+        _raise_for_status(response)
+        for run in from_json(response.content, RunList).runs:
+            done[run.id] = run
+        pending = [i for i in pending if i not in done]
+        if pending and deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"{len(pending)} of {len(ids)} runs had not ended in time")
+    return [done[i] for i in ids]
+
+
+def _op_result(run: TaskRun) -> Operation[Any]:
+    """Turn an ended run into its value, or raise what it stands for."""
+    if run.state is TaskRunState.COMPLETED:
+        data = run.result
+        if data is None and run.result_ref is not None:
+            data = yield from _op_get_blob(run.result_ref)
+        return None if data is None else loads_payload(data)
+    if run.state is TaskRunState.FAILED:
+        data = run.result
+        if data is None and run.result_ref is not None:
+            data = yield from _op_get_blob(run.result_ref)
+        exc: BaseException | None = None
+        if data is not None:
+            try:
+                exc = loads_payload(data)
+            except Exception:
+                exc = None
+        if isinstance(exc, BaseException):
+            raise exc
+        error = run.error
+        raise TaskRunFailed(
+            error.type if error else "UnknownError",
+            error.message if error else (run.message or "the run failed"),
+            error.traceback if error else "",
+        )
+    if run.state is TaskRunState.CANCELLED:
+        raise TaskRunCancelled(f"run {run.id} was cancelled" + _suffix(run.message))
+    if run.state is TaskRunState.CRASHED:
+        raise TaskRunCrashed(f"run {run.id} crashed" + _suffix(run.message))
+    raise TimeoutError(f"run {run.id} is still {run.state}")
+
+
+def _suffix(message: str | None) -> str:
+    return f": {message}" if message else ""
+
+
+def _op_health() -> Operation[dict[str, Any]]:
+    response = yield _Call(method="GET", path="/health")
+    _raise_for_status(response)
+    result: dict[str, Any] = response.json()
+    return result
+
+
+# --- drivers -------------------------------------------------------------------------
+
+
+def _build(http: httpx.Client | httpx.AsyncClient, call: _Call) -> httpx.Request:
+    timeout = httpx.Timeout(_CONNECT_TIMEOUT, read=call.read_timeout)
+    headers = {"content-type": call.content_type} if call.content is not None else None
+    return http.build_request(
+        call.method,
+        call.path,
+        params=call.params,
+        content=call.content,
+        headers=headers,
+        timeout=timeout,
+    )
+
+
+@attrs.define(eq=False)
+class TaskWorkerClient:
+    """A trio client for one server. Open it with :func:`open_client`.
+
+    Every method raises :class:`ServerUnavailable` when the server cannot be
+    reached and :class:`ServerError` when it answers with an error.
+    """
+
+    api_url: str
+    _http: httpx.AsyncClient
+
+    async def _drive(self, op: Operation[T]) -> T:
+        try:
+            call = next(op)
+            while True:
+                try:
+                    response = await self._http.send(_build(self._http, call))
+                except httpx.TransportError as exc:
+                    raise ServerUnavailable(f"cannot reach {self.api_url}: {exc!r}") from exc
+                call = op.send(response)
+        except StopIteration as stop:
+            value: T = stop.value
+            return value
+
+    async def submit(
+        self, calls: Sequence[tuple[TaskRunCreate, bytes]]
+    ) -> list[TaskRunFuture[Any]]:
+        """Create runs from ``(create, pickled parameters)`` pairs in one request."""
+        ids = await self._drive(_op_submit(calls))
+        return [TaskRunFuture(task_run_id=i, api_url=self.api_url) for i in ids]
+
+    async def read_run(self, run_id: uuid.UUID) -> TaskRun:
+        """Return the run's current snapshot; raise :class:`TaskRunNotFound` if unknown."""
+        return await self._drive(_op_read_run(run_id))
+
+    async def list_runs(
+        self,
+        *,
+        state: TaskRunState | None = None,
+        task_key: str | None = None,
+        limit: int = 200,
+        offset: int = 0,
+    ) -> list[TaskRun]:
+        """List runs, oldest first, without their payloads."""
+        return await self._drive(_op_list_runs(state, task_key, limit, offset))
+
+    async def wait_run(self, run_id: uuid.UUID, timeout: float | None = None) -> TaskRun:
+        """Long-poll until the run ends; after ``timeout`` return it as it is."""
+        return await self._drive(_op_wait_run(run_id, timeout))
+
+    async def wait_runs(
+        self, ids: Sequence[uuid.UUID], timeout: float | None = None
+    ) -> list[TaskRun]:
+        """Wait for all of ``ids`` to end; raise ``TimeoutError`` after ``timeout``."""
+        return await self._drive(_op_wait_runs(ids, timeout))
+
+    async def load_result(self, run: TaskRun) -> Any:
+        """Return an ended run's value, or raise its exception (as TaskRunFuture.result does)."""
+        return await self._drive(_op_result(run))
+
+    async def put_blob(self, data: bytes) -> str:
+        """Store a payload blob; return its reference."""
+        return await self._drive(_op_put_blob(data))
+
+    async def get_blob(self, ref: str) -> bytes:
+        """Read a stored payload blob."""
+        return await self._drive(_op_get_blob(ref))
+
+    async def health(self) -> dict[str, Any]:
+        """Return the server's ``/health`` document."""
+        return await self._drive(_op_health())
+
+
+_current: contextvars.ContextVar[TaskWorkerClient | None] = contextvars.ContextVar(
+    "trio_taskworker_client", default=None
+)
+
+
+@contextlib.asynccontextmanager
+async def open_client(api_url: str | None = None) -> AsyncIterator[TaskWorkerClient]:
+    """Open a pooled client, and make it the one that ``delay``/``result`` use inside.
+
+    Without ``api_url`` it reads ``TRIO_TASKWORKER_API_URL``. Closing the block
+    closes the connection pool. Outside such a block each call opens its own
+    short-lived client, which is correct but slower.
+    """
+    url = (api_url or api_url_from_env()).rstrip("/")
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=url, limits=limits) as http:
+        client = TaskWorkerClient(url, http)
+        token = _current.set(client)
+        try:
+            yield client
+        finally:
+            _current.reset(token)
+
+
+@contextlib.asynccontextmanager
+async def current_client(api_url: str | None = None) -> AsyncIterator[TaskWorkerClient]:
+    """Yield the client of the enclosing :func:`open_client` (if its URL fits) or a new one."""
+    client = _current.get()
+    if client is not None and (api_url is None or api_url.rstrip("/") == client.api_url):
+        yield client
+        return
+    async with open_client(api_url) as fresh:
+        yield fresh
+
+
+@attrs.define(eq=False)
+class SyncClient:
+    """A blocking client for code that does not run trio (a Flask view, a script).
+
+    Use it as a context manager; ``Task.delay_sync`` and
+    ``TaskRunFuture.result_sync`` open one for you.
+    """
+
+    api_url: str = attrs.field(factory=api_url_from_env, converter=lambda u: u.rstrip("/"))
+    _http: httpx.Client = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._http = httpx.Client(base_url=self.api_url)
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def _drive(self, op: Operation[T]) -> T:
+        try:
+            call = next(op)
+            while True:
+                try:
+                    response = self._http.send(_build(self._http, call))
+                except httpx.TransportError as exc:
+                    raise ServerUnavailable(f"cannot reach {self.api_url}: {exc!r}") from exc
+                call = op.send(response)
+        except StopIteration as stop:
+            value: T = stop.value
+            return value
+
+    def submit(self, calls: Sequence[tuple[TaskRunCreate, bytes]]) -> list[TaskRunFuture[Any]]:
+        """See :meth:`TaskWorkerClient.submit`."""
+        ids = self._drive(_op_submit(calls))
+        return [TaskRunFuture(task_run_id=i, api_url=self.api_url) for i in ids]
+
+    def read_run(self, run_id: uuid.UUID) -> TaskRun:
+        """See :meth:`TaskWorkerClient.read_run`."""
+        return self._drive(_op_read_run(run_id))
+
+    def wait_run(self, run_id: uuid.UUID, timeout: float | None = None) -> TaskRun:
+        """See :meth:`TaskWorkerClient.wait_run`."""
+        return self._drive(_op_wait_run(run_id, timeout))
+
+    def load_result(self, run: TaskRun) -> Any:
+        """See :meth:`TaskWorkerClient.load_result`."""
+        return self._drive(_op_result(run))
+
+
+@contextlib.contextmanager
+def _sync_client(api_url: str | None) -> Iterator[SyncClient]:
+    with SyncClient(api_url or api_url_from_env()) as client:
+        yield client

@@ -1,0 +1,110 @@
+"""Exceptions raised by trio_taskworker.
+
+Every error the library raises on its own account derives from one root::
+
+    TaskWorkerError
+    ├── ConfigurationError          bad settings, entrypoints or task definitions
+    ├── ServerError                 the server answered with an error status
+    │   └── TaskRunNotFound         no run with that id (HTTP 404)
+    ├── ServerUnavailable           the server could not be reached at all
+    ├── ProtocolError               a websocket message broke the protocol
+    ├── SerializationError          parameters or a result could not be (un)pickled
+    ├── TaskRunFailed               a FAILED run whose exception could not be rebuilt
+    ├── TaskRunTimedOut             a run hit its ``timeout_seconds`` (also a TimeoutError)
+    ├── TaskRunCancelled            the run ended CANCELLED
+    ├── TaskRunCrashed              the run ended CRASHED
+    └── StopTaskWorker              raised inside a task to stop the worker serving it
+
+A FAILED run normally re-raises the task's own exception from
+:meth:`TaskRunFuture.result`; :class:`TaskRunFailed` only stands in when that
+exception could not be pickled by the worker or unpickled by the caller.
+
+This module imports no I/O library.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "ProtocolError",
+    "SerializationError",
+    "ServerError",
+    "ServerUnavailable",
+    "StopTaskWorker",
+    "TaskRunCancelled",
+    "TaskRunCrashed",
+    "TaskRunFailed",
+    "TaskRunNotFound",
+    "TaskRunTimedOut",
+    "TaskWorkerError",
+]
+
+
+class TaskWorkerError(Exception):
+    """The root of every exception raised by trio_taskworker itself."""
+
+
+class ConfigurationError(TaskWorkerError):
+    """A setting, an entrypoint or a task definition is not usable."""
+
+
+class ServerError(TaskWorkerError):
+    """The server answered a request with an error status.
+
+    ``status_code`` is the HTTP status and ``detail`` the server's message.
+    """
+
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(f"server answered {status_code}: {detail}")
+        self.status_code = status_code
+        self.detail = detail
+
+
+class TaskRunNotFound(ServerError):
+    """The server holds no run with the requested id."""
+
+
+class ServerUnavailable(TaskWorkerError):
+    """The server could not be reached (refused, reset, timed out)."""
+
+
+class ProtocolError(TaskWorkerError):
+    """A websocket peer sent a message that breaks the subscription protocol."""
+
+
+class SerializationError(TaskWorkerError):
+    """Parameters or a result could not be pickled or unpickled."""
+
+
+class TaskRunFailed(TaskWorkerError):
+    """A run FAILED and its original exception could not be rebuilt here.
+
+    ``exc_type`` is the dotted name of the task's exception type and
+    ``traceback`` the worker-side traceback text.
+    """
+
+    def __init__(self, exc_type: str, message: str, traceback: str = "") -> None:
+        super().__init__(f"{exc_type}: {message}")
+        self.exc_type = exc_type
+        self.message = message
+        self.traceback = traceback
+
+
+class TaskRunTimedOut(TaskWorkerError, TimeoutError):
+    """A run was still going when its task's ``timeout_seconds`` ran out."""
+
+
+class TaskRunCancelled(TaskWorkerError):
+    """The run ended in the CANCELLED state, so it has no result."""
+
+
+class TaskRunCrashed(TaskWorkerError):
+    """The run ended in the CRASHED state: the infrastructure, not the task, failed."""
+
+
+class StopTaskWorker(TaskWorkerError):
+    """Raise inside a task to stop the worker that runs it.
+
+    The worker stops as it does on :meth:`TaskWorker.stop`: it takes no more
+    runs and lets the others in flight finish within the shutdown grace period.
+    """

@@ -1,0 +1,92 @@
+"""The caller's handle on a queued run."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Generic, TypeVar
+
+import attrs
+
+from ._models import TaskRun
+
+__all__ = ["TaskRunFuture"]
+
+R = TypeVar("R")
+
+
+@attrs.frozen
+class TaskRunFuture(Generic[R]):
+    """A handle on one run: its id and the server it was submitted to.
+
+    It holds no connection, so it can be stored, pickled, and awaited in
+    another trio run or another process. Each method talks to the server
+    through the client of an enclosing :func:`open_client` block when there
+    is one for the same URL, and through a short-lived client otherwise.
+    """
+
+    task_run_id: uuid.UUID
+    api_url: str | None = None
+
+    async def wait(self, timeout: float | None = None) -> TaskRun:
+        """Wait for the run to end and return its snapshot.
+
+        The server holds the request open until the run changes state (no
+        polling loop). After ``timeout`` seconds it returns the snapshot as it
+        is then, which may not have ended: check ``run.state.is_terminal``.
+        """
+        from ._client import current_client
+
+        async with current_client(self.api_url) as client:
+            return await client.wait_run(self.task_run_id, timeout)
+
+    async def result(self, timeout: float | None = None) -> R:
+        """Wait for the run to end and return the task's return value.
+
+        Raises the task's own exception (same type and message) when the run
+        FAILED, :class:`TaskRunFailed` when that exception could not be
+        rebuilt, :class:`TaskRunCancelled` or :class:`TaskRunCrashed` for those
+        states, and ``TimeoutError`` when ``timeout`` passes first.
+        """
+        from ._client import current_client
+
+        async with current_client(self.api_url) as client:
+            run = await client.wait_run(self.task_run_id, timeout)
+            value: R = await client.load_result(run)
+            return value
+
+    def wait_sync(self, timeout: float | None = None) -> TaskRun:
+        """:meth:`wait` for plain synchronous code (no trio needed)."""
+        from ._client import _sync_client
+
+        with _sync_client(self.api_url) as client:
+            return client.wait_run(self.task_run_id, timeout)
+
+    def result_sync(self, timeout: float | None = None) -> R:
+        """:meth:`result` for plain synchronous code (no trio needed)."""
+        from ._client import _sync_client
+
+        with _sync_client(self.api_url) as client:
+            run = client.wait_run(self.task_run_id, timeout)
+            value: R = client.load_result(run)
+            return value
+
+
+async def gather_results(
+    futures: list[TaskRunFuture[Any]], timeout: float | None = None
+) -> list[Any]:
+    """Wait for many runs at once (one long-poll per thousand) and return their values.
+
+    Raises the first failure in ``futures`` order, like :meth:`TaskRunFuture.result`,
+    and ``TimeoutError`` if they have not all ended after ``timeout`` seconds.
+    All futures must come from the same server.
+    """
+    from ._client import current_client
+
+    if not futures:
+        return []
+    urls = {f.api_url for f in futures}
+    if len(urls) != 1:
+        raise ValueError("gather_results() needs futures from one server")
+    async with current_client(urls.pop()) as client:
+        runs = await client.wait_runs([f.task_run_id for f in futures], timeout)
+        return [await client.load_result(run) for run in runs]

@@ -1,0 +1,202 @@
+"""JSON for the wire (cattrs) and pickles for payloads (cloudpickle).
+
+The server uses only the JSON half. It never calls :func:`loads_payload`:
+payloads are opaque bytes to it. This module imports no I/O library.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import json
+import uuid
+from typing import Any, TypeVar
+
+import cattrs
+import cloudpickle
+from cattrs.strategies import configure_tagged_union
+
+from ._exceptions import SerializationError
+from ._states import TaskRunState
+from ._models import (
+    Cancel,
+    Credit,
+    Deliver,
+    Drain,
+    Finished,
+    Rejected,
+    Released,
+    ServerMessage,
+    Started,
+    Subscribe,
+    Subscribed,
+    WorkerMessage,
+)
+
+__all__ = [
+    "InvalidPayload",
+    "converter",
+    "decode_server_frame",
+    "decode_worker_frame",
+    "dumps_payload",
+    "encode_frame",
+    "from_json",
+    "loads_payload",
+    "to_json",
+]
+
+T = TypeVar("T")
+
+converter = cattrs.Converter(forbid_extra_keys=True)
+
+
+class InvalidPayload(ValueError):
+    """JSON that does not fit the expected shape; the message says where."""
+
+
+def _structure_uuid(value: object, _: type) -> uuid.UUID:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a UUID string, got {type(value).__name__}")
+    return uuid.UUID(value)
+
+
+def _structure_datetime(value: object, _: type) -> datetime.datetime:
+    if not isinstance(value, str):
+        raise ValueError(f"expected an ISO 8601 string, got {type(value).__name__}")
+    parsed = datetime.datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        raise ValueError(f"datetime {value!r} has no timezone")
+    return parsed
+
+
+def _structure_bytes(value: object, _: type) -> bytes:
+    if not isinstance(value, str):
+        raise ValueError(f"expected base64 text, got {type(value).__name__}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"invalid base64: {exc}") from None
+
+
+def _structure_str(value: object, _: type) -> str:
+    # cattrs would turn 5 into "5"; a wrong type is a client bug worth reporting.
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _structure_int(value: object, _: type) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _structure_float(value: object, _: type) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ValueError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+converter.register_structure_hook(uuid.UUID, _structure_uuid)
+converter.register_unstructure_hook(uuid.UUID, str)
+converter.register_structure_hook(datetime.datetime, _structure_datetime)
+converter.register_unstructure_hook(datetime.datetime, lambda d: d.isoformat())
+converter.register_structure_hook(bytes, _structure_bytes)
+converter.register_unstructure_hook(bytes, lambda b: base64.b64encode(b).decode("ascii"))
+converter.register_structure_hook(str, _structure_str)
+# Registered after str: TaskRunState is a str subclass and must not fall to that hook.
+converter.register_structure_hook(TaskRunState, lambda value, _: TaskRunState(value))
+converter.register_structure_hook(int, _structure_int)
+converter.register_structure_hook(float, _structure_float)
+
+_WORKER_TAGS = {
+    Subscribe: "subscribe",
+    Credit: "credit",
+    Started: "started",
+    Finished: "finished",
+    Released: "released",
+    Drain: "drain",
+}
+_SERVER_TAGS = {
+    Subscribed: "subscribed",
+    Deliver: "deliver",
+    Rejected: "rejected",
+    Cancel: "cancel",
+}
+configure_tagged_union(
+    WorkerMessage, converter, tag_generator=lambda cls: _WORKER_TAGS[cls], tag_name="type"
+)
+configure_tagged_union(
+    ServerMessage, converter, tag_generator=lambda cls: _SERVER_TAGS[cls], tag_name="type"
+)
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, cattrs.BaseValidationError):
+        return "; ".join(cattrs.transform_error(exc))
+    return str(exc)
+
+
+def structure(data: Any, cls: type[T]) -> T:
+    """Build ``cls`` from JSON-ready data; raise :class:`InvalidPayload` with a reason."""
+    try:
+        return converter.structure(data, cls)
+    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
+        raise InvalidPayload(_describe(exc)) from None
+
+
+def to_json(value: Any) -> bytes:
+    """Encode an attrs value as compact JSON bytes."""
+    return json.dumps(converter.unstructure(value), separators=(",", ":")).encode()
+
+
+def from_json(data: bytes | str, cls: type[T]) -> T:
+    """Decode JSON into ``cls``; raise :class:`InvalidPayload` with a reason."""
+    try:
+        raw = json.loads(data)
+    except ValueError as exc:
+        raise InvalidPayload(f"not valid JSON: {exc}") from None
+    return structure(raw, cls)
+
+
+def encode_frame(messages: list[WorkerMessage] | list[ServerMessage]) -> str:
+    """Encode a websocket frame: a JSON array of tagged messages."""
+    union = WorkerMessage if isinstance(messages[0], tuple(_WORKER_TAGS)) else ServerMessage
+    return json.dumps([converter.unstructure(m, union) for m in messages], separators=(",", ":"))
+
+
+def _decode_frame(data: str | bytes, union: Any) -> list[Any]:
+    try:
+        raw = json.loads(data)
+    except ValueError as exc:
+        raise InvalidPayload(f"not valid JSON: {exc}") from None
+    if not isinstance(raw, list) or not raw:
+        raise InvalidPayload("a frame must be a non-empty JSON array of messages")
+    return [structure(item, union) for item in raw]
+
+
+def decode_worker_frame(data: str | bytes) -> list[WorkerMessage]:
+    """Decode a frame sent by a worker."""
+    return _decode_frame(data, WorkerMessage)
+
+
+def decode_server_frame(data: str | bytes) -> list[ServerMessage]:
+    """Decode a frame sent by the server."""
+    return _decode_frame(data, ServerMessage)
+
+
+def dumps_payload(value: object) -> bytes:
+    """Pickle a payload with cloudpickle; raise :class:`SerializationError` if it cannot."""
+    try:
+        return bytes(cloudpickle.dumps(value))
+    except Exception as exc:
+        raise SerializationError(f"cannot pickle {type(value).__name__}: {exc}") from exc
+
+
+def loads_payload(data: bytes) -> Any:
+    """Unpickle a payload. Only clients and workers call this, never the server."""
+    try:
+        return cloudpickle.loads(data)
+    except Exception as exc:
+        raise SerializationError(f"cannot unpickle payload: {exc}") from exc

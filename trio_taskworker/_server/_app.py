@@ -1,0 +1,410 @@
+"""The ASGI application: the REST API and the worker subscription websocket.
+
+Every malformed request gets a 4xx with ``{"detail": ...}``; every malformed
+websocket message closes the connection with 1008 and a reason. The server
+never unpickles anything it is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from .._models import (
+    CreatedRuns,
+    Credit,
+    Drain,
+    Finished,
+    Rejected,
+    Released,
+    RunList,
+    Started,
+    Subscribe,
+    Subscribed,
+    TaskRunCreateBatch,
+    WaitRequest,
+)
+from .._serialization import (
+    InvalidPayload,
+    converter,
+    decode_worker_frame,
+    encode_frame,
+    from_json,
+    to_json,
+)
+from .._states import TaskRunState
+from .._version import __version__
+from ._dispatch import MAX_CREDITS, Dispatcher, Subscriber, Waiters
+from ._openapi import openapi_document
+from ._store import Outcome, Store, StoreError
+
+__all__ = ["AppState", "build_app"]
+
+log = logging.getLogger("trio_taskworker.server")
+
+#: Close codes the server uses on the subscription websocket.
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+#: How long a new connection has to send its ``subscribe`` message.
+SUBSCRIBE_TIMEOUT = 10.0
+MAX_RUNS_PER_REQUEST = 10_000
+MAX_WAIT_SECONDS = 300.0
+
+
+@attrs.define(eq=False)
+class AppState:
+    """What the routes share: the store, the dispatcher, the waiters, and limits."""
+
+    store: Store
+    dispatcher: Dispatcher
+    waiters: Waiters
+    now: Callable[[], float]
+    max_body_bytes: int = 64 * 1024 * 1024
+    stopping: trio.Event = attrs.field(factory=trio.Event)
+    connections: int = 0
+    connections_closed: trio.Event = attrs.field(factory=trio.Event)
+
+    def changed(self, outcome: Outcome) -> None:
+        self.waiters.notify(outcome.changed)
+        if outcome.requeued:
+            self.dispatcher.wake()
+        for run in outcome.changed:
+            log.info("run %s (%s) is %s", run.id, run.task_key, run.state)
+
+
+def _error(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+def _json(value: Any, status: int = 200) -> Response:
+    return Response(to_json(value), status_code=status, media_type="application/json")
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"the body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"the body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _run_id(request: Request) -> uuid.UUID:
+    raw = request.path_params["run_id"]
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise HTTPException(422, f"run id {raw!r} is not a UUID") from None
+
+
+def _query_number(request: Request, name: str, default: float, low: float, high: float) -> float:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise HTTPException(
+            422, f"query parameter {name!r} must be a number, got {raw!r}"
+        ) from None
+    if not low <= value <= high:
+        raise HTTPException(422, f"query parameter {name!r} must be in [{low}, {high}]")
+    return value
+
+
+def build_app(state: AppState) -> Starlette:
+    """Build the Starlette application over ``state``."""
+
+    async def health(request: Request) -> Response:
+        return JSONResponse(
+            {
+                "status": "ok",
+                "version": __version__,
+                "runs": await state.store.counts(),
+                "subscribers": len(state.dispatcher.subscribers),
+            }
+        )
+
+    async def create_runs(request: Request) -> Response:
+        body = await _body(request, state.max_body_bytes)
+        try:
+            batch = from_json(body, TaskRunCreateBatch)
+        except InvalidPayload as exc:
+            return _error(422, f"invalid run batch: {exc}")
+        if not batch.runs:
+            return _error(422, "a batch needs at least one run")
+        if len(batch.runs) > MAX_RUNS_PER_REQUEST:
+            return _error(422, f"at most {MAX_RUNS_PER_REQUEST} runs per request")
+        for i, create in enumerate(batch.runs):
+            problem = _check_create(create)
+            if problem:
+                return _error(422, f"runs[{i}]: {problem}")
+        try:
+            ids = await state.store.create_runs(batch.runs, state.now())
+        except StoreError as exc:
+            return _error(422, str(exc))
+        state.dispatcher.wake()
+        log.info("created %d runs", len(ids))
+        return _json(CreatedRuns(ids=tuple(ids)), 201)
+
+    async def list_runs(request: Request) -> Response:
+        raw_state = request.query_params.get("state")
+        try:
+            run_state = None if raw_state is None else TaskRunState(raw_state)
+        except ValueError:
+            return _error(422, f"unknown state {raw_state!r}")
+        limit = int(_query_number(request, "limit", 200, 1, 1000))
+        offset = int(_query_number(request, "offset", 0, 0, 2**62))
+        runs = await state.store.list_runs(
+            run_state, request.query_params.get("task_key"), limit, offset
+        )
+        return _json(RunList(runs=tuple(runs)))
+
+    async def read_run(request: Request) -> Response:
+        run_id = _run_id(request)
+        runs = await state.store.read_runs([run_id])
+        if not runs:
+            return _error(404, f"no run {run_id}")
+        return _json(runs[0])
+
+    async def wait_run(request: Request) -> Response:
+        run_id = _run_id(request)
+        timeout = _query_number(request, "timeout", 30.0, 0.0, MAX_WAIT_SECONDS)
+        with state.waiters.watch([run_id]) as ended:
+            runs = await state.store.read_runs([run_id])
+            if not runs:
+                return _error(404, f"no run {run_id}")
+            if not runs[0].state.is_terminal:
+                with trio.move_on_after(timeout):
+                    await ended.wait()
+                runs = await state.store.read_runs([run_id])
+        return _json(runs[0])
+
+    async def wait_runs(request: Request) -> Response:
+        try:
+            wait = from_json(await _body(request, state.max_body_bytes), WaitRequest)
+        except InvalidPayload as exc:
+            return _error(422, f"invalid wait request: {exc}")
+        if not 0 <= wait.timeout <= MAX_WAIT_SECONDS:
+            return _error(422, f"timeout must be in [0, {MAX_WAIT_SECONDS}]")
+        if len(wait.ids) > MAX_RUNS_PER_REQUEST:
+            return _error(422, f"at most {MAX_RUNS_PER_REQUEST} ids per request")
+        with state.waiters.watch(wait.ids) as ended:
+            runs = [r for r in await state.store.read_runs(wait.ids) if r.state.is_terminal]
+            if not runs:
+                with trio.move_on_after(wait.timeout):
+                    await ended.wait()
+                runs = [r for r in await state.store.read_runs(wait.ids) if r.state.is_terminal]
+        return _json(RunList(runs=tuple(runs)))
+
+    async def put_blob(request: Request) -> Response:
+        data = await _body(request, state.max_body_bytes)
+        ref = await state.store.put_blob(data, state.now())
+        return JSONResponse({"id": ref}, status_code=201)
+
+    async def get_blob(request: Request) -> Response:
+        ref = request.path_params["blob_id"]
+        try:
+            uuid.UUID(ref)
+        except ValueError:
+            return _error(404, f"no blob {ref!r}")
+        data = await state.store.get_blob(ref)
+        if data is None:
+            return _error(404, f"no blob {ref!r}")
+        return Response(data, media_type="application/octet-stream")
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document())
+
+    async def subscribe(websocket: WebSocket) -> None:
+        await _Subscription(state, websocket).run()
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _error(exc.status_code, exc.detail)
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/runs", create_runs, methods=["POST"]),
+        Route("/runs", list_runs, methods=["GET"]),
+        Route("/runs/wait", wait_runs, methods=["POST"]),
+        Route("/runs/{run_id}", read_run, methods=["GET"]),
+        Route("/runs/{run_id}/wait", wait_run, methods=["GET"]),
+        Route("/blobs", put_blob, methods=["POST"]),
+        Route("/blobs/{blob_id}", get_blob, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        WebSocketRoute("/subscribe", subscribe),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+def _check_create(create: Any) -> str | None:
+    if not create.task_key:
+        return "task_key must not be empty"
+    if create.parameters is not None and create.parameters_ref is not None:
+        return "give parameters or parameters_ref, not both"
+    if create.retries < 0 or create.retry_delay_seconds < 0:
+        return "retries and retry_delay_seconds must be 0 or more"
+    if create.timeout_seconds is not None and create.timeout_seconds <= 0:
+        return "timeout_seconds must be greater than 0"
+    if create.max_redeliveries is not None and create.max_redeliveries < 0:
+        return "max_redeliveries must be 0 or more"
+    return None
+
+
+class _Closed(Exception):
+    """The subscription ends; ``code`` and ``reason`` go in the close frame."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@attrs.define(eq=False)
+class _Subscription:
+    """One worker's websocket: a reader, a sender, and a watch on server shutdown."""
+
+    state: AppState
+    websocket: WebSocket
+    sub: Subscriber | None = None
+    _send_lock: trio.Lock = attrs.field(factory=trio.Lock)
+
+    async def run(self) -> None:
+        state = self.state
+        await self.websocket.accept()
+        state.connections += 1
+        state.connections_closed = trio.Event()
+        try:
+            await self._serve()
+        except _Closed as closed:
+            log.info("closing subscription: %s", closed.reason)
+            await self._close(closed.code, closed.reason)
+        finally:
+            state.connections -= 1
+            if state.connections == 0:
+                state.connections_closed.set()
+            if self.sub is not None:
+                state.dispatcher.remove(self.sub)
+                with trio.CancelScope(shield=True):
+                    outcome = await state.store.release_owner(self.sub.id, state.now())
+                state.changed(outcome)
+                log.info(
+                    "worker %s unsubscribed; %d leased runs released",
+                    self.sub.client_id,
+                    len(outcome.changed),
+                )
+
+    async def _close(self, code: int, reason: str) -> None:
+        with trio.move_on_after(1):
+            async with self._send_lock:
+                try:
+                    await self.websocket.close(code, reason[:120])
+                except Exception:  # the peer may already be gone
+                    log.debug("close after disconnect", exc_info=True)
+
+    async def _receive_frame(self) -> str | bytes | None:
+        message = await self.websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return None
+        text = message.get("text")
+        return text if text is not None else message.get("bytes")
+
+    async def _serve(self) -> None:
+        state = self.state
+        if state.stopping.is_set():
+            raise _Closed(CLOSE_GOING_AWAY, "the server is shutting down")
+        with trio.move_on_after(SUBSCRIBE_TIMEOUT) as scope:
+            first = await self._receive_frame()
+        if scope.cancelled_caught:
+            raise _Closed(CLOSE_POLICY, "no subscribe message in time")
+        if first is None:
+            return
+        try:
+            messages = decode_worker_frame(first)
+        except InvalidPayload as exc:
+            raise _Closed(CLOSE_POLICY, f"invalid subscribe: {exc}") from None
+        hello = messages[0]
+        if len(messages) != 1 or not isinstance(hello, Subscribe):
+            raise _Closed(CLOSE_POLICY, "the first message must be a lone subscribe")
+        if not hello.keys or not all(hello.keys):
+            raise _Closed(CLOSE_POLICY, "subscribe needs at least one non-empty task key")
+        if not 0 <= hello.credits <= MAX_CREDITS:
+            raise _Closed(CLOSE_POLICY, f"credits must be in [0, {MAX_CREDITS}]")
+        self.sub = state.dispatcher.add(hello.keys, hello.client_id, hello.credits)
+        log.info(
+            "worker %s subscribed to %s with %d credits",
+            hello.client_id,
+            ", ".join(hello.keys),
+            hello.credits,
+        )
+        await self._send([Subscribed(connection_id=self.sub.id)])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sender, self.sub)
+            nursery.start_soon(self._watch_stopping)
+            await self._reader(self.sub)
+            nursery.cancel_scope.cancel()
+
+    async def _send(self, messages: list[Any]) -> None:
+        async with self._send_lock:
+            await self.websocket.send_text(encode_frame(messages))
+
+    async def _sender(self, sub: Subscriber) -> None:
+        while True:
+            await self._send(await sub.next_messages())
+
+    async def _watch_stopping(self) -> None:
+        await self.state.stopping.wait()
+        raise _Closed(CLOSE_GOING_AWAY, "the server is shutting down")
+
+    async def _reader(self, sub: Subscriber) -> None:
+        state = self.state
+        while True:
+            data = await self._receive_frame()
+            if data is None:
+                return
+            try:
+                messages = decode_worker_frame(data)
+            except InvalidPayload as exc:
+                raise _Closed(CLOSE_POLICY, f"invalid message: {exc}") from None
+            reports = []
+            for message in messages:
+                if isinstance(message, Started | Finished | Released):
+                    reports.append(message)
+                elif isinstance(message, Credit):
+                    if message.n < 0 or sub.credits + message.n > MAX_CREDITS:
+                        raise _Closed(CLOSE_POLICY, f"credits must stay in [0, {MAX_CREDITS}]")
+                elif isinstance(message, Drain):
+                    pass
+                else:
+                    raise _Closed(CLOSE_POLICY, "subscribe may only be sent once")
+            if reports:
+                outcome = await state.store.apply_reports(sub.id, reports, state.now())
+                state.changed(outcome)
+                for run_id, reason in outcome.rejected:
+                    log.warning("refused a report on run %s: %s", run_id, reason)
+                    sub.post(Rejected(id=run_id, reason=reason))
+            for message in messages:
+                if isinstance(message, Credit):
+                    state.dispatcher.grant(sub, message.n)
+                elif isinstance(message, Drain):
+                    state.dispatcher.drain(sub)
+
+
+_ = (json, converter)

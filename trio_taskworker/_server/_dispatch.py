@@ -1,0 +1,175 @@
+"""Event-driven dispatch of runs to subscribed worker connections, and run waiters.
+
+The dispatcher sleeps until something can change who gets what: runs were
+created or requeued, a worker granted credits, or a scheduled run came due.
+It then leases runs to each connection with credits, in rotating order, and
+never more runs than the connection has credits for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+
+import attrs
+import trio
+
+from .._models import Deliver, ServerMessage, TaskRun
+from ._store import Store
+
+__all__ = ["Dispatcher", "Subscriber", "Waiters"]
+
+log = logging.getLogger(__name__)
+
+#: The most credits a connection may hold; a worker asking for more is refused.
+MAX_CREDITS = 100_000
+
+
+@attrs.define(eq=False)
+class Subscriber:
+    """One worker connection as the dispatcher sees it."""
+
+    id: str
+    keys: tuple[str, ...]
+    client_id: str
+    credits: int = 0
+    draining: bool = False
+    closed: bool = False
+    _outbox: list[ServerMessage] = attrs.field(factory=list)
+    _has_mail: trio.Event = attrs.field(factory=trio.Event)
+
+    def post(self, message: ServerMessage) -> None:
+        """Queue a message for this connection's sender.
+
+        The outbox needs no bound of its own: deliveries are bounded by the
+        connection's credits, and the other messages answer its own reports.
+        """
+        self._outbox.append(message)
+        self._has_mail.set()
+
+    async def next_messages(self) -> list[ServerMessage]:
+        """Wait for queued messages and take them all."""
+        await self._has_mail.wait()
+        messages, self._outbox = self._outbox, []
+        self._has_mail = trio.Event()
+        return messages
+
+
+@attrs.define(eq=False)
+class Dispatcher:
+    """Leases due runs to subscribers with credits. Run it with ``nursery.start``."""
+
+    store: Store
+    now: Callable[[], float]
+    _subscribers: dict[str, Subscriber] = attrs.field(init=False, factory=dict)
+    _wakeup: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _rotation: int = attrs.field(init=False, default=0)
+
+    def wake(self) -> None:
+        """Something changed (runs queued, credits granted): look again."""
+        self._wakeup.set()
+
+    def add(self, keys: Iterable[str], client_id: str, credits: int) -> Subscriber:
+        """Register a new connection; it starts with ``credits``."""
+        sub = Subscriber(id=uuid.uuid4().hex, keys=tuple(dict.fromkeys(keys)), client_id=client_id)
+        sub.credits = credits
+        self._subscribers[sub.id] = sub
+        self.wake()
+        return sub
+
+    def remove(self, sub: Subscriber) -> None:
+        """Forget a connection. Its leases are released by the caller, in the store."""
+        sub.closed = True
+        self._subscribers.pop(sub.id, None)
+
+    def grant(self, sub: Subscriber, n: int) -> None:
+        """Add ``n`` credits to a connection."""
+        if not sub.draining:
+            sub.credits += n
+            self.wake()
+
+    def drain(self, sub: Subscriber) -> None:
+        """The worker is stopping: no more runs for it."""
+        sub.draining = True
+        sub.credits = 0
+
+    @property
+    def subscribers(self) -> list[Subscriber]:
+        return list(self._subscribers.values())
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Dispatch until cancelled. ``task_status.started()`` right away."""
+        task_status.started()
+        while True:
+            # A fresh event before looking: a wake() during the pass is not lost.
+            self._wakeup = trio.Event()
+            await self._dispatch_once()
+            keys = sorted({k for s in self._subscribers.values() if s.credits > 0 for k in s.keys})
+            due = await self.store.next_due(keys) if keys else None
+            delay = math.inf if due is None else max(0.0, due - self.now())
+            with trio.move_on_after(delay):
+                await self._wakeup.wait()
+
+    async def _dispatch_once(self) -> None:
+        subs = [s for s in self._subscribers.values() if s.credits > 0]
+        if not subs:
+            return
+        self._rotation = (self._rotation + 1) % len(subs)
+        for sub in subs[self._rotation :] + subs[: self._rotation]:
+            if sub.closed or sub.credits <= 0:
+                continue
+            runs = await self.store.claim_runs(sub.keys, sub.credits, sub.id, self.now())
+            if not runs:
+                continue
+            if sub.closed:
+                # It went away while we claimed: its release may have run first.
+                await self.store.release_owner(sub.id, self.now())
+                self.wake()
+                continue
+            sub.credits -= len(runs)
+            log.debug("leased %d runs to connection %s", len(runs), sub.id)
+            sub.post(Deliver(runs=tuple(runs)))
+
+
+@attrs.define(eq=False)
+class Waiters:
+    """Wakes the requests that wait for runs to end."""
+
+    _events: dict[uuid.UUID, set[trio.Event]] = attrs.field(init=False, factory=dict)
+    _stopping: bool = attrs.field(init=False, default=False)
+
+    @contextlib.contextmanager
+    def watch(self, ids: Iterable[uuid.UUID]) -> Iterator[trio.Event]:
+        """An event set when any of ``ids`` ends (or the server stops)."""
+        event = trio.Event()
+        if self._stopping:
+            event.set()
+        watched = list(dict.fromkeys(ids))
+        for run_id in watched:
+            self._events.setdefault(run_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            for run_id in watched:
+                events = self._events.get(run_id)
+                if events is not None:
+                    events.discard(event)
+                    if not events:
+                        del self._events[run_id]
+
+    def notify(self, runs: Iterable[TaskRun]) -> None:
+        """Wake whoever waits on the runs among these that have ended."""
+        for run in runs:
+            if run.state.is_terminal:
+                for event in self._events.get(run.id, ()):
+                    event.set()
+
+    def stop(self) -> None:
+        """Release every waiter (the server is shutting down)."""
+        self._stopping = True
+        for events in self._events.values():
+            for event in events:
+                event.set()

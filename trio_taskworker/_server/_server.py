@@ -1,0 +1,118 @@
+"""The server: storage, dispatcher and the ASGI app on Hypercorn's trio worker."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import attrs
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from ._app import AppState, build_app
+from ._dispatch import Dispatcher, Waiters
+from ._sqlite import SQLiteStore
+from ._store import Store
+
+__all__ = ["TaskServer", "default_data_dir"]
+
+log = logging.getLogger("trio_taskworker.server")
+
+
+def default_data_dir() -> Path:
+    """``$TRIO_TASKWORKER_HOME``, or ``~/.trio-taskworker``."""
+    home = os.environ.get("TRIO_TASKWORKER_HOME")
+    return Path(home) if home else Path.home() / ".trio-taskworker"
+
+
+@attrs.define(eq=False)
+class TaskServer:
+    """The trio_taskworker server.
+
+    ``await nursery.start(server.run)`` hands back the URL it listens on
+    (port 0 picks a free port). :meth:`stop` shuts it down gracefully:
+    subscriptions are closed with 1001 first, waiting requests answered,
+    then Hypercorn stops; :meth:`run` then returns.
+
+    ``store`` defaults to SQLite in ``data_dir`` (file ``runs.sqlite3``).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 4200
+    data_dir: Path = attrs.field(factory=default_data_dir, converter=Path)
+    store: Store | None = None
+    default_max_redeliveries: int = 3
+    max_body_bytes: int = 64 * 1024 * 1024
+    now: Callable[[], float] = time.time
+    url: str | None = attrs.field(init=False, default=None)
+    _state: AppState | None = attrs.field(init=False, default=None)
+    _shutdown: trio.Event = attrs.field(init=False, factory=trio.Event)
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :meth:`stop` (returns) or cancellation (stops at once).
+
+        ``task_status.started(url)`` once the socket listens and queued runs
+        from a previous process are back in the queue.
+        """
+        async with trio.open_nursery() as background:
+            store = self.store
+            if store is None:
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                store = SQLiteStore(
+                    self.data_dir / "runs.sqlite3",
+                    default_max_redeliveries=self.default_max_redeliveries,
+                )
+                await background.start(store.run)
+            recovered = await store.release_all(self.now())
+            if recovered.changed:
+                log.info(
+                    "released %d runs leased before the last shutdown", len(recovered.changed)
+                )
+            dispatcher = Dispatcher(store, self.now)
+            await background.start(dispatcher.run)
+            self._state = AppState(
+                store=store,
+                dispatcher=dispatcher,
+                waiters=Waiters(),
+                now=self.now,
+                max_body_bytes=self.max_body_bytes,
+            )
+            config = hypercorn.config.Config()
+            config.bind = [f"{self.host}:{self.port}"]
+            config.accesslog = None
+            config.errorlog = logging.getLogger("hypercorn.error")
+            config.graceful_timeout = 5.0
+            config.websocket_max_message_size = self.max_body_bytes + 1024 * 1024
+            async with trio.open_nursery() as web:
+                binds = await web.start(
+                    partial(
+                        hypercorn.trio.serve,
+                        build_app(self._state),
+                        config,
+                        shutdown_trigger=self._shutdown.wait,
+                    )
+                )
+                self.url = str(binds[0])
+                log.info("trio_taskworker server listening on %s", self.url)
+                task_status.started(self.url)
+            background.cancel_scope.cancel()
+
+    async def stop(self) -> None:
+        """Shut down gracefully; returns once shutdown has begun.
+
+        Subscriptions close with 1001 ("going away") before Hypercorn is told
+        to stop, so no worker waits out a grace period or sees 1006.
+        """
+        state = self._state
+        if state is not None and not state.stopping.is_set():
+            state.stopping.set()
+            state.waiters.stop()
+            if state.connections:
+                with trio.move_on_after(2):
+                    await state.connections_closed.wait()
+        self._shutdown.set()

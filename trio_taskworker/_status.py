@@ -1,0 +1,47 @@
+"""The worker's optional status server: ``GET /status`` as JSON on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import TYPE_CHECKING
+
+import attrs
+import hypercorn.config
+import hypercorn.trio
+import trio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+if TYPE_CHECKING:
+    from ._worker import TaskWorker
+
+__all__ = ["StatusServer"]
+
+
+@attrs.define(eq=False)
+class StatusServer:
+    """Serves a worker's :meth:`TaskWorker.status` snapshot."""
+
+    worker: TaskWorker
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; ``task_status.started(url)`` once listening."""
+
+        async def status(request: Request) -> Response:
+            return JSONResponse(self.worker.status())
+
+        app = Starlette(routes=[Route("/status", status, methods=["GET"])])
+        config = hypercorn.config.Config()
+        config.bind = [f"{self.host}:{self.port}"]
+        config.accesslog = None
+        config.errorlog = logging.getLogger("hypercorn.error")
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(partial(hypercorn.trio.serve, app, config))
+            url = str(binds[0])
+            logging.getLogger(__name__).info("worker status on %s/status", url)
+            task_status.started(url)
