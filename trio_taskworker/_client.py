@@ -346,6 +346,10 @@ async def current_client(api_url: str | None = None) -> AsyncIterator[TaskWorker
         yield fresh
 
 
+def _strip_slash(url: str) -> str:
+    return url.rstrip("/")
+
+
 @attrs.define(eq=False)
 class SyncClient:
     """A blocking client for code that does not run trio (a Flask view, a script).
@@ -354,7 +358,7 @@ class SyncClient:
     ``TaskRunFuture.result_sync`` open one for you.
     """
 
-    api_url: str = attrs.field(factory=api_url_from_env, converter=lambda u: u.rstrip("/"))
+    api_url: str = attrs.field(factory=api_url_from_env, converter=_strip_slash)
     _http: httpx.Client = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:

@@ -11,6 +11,7 @@ import binascii
 import datetime
 import json
 import uuid
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import cattrs
@@ -18,7 +19,6 @@ import cloudpickle
 from cattrs.strategies import configure_tagged_union
 
 from ._exceptions import SerializationError
-from ._states import TaskRunState
 from ._models import (
     Cancel,
     Credit,
@@ -33,6 +33,7 @@ from ._models import (
     Subscribed,
     WorkerMessage,
 )
+from ._states import TaskRunState
 
 __all__ = [
     "InvalidPayload",
@@ -160,7 +161,7 @@ def from_json(data: bytes | str, cls: type[T]) -> T:
     return structure(raw, cls)
 
 
-def encode_frame(messages: list[WorkerMessage] | list[ServerMessage]) -> str:
+def encode_frame(messages: Sequence[WorkerMessage] | Sequence[ServerMessage]) -> str:
     """Encode a websocket frame: a JSON array of tagged messages."""
     union = WorkerMessage if isinstance(messages[0], tuple(_WORKER_TAGS)) else ServerMessage
     return json.dumps([converter.unstructure(m, union) for m in messages], separators=(",", ":"))

@@ -41,7 +41,8 @@ class StatusServer:
         config.accesslog = None
         config.errorlog = logging.getLogger("hypercorn.error")
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(partial(hypercorn.trio.serve, app, config))
+            serve = partial(hypercorn.trio.serve, app, config)  # type: ignore[arg-type]
+            binds = await nursery.start(serve)
             url = str(binds[0])
             logging.getLogger(__name__).info("worker status on %s/status", url)
             task_status.started(url)

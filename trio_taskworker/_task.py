@@ -113,7 +113,7 @@ class Task(Generic[P, R]):
         if isinstance(tags, str) or not all(isinstance(t, str) for t in tag_tuple):
             raise ConfigurationError(f"tags must be an iterable of strings, got {tags!r}")
         self.fn = fn
-        self.name: str = name or getattr(fn, "__name__", "task")
+        self.name: str = name or str(getattr(fn, "__name__", "task"))
         self.key: str = key or f"{_module_name(fn)}:{getattr(fn, '__qualname__', self.name)}"
         self.retries = retries
         self.retry_delay_seconds = float(retry_delay_seconds)
@@ -122,7 +122,7 @@ class Task(Generic[P, R]):
         self.tags = tag_tuple
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = inspect.signature(fn)
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     def __repr__(self) -> str:
         return f"<Task {self.name!r} key={self.key!r}>"

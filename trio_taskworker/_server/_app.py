@@ -7,7 +7,6 @@ never unpickles anything it is sent.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -38,7 +37,6 @@ from .._models import (
 )
 from .._serialization import (
     InvalidPayload,
-    converter,
     decode_worker_frame,
     encode_frame,
     from_json,
@@ -406,5 +404,3 @@ class _Subscription:
                 elif isinstance(message, Drain):
                     state.dispatcher.drain(sub)
 
-
-_ = (json, converter)

@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from .. import _models
+from .._states import TaskRunState
 from .._version import __version__
 
 __all__ = ["openapi_document"]
@@ -153,7 +154,7 @@ def openapi_document() -> dict[str, Any]:
                         "name": "state",
                         "in": "query",
                         "required": False,
-                        "schema": _type_schema(_models.TaskRunState),
+                        "schema": _type_schema(TaskRunState),
                     },
                     {
                         "name": "task_key",

@@ -92,7 +92,7 @@ class TaskServer:
                 binds = await web.start(
                     partial(
                         hypercorn.trio.serve,
-                        build_app(self._state),
+                        build_app(self._state),  # type: ignore[arg-type]
                         config,
                         shutdown_trigger=self._shutdown.wait,
                     )
