@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import cattrs
 import cloudpickle
 from cattrs.strategies import configure_tagged_union
+from cattrs.v import format_exception
 
 from ._exceptions import SerializationError
 from ._models import (
@@ -133,9 +134,16 @@ configure_tagged_union(
 )
 
 
+def _format_leaf(exc: BaseException, type_: type | None) -> str:
+    # Our hooks raise ValueError with a precise reason; keep it.
+    if isinstance(exc, ValueError) and str(exc):
+        return str(exc)
+    return format_exception(exc, type_)
+
+
 def _describe(exc: Exception) -> str:
     if isinstance(exc, cattrs.BaseValidationError):
-        return "; ".join(cattrs.transform_error(exc))
+        return "; ".join(cattrs.transform_error(exc, format_exception=_format_leaf))
     return str(exc)
 
 

@@ -403,4 +403,3 @@ class _Subscription:
                     state.dispatcher.grant(sub, message.n)
                 elif isinstance(message, Drain):
                     state.dispatcher.drain(sub)
-

@@ -29,7 +29,7 @@ import trio
 
 from .._models import TaskRun, TaskRunCreate
 from .._states import TaskRunState
-from ._store import Outcome, Report, SQLRuns, Store
+from ._store import Outcome, Report, SQLRuns, Store, StoreError
 
 __all__ = ["SQLiteStore"]
 
@@ -85,9 +85,11 @@ class SQLiteStore(Store):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the writer until cancelled; ``task_status.started()`` once the schema exists.
 
-        Closes the database connection on the way out.
+        On the way out it closes the database connection, and every operation
+        still queued or in the batch at hand fails with :class:`StoreError`.
         """
         conn = await self._call_sync(self._connect)
+        batch: list[_Op] = []
         try:
             task_status.started()
             while True:
@@ -100,7 +102,21 @@ class SQLiteStore(Store):
                 await self._call_sync(partial(self._execute, conn, batch))
                 for op in batch:
                     op.done.set()
+                batch = []
         finally:
+            self._receive.close()
+            closed = outcome.Error(StoreError("the store is closed"))
+            for op in batch:
+                if op.result is None:
+                    op.result = closed
+                op.done.set()
+            while True:
+                try:
+                    op = self._receive.receive_nowait()
+                except (trio.WouldBlock, trio.ClosedResourceError, trio.EndOfChannel):
+                    break
+                op.result = closed
+                op.done.set()
             conn.close()
 
     async def _call_sync(self, fn: Callable[[], T]) -> T:
@@ -129,7 +145,10 @@ class SQLiteStore(Store):
 
     async def _call(self, fn: Callable[[sqlite3.Cursor], T]) -> T:
         op = _Op(fn)
-        await self._send.send(op)
+        try:
+            await self._send.send(op)
+        except trio.BrokenResourceError:
+            raise StoreError("the store is closed") from None
         # Shielded: once queued, the operation will run, and its caller must
         # not be told it failed when it in fact committed.
         with trio.CancelScope(shield=True):

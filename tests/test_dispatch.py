@@ -1,0 +1,137 @@
+"""The dispatcher and waiters, with an in-memory store and trio's autojump clock."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+import trio
+import trio.testing
+
+from trio_taskworker import TaskRunState
+from trio_taskworker._models import Deliver, Finished, Started, TaskRunCreate
+from trio_taskworker._server import SQLiteStore
+from trio_taskworker._server._dispatch import Dispatcher, Waiters
+
+EPOCH = 1_700_000_000.0
+
+
+def clock_now() -> float:
+    """Wall-clock time that follows trio's (virtual) clock."""
+    return EPOCH + trio.current_time()
+
+
+async def next_delivery(sub) -> Deliver:  # type: ignore[no-untyped-def]
+    with trio.fail_after(10_000):
+        (message,) = await sub.next_messages()
+    assert isinstance(message, Deliver)
+    return message
+
+
+async def test_delivers_no_more_than_credits(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, memory_store: SQLiteStore
+) -> None:
+    dispatcher = Dispatcher(memory_store, clock_now)
+    await nursery.start(dispatcher.run)
+    sub = dispatcher.add(["k"], "w", credits=3)
+    await memory_store.create_runs([TaskRunCreate(task_key="k") for _ in range(10)], clock_now())
+    dispatcher.wake()
+    first = await next_delivery(sub)
+    assert len(first.runs) == 3 and sub.credits == 0
+    await trio.testing.wait_all_tasks_blocked()
+    assert (await memory_store.counts())["PENDING"] == 3
+    dispatcher.grant(sub, 2)
+    second = await next_delivery(sub)
+    assert len(second.runs) == 2
+    assert (await memory_store.counts())["PENDING"] == 5
+
+
+async def test_only_subscribed_keys(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, memory_store: SQLiteStore
+) -> None:
+    dispatcher = Dispatcher(memory_store, clock_now)
+    await nursery.start(dispatcher.run)
+    await memory_store.create_runs(
+        [TaskRunCreate(task_key="a"), TaskRunCreate(task_key="b")], clock_now()
+    )
+    sub = dispatcher.add(["b"], "w", credits=5)
+    delivered = await next_delivery(sub)
+    assert [r.task_key for r in delivered.runs] == ["b"]
+
+
+async def test_scheduled_run_waits_until_due_without_polling(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, memory_store: SQLiteStore
+) -> None:
+    dispatcher = Dispatcher(memory_store, clock_now)
+    await nursery.start(dispatcher.run)
+    sub = dispatcher.add(["k"], "w", credits=1)
+    due = datetime.datetime.fromtimestamp(clock_now() + 3600, datetime.UTC)
+    await memory_store.create_runs([TaskRunCreate(task_key="k", scheduled_time=due)], clock_now())
+    dispatcher.wake()
+    start = trio.current_time()
+    delivered = await next_delivery(sub)
+    assert trio.current_time() - start == pytest.approx(3600, abs=1e-6)
+    assert delivered.runs[0].scheduled_time == due
+
+
+async def test_retry_waits_in_the_queue(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, memory_store: SQLiteStore
+) -> None:
+    dispatcher = Dispatcher(memory_store, clock_now)
+    await nursery.start(dispatcher.run)
+    sub = dispatcher.add(["k"], "w", credits=1)
+    await memory_store.create_runs(
+        [TaskRunCreate(task_key="k", retries=1, retry_delay_seconds=120.0)], clock_now()
+    )
+    dispatcher.wake()
+    (run,) = (await next_delivery(sub)).runs
+    outcome = await memory_store.apply_reports(
+        sub.id,
+        [
+            Started(id=run.id, attempt=run.attempt),
+            Finished(id=run.id, attempt=run.attempt, state=TaskRunState.FAILED),
+        ],
+        clock_now(),
+    )
+    assert outcome.requeued
+    failed_at = trio.current_time()
+    dispatcher.grant(sub, 1)
+    (again,) = (await next_delivery(sub)).runs
+    assert again.id == run.id and again.attempt == 2 and again.retry_count == 1
+    assert trio.current_time() - failed_at == pytest.approx(120, abs=1e-6)
+
+
+async def test_fair_across_subscribers(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, memory_store: SQLiteStore
+) -> None:
+    dispatcher = Dispatcher(memory_store, clock_now)
+    await nursery.start(dispatcher.run)
+    subs = [dispatcher.add(["k"], f"w{i}", credits=2) for i in range(2)]
+    await memory_store.create_runs([TaskRunCreate(task_key="k") for _ in range(4)], clock_now())
+    dispatcher.wake()
+    counts = [len((await next_delivery(s)).runs) for s in subs]
+    assert counts == [2, 2]
+
+
+async def test_waiters_wake_on_terminal_only() -> None:
+    import uuid
+
+    from trio_taskworker._models import TaskRun
+
+    waiters = Waiters()
+    run_id = uuid.uuid4()
+    now = datetime.datetime.now(datetime.UTC)
+
+    def snapshot(state: TaskRunState) -> TaskRun:
+        return TaskRun(
+            id=run_id, task_key="k", task_name="k", state=state, created_at=now, scheduled_time=now
+        )
+
+    with waiters.watch([run_id]) as event:
+        waiters.notify([snapshot(TaskRunState.RUNNING)])
+        assert not event.is_set()
+        waiters.notify([snapshot(TaskRunState.COMPLETED)])
+        assert event.is_set()
+    with waiters.watch([run_id]) as event:
+        waiters.stop()
+        assert event.is_set()

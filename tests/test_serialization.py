@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import datetime
+import uuid
+
+import pytest
+
+from trio_taskworker import SerializationError, TaskRunState
+from trio_taskworker._models import (
+    Credit,
+    Deliver,
+    Finished,
+    Started,
+    Subscribe,
+    TaskRun,
+    TaskRunCreate,
+    TaskRunCreateBatch,
+)
+from trio_taskworker._serialization import (
+    InvalidPayload,
+    decode_server_frame,
+    decode_worker_frame,
+    dumps_payload,
+    encode_frame,
+    from_json,
+    loads_payload,
+    to_json,
+)
+
+NOW = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+
+
+def _run() -> TaskRun:
+    return TaskRun(
+        id=uuid.uuid4(),
+        task_key="m:f",
+        task_name="f",
+        state=TaskRunState.PENDING,
+        created_at=NOW,
+        scheduled_time=NOW,
+        attempt=1,
+        tags=("a", "b"),
+        parameters=b"\x00\x01binary",
+    )
+
+
+def test_worker_frame_round_trip() -> None:
+    run_id = uuid.uuid4()
+    messages = [
+        Subscribe(keys=("m:f",), client_id="w", credits=3),
+        Started(id=run_id, attempt=1),
+        Finished(id=run_id, attempt=1, state=TaskRunState.COMPLETED, result=b"\x80"),
+        Credit(n=1),
+    ]
+    decoded = decode_worker_frame(encode_frame(messages))
+    assert decoded == messages
+    assert isinstance(decoded[2], Finished)
+    assert decoded[2].state is TaskRunState.COMPLETED
+
+
+def test_server_frame_round_trip() -> None:
+    message = Deliver(runs=(_run(),))
+    assert decode_server_frame(encode_frame([message])) == [message]
+
+
+def test_run_json_round_trip() -> None:
+    run = _run()
+    assert from_json(to_json(run), TaskRun) == run
+
+
+@pytest.mark.parametrize(
+    ("frame", "needle"),
+    [
+        ("not json", "not valid JSON"),
+        ("{}", "non-empty JSON array"),
+        ("[]", "non-empty JSON array"),
+        ('[{"type": "nope"}]', "nope"),
+        ('[{"type": "credit", "n": "5"}]', "expected an integer"),
+        ('[{"type": "credit", "n": 1, "extra": 2}]', "extra"),
+        ('[{"type": "started", "id": "zzz", "attempt": 1}]', "id"),
+    ],
+)
+def test_bad_worker_frames(frame: str, needle: str) -> None:
+    with pytest.raises(InvalidPayload, match=needle):
+        decode_worker_frame(frame)
+
+
+def test_naive_datetime_refused() -> None:
+    body = to_json(TaskRunCreateBatch(runs=(TaskRunCreate(task_key="k", scheduled_time=NOW),)))
+    naive = body.replace(b"+00:00", b"")
+    with pytest.raises(InvalidPayload, match="no timezone"):
+        from_json(naive, TaskRunCreateBatch)
+
+
+def test_bad_base64_refused() -> None:
+    with pytest.raises(InvalidPayload, match="base64"):
+        from_json(b'{"runs": [{"task_key": "k", "parameters": "!!"}]}', TaskRunCreateBatch)
+
+
+def test_payload_round_trip_and_errors() -> None:
+    assert loads_payload(dumps_payload(((1, 2), {"y": 3}))) == ((1, 2), {"y": 3})
+    import threading
+
+    with pytest.raises(SerializationError, match="cannot pickle"):
+        dumps_payload(threading.Lock())
+    with pytest.raises(SerializationError, match="cannot unpickle"):
+        loads_payload(b"garbage")

@@ -1,0 +1,215 @@
+"""The storage layer: claims, fencing, retries and releases, on SQLite in memory."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+
+from trio_taskworker import TaskRunState
+from trio_taskworker._models import ErrorInfo, Finished, Released, Started, TaskRunCreate
+from trio_taskworker._server import SQLiteStore
+from trio_taskworker._server._store import StoreError
+
+S = TaskRunState
+
+
+def create(key: str = "m:f", **kwargs: object) -> TaskRunCreate:
+    return TaskRunCreate(task_key=key, parameters=b"p", **kwargs)  # type: ignore[arg-type]
+
+
+async def test_create_read_list(memory_store: SQLiteStore) -> None:
+    ids = await memory_store.create_runs([create(), create("m:g")], now=100.0)
+    runs = {r.id: r for r in await memory_store.read_runs(ids)}
+    assert [runs[i].task_key for i in ids] == ["m:f", "m:g"]
+    assert all(r.state is S.SCHEDULED and r.parameters == b"p" for r in runs.values())
+    assert runs[ids[0]].scheduled_time.timestamp() == 100.0
+    listed = await memory_store.list_runs(None, "m:g", 10, 0)
+    assert [r.id for r in listed] == [ids[1]]
+    assert listed[0].parameters is None  # lists leave payloads out
+    assert (await memory_store.counts())["SCHEDULED"] == 2
+
+
+async def test_claim_is_fair_across_keys_and_respects_n(memory_store: SQLiteStore) -> None:
+    await memory_store.create_runs([create("a") for _ in range(10)], now=1.0)
+    await memory_store.create_runs([create("b") for _ in range(2)], now=2.0)
+    claimed = await memory_store.claim_runs(["a", "b"], 4, "conn", now=5.0)
+    assert [r.task_key for r in claimed] == ["a", "b", "a", "b"]
+    assert all(r.state is S.PENDING and r.attempt == 1 for r in claimed)
+    again = await memory_store.claim_runs(["a", "b"], 100, "conn2", now=5.0)
+    assert len(again) == 8 and {r.task_key for r in again} == {"a"}
+    assert not set(r.id for r in claimed) & set(r.id for r in again)
+
+
+async def test_claim_honours_scheduled_time(memory_store: SQLiteStore) -> None:
+    import datetime
+
+    at = datetime.datetime.fromtimestamp(50.0, datetime.UTC)
+    (run_id,) = await memory_store.create_runs([create(scheduled_time=at)], now=10.0)
+    assert await memory_store.claim_runs(["m:f"], 1, "c", now=49.9) == []
+    assert await memory_store.next_due(["m:f"]) == 50.0
+    (run,) = await memory_store.claim_runs(["m:f"], 1, "c", now=50.0)
+    assert run.id == run_id
+
+
+async def _leased(store: SQLiteStore, **kwargs: object) -> tuple[uuid.UUID, int]:
+    await store.create_runs([create(**kwargs)], now=1.0)
+    (run,) = await store.claim_runs(["m:f"], 1, "c1", now=1.0)
+    return run.id, run.attempt
+
+
+async def test_reports_complete_a_run(memory_store: SQLiteStore) -> None:
+    run_id, attempt = await _leased(memory_store)
+    outcome = await memory_store.apply_reports(
+        "c1",
+        [
+            Started(id=run_id, attempt=attempt),
+            Finished(id=run_id, attempt=attempt, state=S.COMPLETED, result=b"r"),
+        ],
+        now=2.0,
+    )
+    assert not outcome.rejected
+    (run,) = await memory_store.read_runs([run_id])
+    assert (run.state, run.result, run.started_at.timestamp(), run.finished_at.timestamp()) == (  # type: ignore[union-attr]
+        S.COMPLETED,
+        b"r",
+        2.0,
+        2.0,
+    )
+
+
+async def test_fencing_refuses_stale_and_foreign_reports(memory_store: SQLiteStore) -> None:
+    run_id, attempt = await _leased(memory_store)
+    foreign = await memory_store.apply_reports("c2", [Started(id=run_id, attempt=attempt)], 2.0)
+    assert foreign.rejected and "stale lease" in foreign.rejected[0][1]
+    # The connection goes away; the run is leased again, as attempt 2.
+    await memory_store.release_owner("c1", now=3.0)
+    (again,) = await memory_store.claim_runs(["m:f"], 1, "c2", now=3.0)
+    assert again.attempt == attempt + 1
+    late = await memory_store.apply_reports(
+        "c1", [Finished(id=run_id, attempt=attempt, state=S.COMPLETED, result=b"old")], 4.0
+    )
+    assert late.rejected and not late.changed
+    unknown = await memory_store.apply_reports("c2", [Started(id=uuid.uuid4(), attempt=1)], 4.0)
+    assert unknown.rejected[0][1] == "no such run"
+
+
+async def test_illegal_transition_is_refused(memory_store: SQLiteStore) -> None:
+    run_id, attempt = await _leased(memory_store)
+    # Finished before Started: PENDING cannot become COMPLETED.
+    outcome = await memory_store.apply_reports(
+        "c1", [Finished(id=run_id, attempt=attempt, state=S.COMPLETED)], 2.0
+    )
+    assert "cannot become COMPLETED" in outcome.rejected[0][1]
+    (run,) = await memory_store.read_runs([run_id])
+    assert run.state is S.PENDING
+
+
+async def test_failure_with_retries_is_rescheduled_in_the_queue(memory_store: SQLiteStore) -> None:
+    run_id, attempt = await _leased(memory_store, retries=1, retry_delay_seconds=30.0)
+    error = ErrorInfo(type="builtins.ValueError", message="no")
+    await memory_store.apply_reports(
+        "c1",
+        [
+            Started(id=run_id, attempt=attempt),
+            Finished(id=run_id, attempt=attempt, state=S.FAILED, result=b"e", error=error),
+        ],
+        now=10.0,
+    )
+    (run,) = await memory_store.read_runs([run_id])
+    assert (run.state, run.retry_count, run.scheduled_time.timestamp()) == (S.SCHEDULED, 1, 40.0)
+    assert run.error == error
+    assert await memory_store.claim_runs(["m:f"], 1, "c1", now=39.0) == []
+    (again,) = await memory_store.claim_runs(["m:f"], 1, "c1", now=40.0)
+    await memory_store.apply_reports(
+        "c1",
+        [
+            Started(id=run_id, attempt=again.attempt),
+            Finished(id=run_id, attempt=again.attempt, state=S.FAILED, result=b"e", error=error),
+        ],
+        now=41.0,
+    )
+    (run,) = await memory_store.read_runs([run_id])
+    assert (run.state, run.result) == (S.FAILED, b"e")
+
+
+async def test_release_requeues_pending_and_redelivers_running(memory_store: SQLiteStore) -> None:
+    await memory_store.create_runs([create(max_redeliveries=1), create(max_redeliveries=1)], 1.0)
+    first, second = await memory_store.claim_runs(["m:f"], 2, "c1", now=1.0)
+    await memory_store.apply_reports("c1", [Started(id=first.id, attempt=first.attempt)], 2.0)
+    outcome = await memory_store.release_owner("c1", now=3.0)
+    states = {r.id: r for r in outcome.changed}
+    assert states[first.id].state is S.SCHEDULED and states[first.id].redeliveries == 1
+    assert states[second.id].state is S.SCHEDULED and states[second.id].redeliveries == 0
+    # Once more while running: the redelivery limit of 1 is spent, so it crashes.
+    (run,) = [r for r in await memory_store.claim_runs(["m:f"], 2, "c2", 4.0) if r.id == first.id]
+    await memory_store.apply_reports("c2", [Started(id=run.id, attempt=run.attempt)], 5.0)
+    outcome = await memory_store.release_owner("c2", now=6.0)
+    crashed = {r.id: r for r in outcome.changed}[first.id]
+    assert crashed.state is S.CRASHED
+    assert "redelivered 1 times" in (crashed.message or "")
+
+
+async def test_released_by_worker_is_not_counted(memory_store: SQLiteStore) -> None:
+    run_id, attempt = await _leased(memory_store)
+    await memory_store.apply_reports(
+        "c1",
+        [Started(id=run_id, attempt=attempt), Released(id=run_id, attempt=attempt, reason="stop")],
+        2.0,
+    )
+    (run,) = await memory_store.read_runs([run_id])
+    assert (run.state, run.redeliveries, run.message) == (S.SCHEDULED, 0, "stop")
+
+
+async def test_blobs(memory_store: SQLiteStore) -> None:
+    ref = await memory_store.put_blob(b"\x00" * 1000, 1.0)
+    assert await memory_store.get_blob(ref) == b"\x00" * 1000
+    assert await memory_store.get_blob(str(uuid.uuid4())) is None
+    (run_id,) = await memory_store.create_runs(
+        [TaskRunCreate(task_key="k", parameters_ref=ref)], 1.0
+    )
+    with pytest.raises(StoreError, match="no stored blob"):
+        await memory_store.create_runs([TaskRunCreate(task_key="k", parameters_ref="nope")], 1.0)
+
+
+async def test_a_refused_operation_does_not_undo_its_batch(memory_store: SQLiteStore) -> None:
+    """Group commit: one failing operation in a batch leaves the others committed."""
+    results: dict[str, object] = {}
+
+    async def good() -> None:
+        results["good"] = await memory_store.create_runs([create()], 1.0)
+
+    async def bad() -> None:
+        try:
+            await memory_store.create_runs([TaskRunCreate(task_key="k", parameters_ref="x")], 1.0)
+        except StoreError as exc:
+            results["bad"] = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bad)
+        nursery.start_soon(good)
+    assert isinstance(results["bad"], StoreError)
+    assert (await memory_store.counts())["SCHEDULED"] == 1
+
+
+async def test_file_store_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "runs.sqlite3"
+    async with trio.open_nursery() as nursery:
+        store = SQLiteStore(path)
+        await nursery.start(store.run)
+        ids = await store.create_runs([create(), create()], 1.0)
+        await store.claim_runs(["m:f"], 1, "gone", 1.0)
+        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        store = SQLiteStore(path)
+        await nursery.start(store.run)
+        recovered = await store.release_all(2.0)
+        assert len(recovered.changed) == 1
+        runs = await store.read_runs(ids)
+        assert {r.state for r in runs} == {S.SCHEDULED}
+        ids2 = await store.create_runs([create()], 3.0)
+        listed = await store.list_runs(None, None, 10, 0)
+        assert [r.id for r in listed] == [*ids, *ids2]  # the sequence carries on
+        nursery.cancel_scope.cancel()
