@@ -38,7 +38,10 @@ def _type_schema(tp: Any) -> dict[str, Any]:
     if origin in (typing.Union, types.UnionType):
         members = [a for a in typing.get_args(tp) if a is not type(None)]
         (inner,) = members
-        return {**_type_schema(inner), "nullable": True}
+        schema = _type_schema(inner)
+        if "$ref" in schema:
+            return {"anyOf": [schema, {"type": "null"}]}
+        return {**schema, "type": [schema["type"], "null"]}
     if origin is tuple:
         return {"type": "array", "items": _type_schema(typing.get_args(tp)[0])}
     if attrs.has(tp):
@@ -104,7 +107,7 @@ def _timeout(default: float) -> dict[str, Any]:
 
 
 def openapi_document() -> dict[str, Any]:
-    """Return the OpenAPI 3.0 document for every HTTP route of the server."""
+    """Return the OpenAPI 3.1 document for every HTTP route of the server."""
     schemas = {cls.__name__: _model_schema(cls) for cls in _SCHEMA_MODELS}
     schemas["Error"] = {
         "type": "object",
@@ -276,7 +279,7 @@ def openapi_document() -> dict[str, Any]:
         },
     }
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {
             "title": "trio_taskworker server",
             "version": __version__,
