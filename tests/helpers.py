@@ -14,5 +14,5 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> No
     sockets); the outcome does not depend on how long anything takes.
     """
     with trio.fail_after(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - the condition lives in another process or socket
             await trio.sleep(0.005)

@@ -167,8 +167,9 @@ async def test_blobs(memory_store: SQLiteStore) -> None:
     ref = await memory_store.put_blob(b"\x00" * 1000, 1.0)
     assert await memory_store.get_blob(ref) == b"\x00" * 1000
     assert await memory_store.get_blob(str(uuid.uuid4())) is None
-    (run_id,) = await memory_store.create_runs(
-        [TaskRunCreate(task_key="k", parameters_ref=ref)], 1.0
+    assert (
+        len(await memory_store.create_runs([TaskRunCreate(task_key="k", parameters_ref=ref)], 1.0))
+        == 1
     )
     with pytest.raises(StoreError, match="no stored blob"):
         await memory_store.create_runs([TaskRunCreate(task_key="k", parameters_ref="nope")], 1.0)

@@ -59,7 +59,7 @@ def test_bad_options(kwargs: dict[str, object], needle: str) -> None:
 
 async def test_bad_arguments_fail_before_sending() -> None:
     # No server runs in this test: a TypeError proves nothing was sent.
-    with pytest.raises(TypeError, match="add\\(\\).*missing a required argument: 'x'"):
+    with pytest.raises(TypeError, match=r"add\(\).*missing a required argument: 'x'"):
         await add.delay()
     with pytest.raises(TypeError, match="unexpected keyword argument 'z'"):
         await add.delay(1, z=2)  # type: ignore[call-arg]

@@ -231,7 +231,7 @@ def test_should_try_to_read_parameters() -> None:
 async def test_started_report_precedes_finished_in_leased_runs() -> None:
     worker = TaskWorker(add)
     run = make_run(add, 1)
-    await worker._limiter.acquire_on_behalf_of(run.id)
+    await worker._limiter.acquire_on_behalf_of((run.id, run.attempt))
     await worker._run_leased(run, worker._generation)
     kinds = [type(m) for m in reports(worker)]
     assert kinds[:2] == [Started, Finished]

@@ -22,6 +22,7 @@ __all__ = [
     "Credit",
     "Deliver",
     "Drain",
+    "Drained",
     "ErrorInfo",
     "Finished",
     "Rejected",
@@ -176,7 +177,13 @@ class Released:
 
 @attrs.frozen(kw_only=True)
 class Drain:
-    """The worker is stopping: send it no more runs (its reports still count)."""
+    """The worker is stopping: send it no more runs (its reports still count).
+
+    The server answers with :class:`Drained` carrying the same ``seq`` once it
+    has applied every report sent before it.
+    """
+
+    seq: int = 0
 
 
 # --- websocket messages, server to worker -------------------------------------------
@@ -205,6 +212,13 @@ class Rejected:
 
 
 @attrs.frozen(kw_only=True)
+class Drained:
+    """Every report before the worker's :class:`Drain` number ``seq`` is applied."""
+
+    seq: int
+
+
+@attrs.frozen(kw_only=True)
 class Cancel:
     """The caller cancelled run ``id``: cancel it on the worker."""
 
@@ -212,4 +226,4 @@ class Cancel:
 
 
 WorkerMessage = Subscribe | Credit | Started | Finished | Released | Drain
-ServerMessage = Subscribed | Deliver | Rejected | Cancel
+ServerMessage = Subscribed | Deliver | Rejected | Cancel | Drained

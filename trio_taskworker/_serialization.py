@@ -25,6 +25,7 @@ from ._models import (
     Credit,
     Deliver,
     Drain,
+    Drained,
     Finished,
     Rejected,
     Released,
@@ -125,6 +126,7 @@ _SERVER_TAGS = {
     Deliver: "deliver",
     Rejected: "rejected",
     Cancel: "cancel",
+    Drained: "drained",
 }
 configure_tagged_union(
     WorkerMessage, converter, tag_generator=lambda cls: _WORKER_TAGS[cls], tag_name="type"

@@ -49,6 +49,7 @@ from ._models import (
     Credit,
     Deliver,
     Drain,
+    Drained,
     ErrorInfo,
     Finished,
     Rejected,
@@ -128,6 +129,7 @@ class _InFlight:
     generation: int
     timeout_deadline: float = math.inf
     shutdown_deadline: float = math.inf
+    lost: bool = False
 
     def set_shutdown_deadline(self, deadline: float) -> None:
         self.shutdown_deadline = min(self.shutdown_deadline, deadline)
@@ -142,6 +144,9 @@ class _Outbox:
     has_mail: trio.Event = attrs.field(factory=trio.Event)
     #: Set whenever everything put so far has been written to the websocket.
     flushed: trio.Event = attrs.field(factory=trio.Event)
+
+    def __attrs_post_init__(self) -> None:
+        self.flushed.set()  # nothing put yet, so nothing to wait for
 
     def put(self, generation: int, message: WorkerMessage) -> None:
         self.messages.append((generation, message))
@@ -217,7 +222,8 @@ class TaskWorker:
         # Sync runs hold a token of _limiter already; the thread limiter only
         # lifts trio's default cap of 40 threads up to the worker's window.
         self._thread_limiter = trio.CapacityLimiter(self._window)
-        self._in_flight: dict[uuid.UUID, _InFlight] = {}
+        # Keyed by (run id, attempt): a redelivered run may meet its old attempt here.
+        self._in_flight: dict[tuple[uuid.UUID, int], _InFlight] = {}
         self._finished: Counter[str] = Counter()
         self._outbox = _Outbox()
         self._generation = 0
@@ -236,6 +242,9 @@ class TaskWorker:
             tuple[int, TaskRun]
         ](self._window)
         self._fatal: BaseException | None = None
+        self._drain_seq = 0
+        self._drained_seq = -1
+        self._drained = trio.Event()
         self._http: httpx.AsyncClient | None = None
 
     # --- public state ---------------------------------------------------------------
@@ -373,7 +382,7 @@ class TaskWorker:
             return
         if not self._stopping:
             self._stopping = True
-            self._outbox.put(self._generation, Drain())
+            self._outbox.put(self._generation, Drain(seq=0))
             log.info(
                 "worker %s stopping: %d runs in flight get %.1f s to finish",
                 self.client_id,
@@ -407,9 +416,9 @@ class TaskWorker:
                 async for generation, run in self._deliveries_receive:
                     if generation != self._generation:
                         continue  # its connection is gone, so the server requeued it
-                    await self._limiter.acquire_on_behalf_of(run.id)
+                    await self._limiter.acquire_on_behalf_of((run.id, run.attempt))
                     if self._stopping:
-                        self._limiter.release_on_behalf_of(run.id)
+                        self._limiter.release_on_behalf_of((run.id, run.attempt))
                         self._hand_back(run, "the worker is stopping")
                         continue
                     runs.start_soon(self._run_leased, run, generation)
@@ -431,7 +440,7 @@ class TaskWorker:
             report = await self._execute(run, generation)
             self._outbox.put(generation, report)
         finally:
-            self._limiter.release_on_behalf_of(run.id)
+            self._limiter.release_on_behalf_of((run.id, run.attempt))
             if not self._stopping:
                 self._outbox.put(self._generation, Credit(n=1))
 
@@ -467,14 +476,14 @@ class TaskWorker:
             entry.scope.deadline = entry.timeout_deadline
         if self._stopping:
             entry.set_shutdown_deadline(trio.current_time() + self.shutdown_timeout)
-        self._in_flight[run.id] = entry
+        self._in_flight[run.id, run.attempt] = entry
         log.info("run %s (%s) attempt %d started", run.id, run.task_key, run.attempt)
         token = _inside_run.set(self)
         try:
             return await self._call(task, run, entry)
         finally:
             _inside_run.reset(token)
-            del self._in_flight[run.id]
+            del self._in_flight[run.id, run.attempt]
             self._finished[run.task_key] += 1
 
     async def _call(
@@ -498,6 +507,9 @@ class TaskWorker:
             return self._failed(run, exc)
         if entry.scope.cancel_called:
             # Also when a sync task returned after the cancel: its value is dropped.
+            if entry.lost:
+                log.info("run %s cancelled: its connection was lost", run.id)
+                return Released(id=run.id, attempt=run.attempt, reason="connection lost")
             if trio.current_time() >= entry.shutdown_deadline:
                 log.info("run %s cancelled by the worker's stop: handed back", run.id)
                 return Released(
@@ -568,10 +580,21 @@ class TaskWorker:
         return str(response.json()["id"])
 
     async def _flush_reports(self) -> None:
-        """Give the sender a moment to send the last reports before the nursery closes."""
+        """Wait (a bounded time) until the server has applied every report.
+
+        The server answers a :class:`Drain` only after it has applied all the
+        reports sent before it, so once the answer arrives, ``stop()`` can
+        return and callers see final states on the server.
+        """
+        if not self._connected:
+            return
+        self._drain_seq += 1
+        seq = self._drain_seq
+        self._outbox.put(self._generation, Drain(seq=seq))
         with trio.move_on_after(FLUSH_TIMEOUT):
-            if self._connected and self._outbox.messages:
-                await self._outbox.flushed.wait()
+            while self._connected and self._drained_seq < seq:
+                self._drained = trio.Event()
+                await self._drained.wait()
 
     # --- connection -----------------------------------------------------------------
 
@@ -636,7 +659,20 @@ class TaskWorker:
                 nursery.cancel_scope.cancel()
         finally:
             self._connected = False
+            self._drained.set()  # nobody waits on a connection that is gone
+            self._abandon_generation(self._generation)
             await trio.aclose_forcefully(stream)
+
+    def _abandon_generation(self, generation: int) -> None:
+        """The connection is gone and the server requeues its runs: cancel ours.
+
+        Their reports could not be accepted any more (the lease is gone), so
+        finishing them would only hold slots that new runs need.
+        """
+        for entry in self._in_flight.values():
+            if entry.generation == generation and not entry.lost:
+                entry.lost = True
+                entry.scope.cancel()
 
     async def _serve_connection(self, ws: trio_websocket.WebSocketConnection) -> None:
         self._generation += 1
@@ -654,7 +690,7 @@ class TaskWorker:
         log.info("worker %s subscribed (connection %s)", self.client_id, reply[0].connection_id)
         self._mark_ready()
         if self._stopping:
-            self._outbox.put(generation, Drain())
+            self._outbox.put(generation, Drain(seq=0))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sender, ws, generation)
             nursery.start_soon(self._pinger, ws)
@@ -690,10 +726,13 @@ class TaskWorker:
                     log.warning(
                         "the server refused a report on run %s: %s", message.id, message.reason
                     )
+                elif isinstance(message, Drained):
+                    self._drained_seq = max(self._drained_seq, message.seq)
+                    self._drained.set()
                 elif isinstance(message, Cancel):
-                    entry = self._in_flight.get(message.id)
-                    if entry is not None:
-                        entry.scope.cancel()
+                    for key, entry in self._in_flight.items():
+                        if key[0] == message.id:
+                            entry.scope.cancel()
 
     async def _sender(self, ws: trio_websocket.WebSocketConnection, generation: int) -> None:
         while True:

@@ -25,6 +25,7 @@ from .._models import (
     CreatedRuns,
     Credit,
     Drain,
+    Drained,
     Finished,
     Rejected,
     Released,
@@ -289,25 +290,37 @@ class _Subscription:
         await self.websocket.accept()
         state.connections += 1
         state.connections_closed = trio.Event()
+        closed: _Closed | None = None
         try:
-            await self._serve()
-        except _Closed as closed:
-            log.info("closing subscription: %s", closed.reason)
-            await self._close(closed.code, closed.reason)
+            try:
+                await self._serve()
+            except* _Closed as group:
+                # Raised by the reader or the shutdown watch, inside a nursery.
+                first = group.exceptions[0]
+                assert isinstance(first, _Closed)
+                closed = first
+            if closed is not None:
+                log.info("closing subscription: %s", closed.reason)
+                await self._close(closed.code, closed.reason)
         finally:
             state.connections -= 1
             if state.connections == 0:
                 state.connections_closed.set()
             if self.sub is not None:
                 state.dispatcher.remove(self.sub)
-                with trio.CancelScope(shield=True):
-                    outcome = await state.store.release_owner(self.sub.id, state.now())
-                state.changed(outcome)
-                log.info(
-                    "worker %s unsubscribed; %d leased runs released",
-                    self.sub.client_id,
-                    len(outcome.changed),
-                )
+                try:
+                    with trio.CancelScope(shield=True):
+                        outcome = await state.store.release_owner(self.sub.id, state.now())
+                except StoreError:
+                    # The server is going down; the next start releases these leases.
+                    log.info("worker %s unsubscribed as the server stops", self.sub.client_id)
+                else:
+                    state.changed(outcome)
+                    log.info(
+                        "worker %s unsubscribed; %d leased runs released",
+                        self.sub.client_id,
+                        len(outcome.changed),
+                    )
 
     async def _close(self, code: int, reason: str) -> None:
         with trio.move_on_after(1):
@@ -403,3 +416,4 @@ class _Subscription:
                     state.dispatcher.grant(sub, message.n)
                 elif isinstance(message, Drain):
                     state.dispatcher.drain(sub)
+                    sub.post(Drained(seq=message.seq))

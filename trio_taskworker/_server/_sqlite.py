@@ -104,18 +104,17 @@ class SQLiteStore(Store):
                     op.done.set()
                 batch = []
         finally:
-            self._receive.close()
             closed = outcome.Error(StoreError("the store is closed"))
+            while True:
+                try:
+                    batch.append(self._receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            # No checkpoint since the drain: nothing can slip in before this close.
+            self._receive.close()
             for op in batch:
                 if op.result is None:
                     op.result = closed
-                op.done.set()
-            while True:
-                try:
-                    op = self._receive.receive_nowait()
-                except (trio.WouldBlock, trio.ClosedResourceError, trio.EndOfChannel):
-                    break
-                op.result = closed
                 op.done.set()
             conn.close()
 

@@ -1,0 +1,276 @@
+"""A real worker against a real server, both in this process, over 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio_websocket
+
+from trio_taskworker import (
+    ProtocolError,
+    StopTaskWorker,
+    TaskRunState,
+    TaskServer,
+    TaskWorker,
+    gather_results,
+    open_client,
+    task,
+)
+
+from .helpers import wait_until
+
+gate = trio.Event()
+active = 0
+peak = 0
+
+
+@task
+async def add(x: int, y: int = 1) -> int:
+    return x + y
+
+
+@task
+def sync_mul(x: int, y: int) -> int:
+    return x * y
+
+
+@task
+async def gated(i: int) -> int:
+    global active, peak
+    active += 1
+    peak = max(peak, active)
+    try:
+        await gate.wait()
+    finally:
+        active -= 1
+    return i
+
+
+@task
+async def big(n: int) -> bytes:
+    return b"z" * n
+
+
+@task
+async def quitter() -> None:
+    raise StopTaskWorker("the task asked to stop")
+
+
+@pytest.fixture(autouse=True)
+def _reset_gate() -> None:
+    global gate, active, peak
+    gate = trio.Event()
+    active = peak = 0
+
+
+async def start_worker(nursery: trio.Nursery, url: str, *tasks: Any, **kwargs: Any) -> TaskWorker:
+    worker = TaskWorker(*tasks, api_url=url, handle_signals=False, **kwargs)
+    await nursery.start(worker.start)
+    return worker
+
+
+async def test_runs_complete_through_the_server(nursery: trio.Nursery, server: TaskServer) -> None:
+    await start_worker(nursery, str(server.url), add, sync_mul)
+    async with open_client(server.url):
+        fut = await add.delay(1, y=2)
+        assert await fut.result(timeout=20) == 3
+        futs = await sync_mul.map([1, 2, 3], [4, 5, 6])
+        assert await gather_results(futs, timeout=20) == [4, 10, 18]
+        run = await fut.wait()
+        assert run.state is TaskRunState.COMPLETED and run.attempt == 1
+
+
+async def test_large_parameters_and_results_go_through_blobs(
+    nursery: trio.Nursery, server: TaskServer
+) -> None:
+    await start_worker(nursery, str(server.url), big, add)
+    async with open_client(server.url):
+        value = await (await big.delay(200_000)).result(timeout=20)
+        assert value == b"z" * 200_000
+        big_number = 10**200_000
+        fut = await add.delay(big_number, 1)
+        run = await fut.wait(timeout=20)
+        assert run.parameters is None and run.parameters_ref is not None
+        assert await fut.result() == big_number + 1
+
+
+async def test_limit_is_never_exceeded(nursery: trio.Nursery, server: TaskServer) -> None:
+    worker = await start_worker(nursery, str(server.url), gated, limit=3)
+    async with open_client(server.url) as client:
+        futs = await gated.map(range(10))
+        await wait_until(lambda: active == 3)
+        # Credits: the server leased exactly as many runs as the worker can start.
+        states = [r.state for r in await client.list_runs()]
+        leased = {TaskRunState.PENDING, TaskRunState.RUNNING}
+        assert sum(s in leased for s in states) == 3
+        assert worker.available_tasks == 0
+        gate.set()
+        assert await gather_results(futs, timeout=20) == list(range(10))
+    assert peak == 3
+
+
+async def test_two_workers_share_runs_and_none_twice(
+    nursery: trio.Nursery, server: TaskServer
+) -> None:
+    w1 = await start_worker(nursery, str(server.url), add, limit=2)
+    w2 = await start_worker(nursery, str(server.url), add, limit=2)
+    async with open_client(server.url) as client:
+        futs = await add.map(range(200))
+        assert await gather_results(futs, timeout=30) == [i + 1 for i in range(200)]
+        runs = await client.wait_runs([f.task_run_id for f in futs])
+        assert all(r.attempt == 1 for r in runs)  # each run was delivered exactly once
+    done = w1.status()["finished"].get(add.key, 0) + w2.status()["finished"].get(add.key, 0)
+    assert done == 200
+
+
+async def test_stop_drains_in_flight_runs(nursery: trio.Nursery, server: TaskServer) -> None:
+    worker = await start_worker(nursery, str(server.url), gated, limit=2)
+    async with open_client(server.url):
+        futs = await gated.map(range(4))
+        await wait_until(lambda: active == 2)
+        async with trio.open_nursery() as inner:
+            inner.start_soon(worker.stop)
+            await wait_until(lambda: worker.stopping)
+            gate.set()
+        assert not worker.started
+        finished = [await f.wait(timeout=0) for f in futs]
+        states = sorted(r.state.value for r in finished)
+        # The two in flight finished; the two never taken stay queued.
+        assert states == ["COMPLETED", "COMPLETED", "SCHEDULED", "SCHEDULED"]
+
+
+async def test_stop_after_grace_hands_runs_back(nursery: trio.Nursery, server: TaskServer) -> None:
+    worker = await start_worker(nursery, str(server.url), gated, limit=1, shutdown_timeout=0)
+    async with open_client(server.url):
+        fut = await gated.delay(1)
+        await wait_until(lambda: active == 1)
+        await worker.stop()
+        run = await fut.wait(timeout=0)
+        assert run.state is TaskRunState.SCHEDULED
+        assert run.redeliveries == 0 and "stop" in (run.message or "")
+        # Another worker picks it up.
+        gate.set()
+        await start_worker(nursery, str(server.url), gated)
+        assert await fut.result(timeout=20) == 1
+
+
+async def test_stop_task_worker_from_a_task(nursery: trio.Nursery, server: TaskServer) -> None:
+    worker = TaskWorker(quitter, api_url=server.url, handle_signals=False)
+    async with open_client(server.url):
+        fut = await quitter.delay()
+        with trio.fail_after(20):
+            await worker.start()  # returns by itself
+        run = await fut.wait(timeout=0)
+        assert run.state is TaskRunState.SCHEDULED
+        assert "StopTaskWorker" in (run.message or "")
+
+
+async def test_worker_reconnects_after_server_restart(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    first = TaskServer(port=0, data_dir=tmp_path)
+    async with trio.open_nursery() as server_nursery:
+        url = await server_nursery.start(first.run)
+        worker = await start_worker(nursery, url, add)
+        await first.stop()
+    await wait_until(lambda: not worker.status()["connected"])
+    port = int(url.rsplit(":", 1)[1])
+    second = TaskServer(port=port, data_dir=tmp_path)
+    await nursery.start(second.run)
+    await wait_until(lambda: worker.status()["connected"])
+    async with open_client(url):
+        assert await (await add.delay(41)).result(timeout=20) == 42
+    await second.stop()
+
+
+async def test_lost_connection_redelivers_running_runs(
+    nursery: trio.Nursery, server: TaskServer
+) -> None:
+    worker = await start_worker(nursery, str(server.url), gated)
+    async with open_client(server.url) as client:
+        fut = await gated.delay(7)
+        await wait_until(lambda: active == 1)
+        # Cut the worker's connection without a goodbye: the server must take
+        # the lease back and redeliver; the worker cancels its orphaned attempt.
+        assert worker._reconnect_scope is not None
+        worker._reconnect_scope.cancel()
+        attempts: list[int] = []
+
+        async def redelivered() -> None:
+            run = await client.read_run(fut.task_run_id)
+            attempts.append(run.attempt)
+
+        with trio.fail_after(20):
+            while not attempts or attempts[-1] < 2:
+                await redelivered()
+        gate.set()
+        assert await fut.result(timeout=20) == 7
+        final = await fut.wait()
+        assert final.attempt == 2 and final.redeliveries == 1
+        assert "connection was lost" in (final.message or "")
+
+
+@pytest.mark.parametrize(
+    ("frames", "reason"),
+    [
+        (["hello"], "invalid subscribe"),
+        ([json.dumps([{"type": "credit", "n": 1}])], "first message must be a lone subscribe"),
+        ([json.dumps([{"type": "subscribe", "keys": [], "client_id": "x", "credits": 1}])],
+         "at least one non-empty task key"),
+        ([json.dumps([{"type": "subscribe", "keys": ["k"], "client_id": "x", "credits": -1}])],
+         "credits must be in"),
+        ([json.dumps([{"type": "subscribe", "keys": ["k"], "client_id": "x", "credits": 1}]),
+          "[{]"], "invalid message"),
+        ([json.dumps([{"type": "subscribe", "keys": ["k"], "client_id": "x", "credits": 1}]),
+          json.dumps([{"type": "credit", "n": -5}])], "credits must stay in"),
+        ([json.dumps([{"type": "subscribe", "keys": ["k"], "client_id": "x", "credits": 1}]),
+          json.dumps([{"type": "subscribe", "keys": ["k"], "client_id": "x", "credits": 1}])],
+         "subscribe may only be sent once"),
+    ],
+)  # fmt: skip
+async def test_bad_websocket_messages_close_with_a_reason(
+    nursery: trio.Nursery, server: TaskServer, frames: list[str], reason: str
+) -> None:
+    host, port = str(server.url).removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    try:
+        async with trio.open_nursery() as inner:
+            ws = await trio_websocket.wrap_client_stream(inner, stream, host, "/subscribe")
+            for frame in frames:
+                await ws.send_message(frame)
+            with trio.fail_after(10), pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                while True:
+                    await ws.get_message()
+            inner.cancel_scope.cancel()
+    finally:
+        await trio.aclose_forcefully(stream)
+    assert closed.value.reason.code == 1008
+    assert reason in (closed.value.reason.reason or "")
+    # The server is fine afterwards.
+    async with open_client(server.url) as client:
+        assert (await client.health())["status"] == "ok"
+
+
+async def test_a_refused_worker_stops_with_an_error(
+    nursery: trio.Nursery, server: TaskServer
+) -> None:
+    worker = TaskWorker(add, api_url=server.url, handle_signals=False)
+    worker.tasks = {"": add}  # an empty key is refused by the server
+    with trio.fail_after(20), pytest.raises(ProtocolError, match="refused this worker: 1008"):
+        await worker.start()
+
+
+async def test_stop_when_server_never_came(nursery: trio.Nursery) -> None:
+    from .conftest import free_port
+
+    worker = TaskWorker(add, api_url=f"http://127.0.0.1:{free_port()}", handle_signals=False)
+    async with trio.open_nursery() as inner:
+        inner.start_soon(worker.start)
+        await wait_until(lambda: worker.started)
+        with trio.fail_after(10):
+            await worker.stop()
+    assert not worker.started
