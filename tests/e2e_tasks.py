@@ -1,0 +1,65 @@
+"""Tasks served by real worker processes in the end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import trio
+
+from trio_taskworker import task
+
+
+class CustomError(Exception):
+    """An exception type of the user's own, to check it comes back as itself."""
+
+
+@task
+async def add(x: int, y: int = 1) -> int:
+    return x + y
+
+
+@task
+def mul(x: int, y: int) -> int:
+    return x * y
+
+
+@task
+async def explode(message: str) -> None:
+    raise CustomError(message)
+
+
+@task(retries=2, retry_delay_seconds=0.2)
+def fail_until(counter: str, failures: int) -> int:
+    """Fail the first ``failures`` calls, then return the number of calls."""
+    path = Path(counter)
+    calls = int(path.read_text()) + 1 if path.exists() else 1
+    path.write_text(str(calls))
+    if calls <= failures:
+        raise ValueError(f"call {calls} fails")
+    return calls
+
+
+@task(timeout_seconds=0.5)
+async def too_slow() -> None:
+    await trio.sleep(60)
+
+
+@task
+async def record(folder: str, name: str, seconds: float) -> str:
+    """Write when this run started and ended, for concurrency checks."""
+    start = time.time()
+    await trio.sleep(seconds)
+    end = time.time()
+    Path(folder, f"{name}.json").write_text(json.dumps([start, end, os.getpid()]))
+    return name
+
+
+@task
+async def wait_for_file(path: str) -> str:
+    """Run until ``path`` exists (the test creates it when it wants the run to end)."""
+    while not os.path.exists(path):  # noqa: ASYNC110 - another process makes the file
+        await trio.sleep(0.01)
+    return Path(path).read_text()
