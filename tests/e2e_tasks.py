@@ -53,13 +53,14 @@ async def record(folder: str, name: str, seconds: float) -> str:
     start = time.time()
     await trio.sleep(seconds)
     end = time.time()
-    Path(folder, f"{name}.json").write_text(json.dumps([start, end, os.getpid()]))
+    await trio.Path(folder, f"{name}.json").write_text(json.dumps([start, end, os.getpid()]))
     return name
 
 
 @task
 async def wait_for_file(path: str) -> str:
     """Run until ``path`` exists (the test creates it when it wants the run to end)."""
-    while not os.path.exists(path):  # noqa: ASYNC110 - another process makes the file
+    gate = trio.Path(path)
+    while not await gate.exists():  # noqa: ASYNC110 - another process makes the file
         await trio.sleep(0.01)
-    return Path(path).read_text()
+    return await gate.read_text()

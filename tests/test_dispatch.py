@@ -127,11 +127,13 @@ async def test_waiters_wake_on_terminal_only() -> None:
             id=run_id, task_key="k", task_name="k", state=state, created_at=now, scheduled_time=now
         )
 
-    with waiters.watch([run_id]) as event:
+    with waiters.watch([run_id]) as watch:
         waiters.notify([snapshot(TaskRunState.RUNNING)])
-        assert not event.is_set()
+        assert not watch.event.is_set() and not watch.ended
         waiters.notify([snapshot(TaskRunState.COMPLETED)])
-        assert event.is_set()
-    with waiters.watch([run_id]) as event:
+        assert watch.event.is_set()
+        assert watch.ended[run_id].state is TaskRunState.COMPLETED
+    assert waiters.watched == 0
+    with waiters.watch([run_id]) as watch:
         waiters.stop()
-        assert event.is_set()
+        assert watch.event.is_set()

@@ -55,7 +55,7 @@ async def test_results_exceptions_and_map(
         futs = await t.add.map([1, 2, 3], [10, 20, 30])
         assert await gather_results(futs, timeout=30) == [11, 22, 33]
         boom = await t.explode.delay("it broke")
-        with pytest.raises(t.CustomError, match="^it broke$"):
+        with pytest.raises(t.CustomError, match=r"^it broke$"):
             await boom.result(timeout=30)
         run = await boom.wait()
         assert run.state is TaskRunState.FAILED
@@ -86,7 +86,7 @@ async def test_timeout(server_proc: Proc, procs: list[Proc], tmp_path: Path) -> 
     worker(server_proc, procs, tmp_path, f"{TASKS_FILE}:too_slow")
     async with open_client(server_proc.url):
         fut = await t.too_slow.delay()
-        with pytest.raises(TaskRunTimedOut, match="timeout of 0.5 s"):
+        with pytest.raises(TaskRunTimedOut, match=r"timeout of 0\.5 s"):
             await fut.result(timeout=30)
 
 
@@ -170,7 +170,7 @@ async def test_sigterm_finishes_in_flight_runs_and_exits_0(
 
 async def wait_until_state(client, run_id, state) -> None:  # type: ignore[no-untyped-def]
     with trio.fail_after(30):
-        while (await client.read_run(run_id)).state is not state:
+        while (await client.read_run(run_id)).state is not state:  # noqa: ASYNC110
             await trio.sleep(0.02)
 
 

@@ -139,6 +139,7 @@ async def test_blobs_round_trip(http: httpx.AsyncClient) -> None:
         ("get", "/runs?limit=0", {}, 422, "limit"),
         ("post", "/runs/wait", {"json": {"ids": ["x"]}}, 422, "ids"),
         ("post", "/runs/wait", {"json": {"ids": [], "timeout": 1000}}, 422, "timeout"),
+        ("post", "/runs/wait", {"json": {"ids": [], "return_when": "SOON"}}, 422, "return_when"),
         ("get", f"/blobs/{uuid.uuid4()}", {}, 404, "no blob"),
         ("get", "/blobs/../etc", {}, 404, ""),
         ("get", "/nowhere", {}, 404, "Not Found"),
@@ -182,7 +183,7 @@ async def test_wait_returns_when_the_server_stops(nursery: trio.Nursery, tmp_pat
 
         async with trio.open_nursery() as inner:
             inner.start_soon(wait)
-            await wait_until(lambda: bool(srv._state and srv._state.waiters._events))
+            await wait_until(lambda: bool(srv._state and srv._state.waiters.watched))
             await srv.stop()
         assert answers[0].status_code == 200
         assert answers[0].json()["state"] == "SCHEDULED"

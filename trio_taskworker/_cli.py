@@ -160,10 +160,12 @@ async def _run_server(args: argparse.Namespace) -> None:
     if args.data_dir is not None:
         kwargs["data_dir"] = args.data_dir
     server = TaskServer(**kwargs)
-    async with trio.open_nursery() as nursery:
-        url = await nursery.start(server.run)
-        print(f"trio_taskworker server ready at {url} (data in {server.data_dir})", flush=True)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # Signals are caught before the ready line, so a supervisor that signals as
+    # soon as it reads the line still gets a clean shutdown.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(server.run)
+            print(f"trio_taskworker server ready at {url} (data in {server.data_dir})", flush=True)
             async for signum in signals:
                 logging.getLogger(__name__).info("signal %s: shutting down", signum)
                 await server.stop()

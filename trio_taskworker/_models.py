@@ -121,10 +121,16 @@ class RunList:
 
 @attrs.frozen(kw_only=True)
 class WaitRequest:
-    """The body of ``POST /runs/wait``: return once any of ``ids`` has ended."""
+    """The body of ``POST /runs/wait``.
+
+    The answer comes once all of ``ids`` have ended (``ALL_ENDED``, the
+    default) or once any has (``FIRST_ENDED``), or after ``timeout`` seconds,
+    and lists the runs among ``ids`` that have ended by then.
+    """
 
     ids: tuple[uuid.UUID, ...]
     timeout: float = 30.0
+    return_when: str = "ALL_ENDED"
 
 
 # --- websocket messages, worker to server -------------------------------------------

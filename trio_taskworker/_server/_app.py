@@ -185,13 +185,15 @@ def build_app(state: AppState) -> Starlette:
     async def wait_run(request: Request) -> Response:
         run_id = _run_id(request)
         timeout = _query_number(request, "timeout", 30.0, 0.0, MAX_WAIT_SECONDS)
-        with state.waiters.watch([run_id]) as ended:
+        with state.waiters.watch([run_id]) as watch:
             runs = await state.store.read_runs([run_id])
             if not runs:
                 return _error(404, f"no run {run_id}")
             if not runs[0].state.is_terminal:
                 with trio.move_on_after(timeout):
-                    await ended.wait()
+                    await watch.event.wait()
+                if run_id in watch.ended:
+                    return _json(watch.ended[run_id])
                 runs = await state.store.read_runs([run_id])
         return _json(runs[0])
 
@@ -200,17 +202,24 @@ def build_app(state: AppState) -> Starlette:
             wait = from_json(await _body(request, state.max_body_bytes), WaitRequest)
         except InvalidPayload as exc:
             return _error(422, f"invalid wait request: {exc}")
+        if wait.return_when not in ("ALL_ENDED", "FIRST_ENDED"):
+            return _error(422, "return_when must be ALL_ENDED or FIRST_ENDED")
         if not 0 <= wait.timeout <= MAX_WAIT_SECONDS:
             return _error(422, f"timeout must be in [0, {MAX_WAIT_SECONDS}]")
         if len(wait.ids) > MAX_RUNS_PER_REQUEST:
             return _error(422, f"at most {MAX_RUNS_PER_REQUEST} ids per request")
-        with state.waiters.watch(wait.ids) as ended:
-            runs = [r for r in await state.store.read_runs(wait.ids) if r.state.is_terminal]
-            if not runs:
-                with trio.move_on_after(wait.timeout):
-                    await ended.wait()
-                runs = [r for r in await state.store.read_runs(wait.ids) if r.state.is_terminal]
-        return _json(RunList(runs=tuple(runs)))
+        wanted = set(wait.ids)
+        with state.waiters.watch(wanted) as watch:
+            ended = {r.id: r for r in await state.store.read_runs(wait.ids) if r.state.is_terminal}
+            with trio.move_on_after(wait.timeout):
+                while not _satisfied(wait.return_when, len(ended), len(wanted)):
+                    await watch.event.wait()
+                    watch.event = trio.Event()
+                    ended.update(watch.ended)
+                    if state.stopping.is_set():
+                        break
+            ended.update(watch.ended)
+        return _json(RunList(runs=tuple(ended.values())))
 
     async def put_blob(request: Request) -> Response:
         data = await _body(request, state.max_body_bytes)
@@ -251,6 +260,12 @@ def build_app(state: AppState) -> Starlette:
         WebSocketRoute("/subscribe", subscribe),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+def _satisfied(return_when: str, ended: int, wanted: int) -> bool:
+    if return_when == "FIRST_ENDED":
+        return ended > 0
+    return ended >= wanted
 
 
 def _check_create(create: Any) -> str | None:

@@ -20,7 +20,7 @@ import trio
 from .._models import Deliver, ServerMessage, TaskRun
 from ._store import Store
 
-__all__ = ["Dispatcher", "Subscriber", "Waiters"]
+__all__ = ["Dispatcher", "Subscriber", "Waiters", "Watch"]
 
 log = logging.getLogger(__name__)
 
@@ -135,41 +135,59 @@ class Dispatcher:
 
 
 @attrs.define(eq=False)
-class Waiters:
-    """Wakes the requests that wait for runs to end."""
+class Watch:
+    """What one waiting request has seen: the runs that ended, and an event."""
 
-    _events: dict[uuid.UUID, set[trio.Event]] = attrs.field(init=False, factory=dict)
+    event: trio.Event = attrs.field(factory=trio.Event)
+    ended: dict[uuid.UUID, TaskRun] = attrs.field(factory=dict)
+
+
+@attrs.define(eq=False)
+class Waiters:
+    """Wakes the requests that wait for runs to end.
+
+    A notification carries the ended run's snapshot, so a waiting request
+    learns what it waits for without reading the store again.
+    """
+
+    _watches: dict[uuid.UUID, set[Watch]] = attrs.field(init=False, factory=dict)
     _stopping: bool = attrs.field(init=False, default=False)
 
     @contextlib.contextmanager
-    def watch(self, ids: Iterable[uuid.UUID]) -> Iterator[trio.Event]:
-        """An event set when any of ``ids`` ends (or the server stops)."""
-        event = trio.Event()
+    def watch(self, ids: Iterable[uuid.UUID]) -> Iterator[Watch]:
+        """A :class:`Watch` over ``ids``; its event is set as any of them ends."""
+        watch = Watch()
         if self._stopping:
-            event.set()
+            watch.event.set()
         watched = list(dict.fromkeys(ids))
         for run_id in watched:
-            self._events.setdefault(run_id, set()).add(event)
+            self._watches.setdefault(run_id, set()).add(watch)
         try:
-            yield event
+            yield watch
         finally:
             for run_id in watched:
-                events = self._events.get(run_id)
-                if events is not None:
-                    events.discard(event)
-                    if not events:
-                        del self._events[run_id]
+                watches = self._watches.get(run_id)
+                if watches is not None:
+                    watches.discard(watch)
+                    if not watches:
+                        del self._watches[run_id]
+
+    @property
+    def watched(self) -> int:
+        """How many run ids some request is waiting on."""
+        return len(self._watches)
 
     def notify(self, runs: Iterable[TaskRun]) -> None:
-        """Wake whoever waits on the runs among these that have ended."""
+        """Hand the runs among these that have ended to whoever waits on them."""
         for run in runs:
             if run.state.is_terminal:
-                for event in self._events.get(run.id, ()):
-                    event.set()
+                for watch in self._watches.get(run.id, ()):
+                    watch.ended[run.id] = run
+                    watch.event.set()
 
     def stop(self) -> None:
         """Release every waiter (the server is shutting down)."""
         self._stopping = True
-        for events in self._events.values():
-            for event in events:
-                event.set()
+        for watches in self._watches.values():
+            for watch in watches:
+                watch.event.set()

@@ -191,7 +191,7 @@ def openapi_document() -> dict[str, Any]:
         },
         "/runs/wait": {
             "post": {
-                "summary": "Wait until any of the given runs has ended; return those that have",
+                "summary": "Wait until all (or the first) of the given runs have ended",
                 "operationId": "waitRuns",
                 "requestBody": {"required": True, "content": _json("WaitRequest")},
                 "responses": {

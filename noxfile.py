@@ -1,0 +1,55 @@
+"""Developer sessions. `python -m nox -s tests` is the README's test command."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
+nox.options.default_venv_backend = "venv"
+
+LINT = ["ruff>=0.6"]
+TYPES = ["mypy>=1.11"]
+DOCS = ["sphinx>=7.2"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole test suite: unit, in-process integration and end-to-end."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install(*LINT)
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package."""
+    session.install("-e", ".", *TYPES)
+    session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the Sphinx docs, warnings as errors."""
+    session.install("-e", ".", *DOCS)
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The quickstart: a server, a worker, a few runs and their results."""
+    session.install(".")
+    session.run("python", "examples/demo.py")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Throughput and latency on this machine, printed as JSON (see docs/performance)."""
+    session.install(".")
+    session.run("python", "benchmarks/bench.py", *session.posargs)
