@@ -53,9 +53,10 @@ class SQLiteStore(Store):
     """A :class:`Store` in one SQLite file (``":memory:"`` for tests).
 
     Start it with ``await nursery.start(store.run)``; it is ready (schema
-    created) when that returns. ``threaded=False`` runs the SQL on the trio
-    thread instead of a worker thread, which keeps tests that use trio's
-    autojump clock deterministic.
+    created) when that returns. ``threaded=True`` runs each batch in a worker
+    thread, so the event loop never waits on SQLite; ``threaded=False`` runs
+    it on the trio thread, which avoids a thread hop per batch and keeps tests
+    on trio's autojump clock deterministic.
     """
 
     path: str | Path
