@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import pickle
 import signal
 import subprocess
 import sys
@@ -190,6 +191,31 @@ async def test_restarted_server_keeps_and_runs_its_queue(
     worker(second, procs, tmp_path, f"{TASKS_FILE}:add")
     async with open_client(second.url):
         assert await gather_results(futs, timeout=60) == [i + 1 for i in range(20)]
+
+
+async def test_future_is_portable_and_result_times_out(
+    server_proc: Proc, procs: list[Proc], tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    async with open_client(server_proc.url):
+        fut = await t.wait_for_file.delay(str(gate))
+        # No worker yet: a result with a timeout gives up with TimeoutError.
+        with pytest.raises(TimeoutError):
+            await fut.result(timeout=0.3)
+    pickled = pickle.dumps(fut)
+    worker(server_proc, procs, tmp_path, f"{TASKS_FILE}:wait_for_file")
+    gate.write_text("from another process")
+    # Another process, with no trio of its own, waits on the same run.
+    code = (
+        "import pickle, sys; fut = pickle.loads(sys.stdin.buffer.read());"
+        " print(fut.result_sync(timeout=30))"
+    )
+    result = await trio.run_process(
+        [sys.executable, "-c", code], stdin=pickled, capture_stdout=True,
+        cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert result.stdout.decode().strip() == "from another process"
+    assert await fut.result(timeout=30) == "from another process"
 
 
 @pytest.mark.parametrize(

@@ -169,6 +169,16 @@ async def test_stop_task_worker_from_a_task(nursery: trio.Nursery, server: TaskS
         assert "StopTaskWorker" in (run.message or "")
 
 
+async def test_serve_returns_normally_on_stop_task_worker(server: TaskServer) -> None:
+    from trio_taskworker import serve
+
+    async with open_client(server.url):
+        fut = await quitter.delay()
+        with trio.fail_after(20):
+            await serve(quitter, limit=1, status_server_port=0, api_url=server.url)
+        assert (await fut.wait(timeout=0)).state is TaskRunState.SCHEDULED
+
+
 async def test_worker_reconnects_after_server_restart(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
