@@ -214,3 +214,41 @@ async def test_file_store_survives_reopening(tmp_path: Path) -> None:
         listed = await store.list_runs(None, None, 10, 0)
         assert [r.id for r in listed] == [*ids, *ids2]  # the sequence carries on
         nursery.cancel_scope.cancel()
+
+
+async def test_cancel_queued_running_and_ended(memory_store: SQLiteStore) -> None:
+    from trio_taskworker._states import IllegalTransition
+
+    queued, leased, running = await memory_store.create_runs([create(), create(), create()], 1.0)
+    run, owner = await memory_store.cancel_run(queued, 2.0)
+    assert (run.state, owner) == (S.CANCELLED, None)
+    claimed = await memory_store.claim_runs(["m:f"], 2, "c1", 2.0)
+    assert {r.id for r in claimed} == {leased, running}
+    run, owner = await memory_store.cancel_run(leased, 3.0)
+    assert (run.state, owner) == (S.CANCELLED, "c1")  # never starts
+    (r,) = [c for c in claimed if c.id == running]
+    await memory_store.apply_reports("c1", [Started(id=running, attempt=r.attempt)], 3.0)
+    run, owner = await memory_store.cancel_run(running, 4.0)
+    assert (run.state, owner) == (S.CANCELLING, "c1")
+    # The worker reports it finished anyway (a sync task that returned): still CANCELLED.
+    await memory_store.apply_reports(
+        "c1", [Finished(id=running, attempt=r.attempt, state=S.COMPLETED, result=b"x")], 5.0
+    )
+    (run,) = await memory_store.read_runs([running])
+    assert run.state is S.CANCELLED and run.result is None
+    refused = await memory_store.apply_reports("c1", [Started(id=leased, attempt=1)], 5.0)
+    assert refused.rejected
+    with pytest.raises(IllegalTransition):
+        await memory_store.cancel_run(running, 6.0)
+    with pytest.raises(StoreError):
+        await memory_store.cancel_run(uuid.uuid4(), 6.0)
+
+
+async def test_cancelling_run_whose_worker_vanishes_is_cancelled(
+    memory_store: SQLiteStore,
+) -> None:
+    run_id, attempt = await _leased(memory_store)
+    await memory_store.apply_reports("c1", [Started(id=run_id, attempt=attempt)], 2.0)
+    await memory_store.cancel_run(run_id, 3.0)
+    outcome = await memory_store.release_owner("c1", 4.0)
+    assert outcome.changed[0].state is S.CANCELLED

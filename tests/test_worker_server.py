@@ -55,6 +55,34 @@ async def big(n: int) -> bytes:
     return b"z" * n
 
 
+cleanups: list[str] = []
+
+
+@task
+async def cancellable(i: int) -> int:
+    global active
+    active += 1
+    try:
+        await trio.sleep_forever()
+    finally:
+        active -= 1
+        cleanups.append(f"finally {i}")
+    return i
+
+
+@task
+def sync_cancellable() -> str:
+    global active
+    active += 1
+    try:
+        while True:
+            trio.from_thread.check_cancelled()
+            trio.from_thread.run(trio.sleep, 0.01)
+    finally:
+        active -= 1
+        cleanups.append("sync finally")
+
+
 @task
 async def quitter() -> None:
     raise StopTaskWorker("the task asked to stop")
@@ -63,6 +91,7 @@ async def quitter() -> None:
 @pytest.fixture(autouse=True)
 def _reset_gate() -> None:
     global gate, active, peak
+    cleanups.clear()
     gate = trio.Event()
     active = peak = 0
 
@@ -177,6 +206,43 @@ async def test_serve_returns_normally_on_stop_task_worker(server: TaskServer) ->
         with trio.fail_after(20):
             await serve(quitter, limit=1, status_server_port=0, api_url=server.url)
         assert (await fut.wait(timeout=0)).state is TaskRunState.SCHEDULED
+
+
+async def test_cancel_queued_and_running_runs(nursery: trio.Nursery, server: TaskServer) -> None:
+    from trio_taskworker import TaskRunCancelled
+
+    cleanups.clear()
+    await start_worker(nursery, str(server.url), cancellable, limit=1)
+    async with open_client(server.url):
+        running = await cancellable.delay(1)
+        queued = await cancellable.delay(2)  # the limit keeps it in the queue
+        await wait_until(lambda: active == 1)
+        assert (await queued.cancel()).state is TaskRunState.CANCELLED
+        snapshot = await running.cancel()
+        assert snapshot.state in (TaskRunState.CANCELLING, TaskRunState.CANCELLED)
+        with trio.fail_after(10):
+            run = await running.wait()
+        assert run.state is TaskRunState.CANCELLED
+        assert cleanups == ["finally 1"]  # the queued one never started
+        with pytest.raises(TaskRunCancelled):
+            await running.result()
+        with pytest.raises(TaskRunCancelled):
+            await queued.result()
+        # Cancelling an ended run changes nothing.
+        assert (await running.cancel()).state is TaskRunState.CANCELLED
+
+
+async def test_cancel_sync_run_at_check_cancelled(
+    nursery: trio.Nursery, server: TaskServer
+) -> None:
+    cleanups.clear()
+    await start_worker(nursery, str(server.url), sync_cancellable)
+    async with open_client(server.url):
+        fut = await sync_cancellable.delay()
+        await wait_until(lambda: active == 1)
+        await fut.cancel()
+        assert (await fut.wait(timeout=20)).state is TaskRunState.CANCELLED
+        assert cleanups == ["sync finally"]
 
 
 async def test_worker_reconnects_after_server_restart(

@@ -6,6 +6,7 @@
     trio-taskworker task serve ENTRYPOINT... [--module MOD] [--limit N]
                                              [--status-server-port P]
                                              [--shutdown-timeout S]
+    trio-taskworker run cancel RUN_ID
 
 An ENTRYPOINT is ``pkg.mod:fn`` or ``path/to/mod.py:fn``. Errors print one
 line to stderr and exit 1; a usage error exits 2.
@@ -150,7 +151,28 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--status-server-port", type=_port, default=None)
     serve.add_argument("--shutdown-timeout", type=_seconds, default=30.0)
     serve.add_argument("--api-url", default=None, help="default $TRIO_TASKWORKER_API_URL")
+
+    run = groups.add_parser("run", help="act on runs").add_subparsers(
+        dest="command", required=True
+    )
+    cancel = run.add_parser("cancel", help="cancel a run")
+    cancel.add_argument("run_id", metavar="RUN_ID")
+    cancel.add_argument("--api-url", default=None, help="default $TRIO_TASKWORKER_API_URL")
     return parser
+
+
+def _cancel_run(args: argparse.Namespace) -> None:
+    import uuid
+
+    from ._client import SyncClient, api_url_from_env
+
+    try:
+        run_id = uuid.UUID(args.run_id)
+    except ValueError:
+        raise CLIError(f"{args.run_id!r} is not a run id (a UUID)") from None
+    with SyncClient(args.api_url or api_url_from_env()) as client:
+        run = client.cancel_run(run_id)
+    print(f"run {run.id} is {run.state}")
 
 
 async def _run_server(args: argparse.Namespace) -> None:
@@ -200,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.group == "server":
             trio.run(_run_server, args)
+        elif args.group == "run":
+            _cancel_run(args)
         else:
             _serve_tasks(args)
     except (CLIError, TaskWorkerError) as exc:

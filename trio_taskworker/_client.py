@@ -179,6 +179,15 @@ def _op_wait_runs(ids: Sequence[uuid.UUID], timeout: float | None) -> Operation[
     return [done[i] for i in ids]
 
 
+def _op_cancel(run_id: uuid.UUID) -> Operation[TaskRun]:
+    response = yield _Call(method="POST", path=f"/runs/{run_id}/cancel")
+    if response.status_code == 409:
+        # It ended first: there is nothing to cancel, so say how it ended.
+        return (yield from _op_read_run(run_id))
+    _raise_for_status(response)
+    return from_json(response.content, TaskRun)
+
+
 def _op_result(run: TaskRun) -> Operation[Any]:
     """Turn an ended run into its value, or raise what it stands for."""
     if run.state is TaskRunState.COMPLETED:
@@ -294,6 +303,10 @@ class TaskWorkerClient:
         """Wait for all of ``ids`` to end; raise ``TimeoutError`` after ``timeout``."""
         return await self._drive(_op_wait_runs(ids, timeout))
 
+    async def cancel_run(self, run_id: uuid.UUID) -> TaskRun:
+        """Cancel a run (see :meth:`TaskRunFuture.cancel`)."""
+        return await self._drive(_op_cancel(run_id))
+
     async def load_result(self, run: TaskRun) -> Any:
         """Return an ended run's value, or raise its exception (as TaskRunFuture.result does)."""
         return await self._drive(_op_result(run))
@@ -399,6 +412,10 @@ class SyncClient:
     def wait_run(self, run_id: uuid.UUID, timeout: float | None = None) -> TaskRun:
         """See :meth:`TaskWorkerClient.wait_run`."""
         return self._drive(_op_wait_run(run_id, timeout))
+
+    def cancel_run(self, run_id: uuid.UUID) -> TaskRun:
+        """See :meth:`TaskWorkerClient.cancel_run`."""
+        return self._drive(_op_cancel(run_id))
 
     def load_result(self, run: TaskRun) -> Any:
         """See :meth:`TaskWorkerClient.load_result`."""

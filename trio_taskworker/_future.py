@@ -54,6 +54,29 @@ class TaskRunFuture(Generic[R]):
             value: R = await client.load_result(run)
             return value
 
+    async def cancel(self) -> TaskRun:
+        """Cancel the run and return its snapshot.
+
+        A queued run (SCHEDULED, or PENDING: leased but not started) becomes
+        CANCELLED at once and never starts. A RUNNING one becomes CANCELLING;
+        its worker cancels the run's scope and reports CANCELLED (an async task
+        gets ``trio.Cancelled`` and its ``finally:`` blocks run; a sync task ends
+        at its next ``trio.from_thread.check_cancelled()``, or when it returns,
+        and its result is thrown away). A run that has already ended is returned
+        as it is. Afterwards :meth:`result` raises :class:`TaskRunCancelled`.
+        """
+        from ._client import current_client
+
+        async with current_client(self.api_url) as client:
+            return await client.cancel_run(self.task_run_id)
+
+    def cancel_sync(self) -> TaskRun:
+        """:meth:`cancel` for plain synchronous code."""
+        from ._client import _sync_client
+
+        with _sync_client(self.api_url) as client:
+            return client.cancel_run(self.task_run_id)
+
     def wait_sync(self, timeout: float | None = None) -> TaskRun:
         """:meth:`wait` for plain synchronous code (no trio needed)."""
         from ._client import _sync_client

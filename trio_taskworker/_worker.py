@@ -130,6 +130,7 @@ class _InFlight:
     timeout_deadline: float = math.inf
     shutdown_deadline: float = math.inf
     lost: bool = False
+    cancel_requested: bool = False
 
     def set_shutdown_deadline(self, deadline: float) -> None:
         self.shutdown_deadline = min(self.shutdown_deadline, deadline)
@@ -242,6 +243,7 @@ class TaskWorker:
             tuple[int, TaskRun]
         ](self._window)
         self._fatal: BaseException | None = None
+        self._cancelled_before_start: set[uuid.UUID] = set()
         self._drain_seq = 0
         self._drained_seq = -1
         self._drained = trio.Event()
@@ -416,6 +418,11 @@ class TaskWorker:
                 async for generation, run in self._deliveries_receive:
                     if generation != self._generation:
                         continue  # its connection is gone, so the server requeued it
+                    if run.id in self._cancelled_before_start:
+                        # The server already marked it CANCELLED; give the credit back.
+                        self._cancelled_before_start.discard(run.id)
+                        self._outbox.put(generation, Credit(n=1))
+                        continue
                     await self._limiter.acquire_on_behalf_of((run.id, run.attempt))
                     if self._stopping:
                         self._limiter.release_on_behalf_of((run.id, run.attempt))
@@ -507,6 +514,9 @@ class TaskWorker:
             return self._failed(run, exc)
         if entry.scope.cancel_called:
             # Also when a sync task returned after the cancel: its value is dropped.
+            if entry.cancel_requested:
+                log.info("run %s cancelled by the caller", run.id)
+                return Finished(id=run.id, attempt=run.attempt, state=TaskRunState.CANCELLED)
             if entry.lost:
                 log.info("run %s cancelled: its connection was lost", run.id)
                 return Released(id=run.id, attempt=run.attempt, reason="connection lost")
@@ -663,6 +673,18 @@ class TaskWorker:
             self._abandon_generation(self._generation)
             await trio.aclose_forcefully(stream)
 
+    def _cancel(self, run_id: uuid.UUID) -> None:
+        """The caller cancelled this run: cancel it here, or never start it."""
+        found = False
+        for key, entry in self._in_flight.items():
+            if key[0] == run_id:
+                found = True
+                entry.cancel_requested = True
+                entry.scope.cancel()
+        if not found:
+            # Still waiting in the delivery channel; the spawner will skip it.
+            self._cancelled_before_start.add(run_id)
+
     def _abandon_generation(self, generation: int) -> None:
         """The connection is gone and the server requeues its runs: cancel ours.
 
@@ -677,6 +699,7 @@ class TaskWorker:
     async def _serve_connection(self, ws: trio_websocket.WebSocketConnection) -> None:
         self._generation += 1
         generation = self._generation
+        self._cancelled_before_start.clear()
         credits = 0 if self._stopping else max(0, self._window - len(self._in_flight))
         hello = Subscribe(
             keys=tuple(sorted(self.tasks)), client_id=self.client_id, credits=credits
@@ -730,9 +753,7 @@ class TaskWorker:
                     self._drained_seq = max(self._drained_seq, message.seq)
                     self._drained.set()
                 elif isinstance(message, Cancel):
-                    for key, entry in self._in_flight.items():
-                        if key[0] == message.id:
-                            entry.scope.cancel()
+                    self._cancel(message.id)
 
     async def _sender(self, ws: trio_websocket.WebSocketConnection, generation: int) -> None:
         while True:

@@ -22,6 +22,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from .._models import (
+    Cancel,
     CreatedRuns,
     Credit,
     Drain,
@@ -43,7 +44,7 @@ from .._serialization import (
     from_json,
     to_json,
 )
-from .._states import TaskRunState
+from .._states import IllegalTransition, TaskRunState
 from .._version import __version__
 from ._dispatch import MAX_CREDITS, Dispatcher, Subscriber, Waiters
 from ._openapi import openapi_document
@@ -221,6 +222,20 @@ def build_app(state: AppState) -> Starlette:
             ended.update(watch.ended)
         return _json(RunList(runs=tuple(ended.values())))
 
+    async def cancel_run(request: Request) -> Response:
+        run_id = _run_id(request)
+        try:
+            run, owner = await state.store.cancel_run(run_id, state.now())
+        except StoreError:
+            return _error(404, f"no run {run_id}")
+        except IllegalTransition as exc:
+            return _error(409, f"run {run_id} cannot be cancelled: {exc}")
+        state.changed(Outcome(changed=(run,)))
+        sub = None if owner is None else state.dispatcher.subscriber(owner)
+        if sub is not None:
+            sub.post(Cancel(id=run_id))
+        return _json(run)
+
     async def put_blob(request: Request) -> Response:
         data = await _body(request, state.max_body_bytes)
         ref = await state.store.put_blob(data, state.now())
@@ -254,6 +269,7 @@ def build_app(state: AppState) -> Starlette:
         Route("/runs/wait", wait_runs, methods=["POST"]),
         Route("/runs/{run_id}", read_run, methods=["GET"]),
         Route("/runs/{run_id}/wait", wait_run, methods=["GET"]),
+        Route("/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
         Route("/blobs", put_blob, methods=["POST"]),
         Route("/blobs/{blob_id}", get_blob, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),

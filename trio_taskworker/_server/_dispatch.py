@@ -96,6 +96,10 @@ class Dispatcher:
         sub.draining = True
         sub.credits = 0
 
+    def subscriber(self, connection_id: str) -> Subscriber | None:
+        """The live connection with this id, if any."""
+        return self._subscribers.get(connection_id)
+
     @property
     def subscribers(self) -> list[Subscriber]:
         return list(self._subscribers.values())

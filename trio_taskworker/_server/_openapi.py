@@ -227,6 +227,22 @@ def openapi_document() -> dict[str, Any]:
                 },
             }
         },
+        "/runs/{run_id}/cancel": {
+            "post": {
+                "summary": "Cancel a run: a queued one at once, a running one via its worker",
+                "operationId": "cancelRun",
+                "parameters": [_run_id()],
+                "responses": {
+                    "200": {
+                        "description": "The run, now CANCELLED or CANCELLING",
+                        "content": _json("TaskRun"),
+                    },
+                    "404": _error("No such run."),
+                    "409": _error("The run has already ended."),
+                    "422": bad,
+                },
+            }
+        },
         "/blobs": {
             "post": {
                 "summary": "Store a payload blob (pickled parameters or result)",

@@ -197,3 +197,6 @@ class SQLiteStore(Store):
 
     async def counts(self) -> dict[str, int]:
         return await self._call(self._sql.counts)
+
+    async def cancel_run(self, run_id: uuid.UUID, now: float) -> tuple[TaskRun, str | None]:
+        return await self._call(lambda cur: self._sql.cancel_run(cur, run_id, now))

@@ -97,6 +97,14 @@ class Store(abc.ABC):
     async def counts(self) -> dict[str, int]:
         """The number of runs in each state."""
 
+    @abc.abstractmethod
+    async def cancel_run(self, run_id: uuid.UUID, now: float) -> tuple[TaskRun, str | None]:
+        """Cancel a run; return it and the connection that holds its lease, if any.
+
+        Raises :class:`StoreError` for an unknown run and :class:`IllegalTransition`
+        for one that has already ended.
+        """
+
 
 class Cursor(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Any: ...
@@ -402,6 +410,11 @@ class SQLRuns:
         state = TaskRunState(row[3])
         if isinstance(report, Started):
             return self._write(cur, row, {"state": "RUNNING", "started_at": now})
+        if isinstance(report, Released) and state is TaskRunState.CANCELLING:
+            # Handed back while the caller cancels it: the cancel wins.
+            return self._write(
+                cur, row, {"state": "CANCELLED", "finished_at": now, "lease_owner": None}
+            )
         if isinstance(report, Released):
             return self._write(
                 cur,
@@ -444,7 +457,9 @@ class SQLRuns:
             },
         )
 
-    def _release_rows(self, cur: Cursor, rows: Iterable[Sequence[Any]], reason: str) -> Outcome:
+    def _release_rows(
+        self, cur: Cursor, rows: Iterable[Sequence[Any]], reason: str, now: float
+    ) -> Outcome:
         changed = []
         for raw in rows:
             row = list(raw)
@@ -453,7 +468,12 @@ class SQLRuns:
                 # It never started: back to the queue, not counted as a redelivery.
                 changes: dict[str, Any] = {"state": "SCHEDULED", "lease_owner": None}
             elif state is TaskRunState.CANCELLING:
-                changes = {"state": "CANCELLED", "lease_owner": None, "message": reason}
+                changes = {
+                    "state": "CANCELLED",
+                    "finished_at": now,
+                    "lease_owner": None,
+                    "message": reason,
+                }
             else:
                 limit = self.default_max_redeliveries if row[13] is None else row[13]
                 if row[14] < limit:
@@ -475,11 +495,32 @@ class SQLRuns:
 
     def release_owner(self, cur: Cursor, owner: str, now: float) -> Outcome:
         cur.execute(self.q(f"SELECT {_COLUMNS} FROM task_runs WHERE lease_owner = ?"), (owner,))
-        return self._release_rows(cur, cur.fetchall(), "the worker's connection was lost")
+        return self._release_rows(cur, cur.fetchall(), "the worker's connection was lost", now)
 
     def release_all(self, cur: Cursor, now: float) -> Outcome:
         cur.execute(f"SELECT {_COLUMNS} FROM task_runs WHERE lease_owner IS NOT NULL")
-        return self._release_rows(cur, cur.fetchall(), "the server restarted")
+        return self._release_rows(cur, cur.fetchall(), "the server restarted", now)
+
+    def cancel_run(self, cur: Cursor, run_id: uuid.UUID, now: float) -> tuple[TaskRun, str | None]:
+        rows = self._read_rows(cur, [str(run_id)])
+        row = rows.get(str(run_id))
+        if row is None:
+            raise StoreError(f"no run {run_id}")
+        state = TaskRunState(row[3])
+        owner = row[22]
+        message = "cancelled by the caller"
+        if state is TaskRunState.CANCELLING:
+            return _row_to_run(row), owner
+        if state is TaskRunState.RUNNING:
+            # The lease holder is told; it reports CANCELLED (or the lease is lost).
+            return self._write(cur, row, {"state": "CANCELLING", "message": message}), owner
+        changes = {
+            "state": "CANCELLED",
+            "finished_at": now,
+            "lease_owner": None,
+            "message": message,
+        }
+        return self._write(cur, row, changes), owner
 
     # --- blobs --------------------------------------------------------------------
 
