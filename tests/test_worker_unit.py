@@ -235,3 +235,13 @@ async def test_started_report_precedes_finished_in_leased_runs() -> None:
     await worker._run_leased(run, worker._generation)
     kinds = [type(m) for m in reports(worker)]
     assert kinds[:2] == [Started, Finished]
+
+
+async def test_heartbeats_every_third_of_the_lease(autojump_clock: trio.testing.MockClock) -> None:
+    from trio_taskworker._models import Heartbeat
+
+    worker = TaskWorker(add)
+    with trio.move_on_after(35):
+        await worker._heartbeat(worker._generation, 30 / 3)
+    beats = [m for m in reports(worker) if isinstance(m, Heartbeat)]
+    assert len(beats) == 3

@@ -122,6 +122,13 @@ def _seconds(value: str) -> float:
     return number
 
 
+def _positive_seconds(value: str) -> float:
+    number = _seconds(value)
+    if number == 0:
+        raise argparse.ArgumentTypeError("seconds must be greater than 0")
+    return number
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trio-taskworker", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -134,6 +141,12 @@ def _parser() -> argparse.ArgumentParser:
     start = server.add_parser("start", help="start the server and serve until SIGINT/SIGTERM")
     start.add_argument("--host", default="127.0.0.1")
     start.add_argument("--port", type=_port, default=4200, help="0 picks a free port")
+    start.add_argument(
+        "--lease-seconds",
+        type=_positive_seconds,
+        default=30.0,
+        help="how long a silent worker keeps its leases (default 30)",
+    )
     start.add_argument(
         "--data-dir",
         type=Path,
@@ -178,7 +191,11 @@ def _cancel_run(args: argparse.Namespace) -> None:
 async def _run_server(args: argparse.Namespace) -> None:
     from ._server import TaskServer
 
-    kwargs: dict[str, Any] = {"host": args.host, "port": args.port}
+    kwargs: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "lease_seconds": args.lease_seconds,
+    }
     if args.data_dir is not None:
         kwargs["data_dir"] = args.data_dir
     server = TaskServer(**kwargs)

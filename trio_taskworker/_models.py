@@ -25,6 +25,7 @@ __all__ = [
     "Drained",
     "ErrorInfo",
     "Finished",
+    "Heartbeat",
     "Rejected",
     "Released",
     "RunList",
@@ -182,6 +183,11 @@ class Released:
 
 
 @attrs.frozen(kw_only=True)
+class Heartbeat:
+    """The worker is alive; sent every third of the lease when nothing else is."""
+
+
+@attrs.frozen(kw_only=True)
 class Drain:
     """The worker is stopping: send it no more runs (its reports still count).
 
@@ -197,9 +203,14 @@ class Drain:
 
 @attrs.frozen(kw_only=True)
 class Subscribed:
-    """The server accepted the subscription."""
+    """The server accepted the subscription.
+
+    Leases on this connection last ``lease_seconds`` past the last message the
+    worker sent; a worker must send something (a heartbeat at least) more often.
+    """
 
     connection_id: str
+    lease_seconds: float = 30.0
 
 
 @attrs.frozen(kw_only=True)
@@ -231,5 +242,5 @@ class Cancel:
     id: uuid.UUID
 
 
-WorkerMessage = Subscribe | Credit | Started | Finished | Released | Drain
+WorkerMessage = Subscribe | Credit | Started | Finished | Released | Drain | Heartbeat
 ServerMessage = Subscribed | Deliver | Rejected | Cancel | Drained

@@ -27,6 +27,7 @@ from ._models import (
     Drain,
     Drained,
     Finished,
+    Heartbeat,
     Rejected,
     Released,
     ServerMessage,
@@ -120,6 +121,7 @@ _WORKER_TAGS = {
     Finished: "finished",
     Released: "released",
     Drain: "drain",
+    Heartbeat: "heartbeat",
 }
 _SERVER_TAGS = {
     Subscribed: "subscribed",

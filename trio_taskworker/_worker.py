@@ -52,6 +52,7 @@ from ._models import (
     Drained,
     ErrorInfo,
     Finished,
+    Heartbeat,
     Rejected,
     Released,
     Started,
@@ -710,6 +711,7 @@ class TaskWorker:
         if not reply or not isinstance(reply[0], Subscribed):
             raise ProtocolError(f"expected a subscribed message, got {reply!r}")
         self._connected = True
+        lease_seconds = reply[0].lease_seconds
         log.info("worker %s subscribed (connection %s)", self.client_id, reply[0].connection_id)
         self._mark_ready()
         if self._stopping:
@@ -717,6 +719,7 @@ class TaskWorker:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sender, ws, generation)
             nursery.start_soon(self._pinger, ws)
+            nursery.start_soon(self._heartbeat, generation, lease_seconds / 3)
             await self._reader(ws)
             nursery.cancel_scope.cancel()
 
@@ -762,6 +765,12 @@ class TaskWorker:
             if messages:
                 await ws.send_message(encode_frame(messages))
             self._outbox.sent()
+
+    async def _heartbeat(self, generation: int, interval: float) -> None:
+        """Keep the leases alive: the server drops a connection silent for a lease."""
+        while True:
+            await trio.sleep(interval)
+            self._outbox.put(generation, Heartbeat())
 
     async def _pinger(self, ws: trio_websocket.WebSocketConnection) -> None:
         while True:

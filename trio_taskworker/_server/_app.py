@@ -28,6 +28,7 @@ from .._models import (
     Drain,
     Drained,
     Finished,
+    Heartbeat,
     Rejected,
     Released,
     RunList,
@@ -57,6 +58,8 @@ log = logging.getLogger("trio_taskworker.server")
 #: Close codes the server uses on the subscription websocket.
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
+#: The worker sent nothing for a whole lease: its leases are released.
+CLOSE_LEASE_EXPIRED = 3008
 #: How long a new connection has to send its ``subscribe`` message.
 SUBSCRIBE_TIMEOUT = 10.0
 MAX_RUNS_PER_REQUEST = 10_000
@@ -72,6 +75,7 @@ class AppState:
     waiters: Waiters
     now: Callable[[], float]
     max_body_bytes: int = 64 * 1024 * 1024
+    lease_seconds: float = 30.0
     stopping: trio.Event = attrs.field(factory=trio.Event)
     connections: int = 0
     connections_closed: trio.Event = attrs.field(factory=trio.Event)
@@ -396,7 +400,9 @@ class _Subscription:
             ", ".join(hello.keys),
             hello.credits,
         )
-        await self._send([Subscribed(connection_id=self.sub.id)])
+        await self._send(
+            [Subscribed(connection_id=self.sub.id, lease_seconds=state.lease_seconds)]
+        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sender, self.sub)
             nursery.start_soon(self._watch_stopping)
@@ -418,7 +424,14 @@ class _Subscription:
     async def _reader(self, sub: Subscriber) -> None:
         state = self.state
         while True:
-            data = await self._receive_frame()
+            # The lease lives as long as the worker keeps talking.
+            with trio.move_on_after(state.lease_seconds) as lease:
+                data = await self._receive_frame()
+            if lease.cancelled_caught:
+                raise _Closed(
+                    CLOSE_LEASE_EXPIRED,
+                    f"lease expired: nothing from the worker for {state.lease_seconds:g} s",
+                )
             if data is None:
                 return
             try:
@@ -432,7 +445,7 @@ class _Subscription:
                 elif isinstance(message, Credit):
                     if message.n < 0 or sub.credits + message.n > MAX_CREDITS:
                         raise _Closed(CLOSE_POLICY, f"credits must stay in [0, {MAX_CREDITS}]")
-                elif isinstance(message, Drain):
+                elif isinstance(message, Drain | Heartbeat):
                     pass
                 else:
                     raise _Closed(CLOSE_POLICY, "subscribe may only be sent once")

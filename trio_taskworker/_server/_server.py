@@ -39,6 +39,9 @@ class TaskServer:
     subscriptions are closed with 1001 first, waiting requests answered,
     then Hypercorn stops; :meth:`run` then returns.
 
+    ``lease_seconds`` is how long a worker connection keeps its leases after
+    the last message it sent; workers send heartbeats three times per lease.
+
     ``store`` defaults to SQLite in ``data_dir`` (file ``runs.sqlite3``).
     Its writer runs each batch on the trio thread by default: a thread hop
     costs more than a typical batch of small statements, and measured end to
@@ -54,6 +57,7 @@ class TaskServer:
     default_max_redeliveries: int = 3
     max_body_bytes: int = 64 * 1024 * 1024
     sqlite_in_thread: bool = False
+    lease_seconds: float = 30.0
     now: Callable[[], float] = time.time
     url: str | None = attrs.field(init=False, default=None)
     _state: AppState | None = attrs.field(init=False, default=None)
@@ -88,6 +92,7 @@ class TaskServer:
                 waiters=Waiters(),
                 now=self.now,
                 max_body_bytes=self.max_body_bytes,
+                lease_seconds=self.lease_seconds,
             )
             config = hypercorn.config.Config()
             config.bind = [f"{self.host}:{self.port}"]
