@@ -64,3 +64,18 @@ async def wait_for_file(path: str) -> str:
     while not await gate.exists():  # noqa: ASYNC110 - another process makes the file
         await trio.sleep(0.01)
     return await gate.read_text()
+
+
+@task(max_redeliveries=20)
+async def slow_add(x: int) -> int:
+    await trio.sleep(0.05)
+    return x + 1000
+
+
+@task
+async def cancellable_marker(marker: str) -> None:
+    """Run until cancelled; the ``finally:`` block leaves a marker file."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        Path(marker).write_text("finally ran")  # noqa: ASYNC240 - must not checkpoint here

@@ -83,6 +83,8 @@ BACKOFF_CAP = 2.0
 #: How often the worker pings the server, and how long it waits for the pong.
 PING_INTERVAL = 10.0
 PING_TIMEOUT = 10.0
+#: The longest a TCP connect, or a websocket handshake, may take.
+CONNECT_TIMEOUT = 10.0
 #: After the last run ends during a stop, how long to wait for reports to go out.
 FLUSH_TIMEOUT = 5.0
 #: Close codes after which reconnecting cannot help.
@@ -660,12 +662,16 @@ class TaskWorker:
         if url.scheme == "https":
             raise ConfigurationError("https is not supported yet; use http on 127.0.0.1")
         resource = (url.path.rstrip("/") or "") + "/subscribe"
-        stream = await trio.open_tcp_stream(host, port)
+        # Neither the TCP connect nor the websocket handshake has a timeout of
+        # its own; a server killed mid-handshake must not hold the worker forever.
+        with trio.fail_after(CONNECT_TIMEOUT):
+            stream = await trio.open_tcp_stream(host, port)
         try:
             async with trio.open_nursery() as nursery:
-                ws = await trio_websocket.wrap_client_stream(
-                    nursery, stream, host, resource, message_queue_size=64
-                )
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    ws = await trio_websocket.wrap_client_stream(
+                        nursery, stream, host, resource, message_queue_size=64
+                    )
                 await self._serve_connection(ws)
                 nursery.cancel_scope.cancel()
         finally:
