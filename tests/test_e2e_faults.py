@@ -166,3 +166,25 @@ async def test_idle_worker_reconnects_after_server_restart(
         assert await (await t.add.delay(41)).result(timeout=30) == 42
     assert worker.popen.poll() is None  # the same worker process did it
     assert worker.output().count("lost the server") == 1  # one line per outage
+
+
+async def test_second_sigterm_stops_at_once_and_hands_runs_back(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    server = start_server(tmp_path / "data")
+    procs.append(server)
+    gate = tmp_path / "gate"
+    worker = new_worker(server.url, procs, tmp_path, f"{TASKS_FILE}:wait_for_file",
+                        "--shutdown-timeout", "3600")  # fmt: skip
+    async with open_client(server.url) as client:
+        futs = await t.wait_for_file.map([str(gate)] * 2)
+        with trio.fail_after(30):
+            while await count_state(client, futs, TaskRunState.RUNNING) < 2:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        worker.signal(signal.SIGTERM)
+        await wait_until(lambda: "stopping: 2 runs in flight" in worker.output())
+        worker.signal(signal.SIGTERM)  # do not wait out the hour
+        assert worker.wait(30) == 0
+        runs = [await client.read_run(f.task_run_id) for f in futs]
+        assert {r.state for r in runs} == {TaskRunState.SCHEDULED}
+        assert {r.redeliveries for r in runs} == {0}

@@ -350,3 +350,34 @@ async def test_stop_when_server_never_came(nursery: trio.Nursery) -> None:
         with trio.fail_after(10):
             await worker.stop()
     assert not worker.started
+
+
+async def test_a_rejected_handshake_stops_the_worker(server: TaskServer) -> None:
+    # A URL whose path has no websocket route: the handshake gets an HTTP 4xx.
+    worker = TaskWorker(add, api_url=f"{server.url}/nowhere", handle_signals=False)
+    with trio.fail_after(20), pytest.raises(ProtocolError, match="refused the subscription"):
+        await worker.start()
+
+
+async def test_result_raises_crashed_and_cancelled() -> None:
+    import datetime
+    import uuid
+
+    from trio_taskworker import TaskRun, TaskRunCancelled, TaskRunCrashed
+    from trio_taskworker._client import SyncClient
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def run(state: TaskRunState) -> TaskRun:
+        return TaskRun(
+            id=uuid.uuid4(), task_key="k", task_name="k", state=state, created_at=now,
+            scheduled_time=now, message="it had been redelivered 3 times",
+        )  # fmt: skip
+
+    with SyncClient("http://127.0.0.1:9") as client:  # these need no request
+        with pytest.raises(TaskRunCrashed, match="redelivered 3 times"):
+            client.load_result(run(TaskRunState.CRASHED))
+        with pytest.raises(TaskRunCancelled):
+            client.load_result(run(TaskRunState.CANCELLED))
+        with pytest.raises(TimeoutError, match="still RUNNING"):
+            client.load_result(run(TaskRunState.RUNNING))

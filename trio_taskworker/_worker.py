@@ -627,6 +627,17 @@ class TaskWorker:
                     await self._connect_once()
                 except* (ProtocolError, ConfigurationError) as group:
                     fatal = group.exceptions[0]
+                except* trio_websocket.ConnectionRejected as group:
+                    rejected = group.exceptions[0]
+                    assert isinstance(rejected, trio_websocket.ConnectionRejected)
+                    status = rejected.status_code or 0
+                    if 400 <= status < 500:
+                        # A refusal (wrong URL, not authorised) will not heal by retrying.
+                        fatal = ProtocolError(
+                            f"the server refused the subscription: HTTP {status}"
+                        )
+                    else:
+                        lost = rejected
                 except* _TRANSPORT_ERRORS as group:
                     lost = group.exceptions[0]
             if fatal is not None:
