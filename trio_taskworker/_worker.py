@@ -27,6 +27,7 @@ import threading
 import traceback
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
@@ -251,6 +252,10 @@ class TaskWorker:
         self._drained_seq = -1
         self._drained = trio.Event()
         self._http: httpx.AsyncClient | None = None
+        # How a subscription connects; tests substitute an in-process transport.
+        self._connect: Callable[
+            [], contextlib.AbstractAsyncContextManager[trio_websocket.WebSocketConnection]
+        ] = self._open_websocket
 
     # --- public state ---------------------------------------------------------------
 
@@ -427,6 +432,12 @@ class TaskWorker:
                         self._outbox.put(generation, Credit(n=1))
                         continue
                     await self._limiter.acquire_on_behalf_of((run.id, run.attempt))
+                    if run.id in self._cancelled_before_start:
+                        # Cancelled while it waited for a slot: it never starts.
+                        self._cancelled_before_start.discard(run.id)
+                        self._limiter.release_on_behalf_of((run.id, run.attempt))
+                        self._outbox.put(generation, Credit(n=1))
+                        continue
                     if self._stopping:
                         self._limiter.release_on_behalf_of((run.id, run.attempt))
                         self._hand_back(run, "the worker is stopping")
@@ -667,6 +678,21 @@ class TaskWorker:
             ready.started()
 
     async def _connect_once(self) -> None:
+        try:
+            async with self._connect() as ws:
+                await self._serve_connection(ws)
+        finally:
+            self._connected = False
+            self._drained.set()  # nobody waits on a connection that is gone
+            self._abandon_generation(self._generation)
+
+    @contextlib.asynccontextmanager
+    async def _open_websocket(self) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+        """Connect to ``/subscribe`` and close the socket ourselves on the way out.
+
+        trio-websocket leaves the TCP socket open when the peer ends the
+        connection, so the stream is opened here and closed in ``finally``.
+        """
         url = urlsplit(self.api_url)
         host = url.hostname or "127.0.0.1"
         port = url.port or (443 if url.scheme == "https" else 80)
@@ -683,12 +709,9 @@ class TaskWorker:
                     ws = await trio_websocket.wrap_client_stream(
                         nursery, stream, host, resource, message_queue_size=64
                     )
-                await self._serve_connection(ws)
+                yield ws
                 nursery.cancel_scope.cancel()
         finally:
-            self._connected = False
-            self._drained.set()  # nobody waits on a connection that is gone
-            self._abandon_generation(self._generation)
             await trio.aclose_forcefully(stream)
 
     def _cancel(self, run_id: uuid.UUID) -> None:

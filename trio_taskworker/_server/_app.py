@@ -35,6 +35,7 @@ from .._models import (
     Started,
     Subscribe,
     Subscribed,
+    TaskRun,
     TaskRunCreateBatch,
     WaitRequest,
 )
@@ -79,6 +80,18 @@ class AppState:
     stopping: trio.Event = attrs.field(factory=trio.Event)
     connections: int = 0
     connections_closed: trio.Event = attrs.field(factory=trio.Event)
+
+    async def cancel(self, run_id: uuid.UUID) -> TaskRun:
+        """Cancel a run and tell the worker holding its lease, if any.
+
+        Raises :class:`StoreError` (unknown run) or :class:`IllegalTransition` (ended).
+        """
+        run, owner = await self.store.cancel_run(run_id, self.now())
+        self.changed(Outcome(changed=(run,)))
+        sub = None if owner is None else self.dispatcher.subscriber(owner)
+        if sub is not None:
+            sub.post(Cancel(id=run_id))
+        return run
 
     def changed(self, outcome: Outcome) -> None:
         self.waiters.notify(outcome.changed)
@@ -229,15 +242,11 @@ def build_app(state: AppState) -> Starlette:
     async def cancel_run(request: Request) -> Response:
         run_id = _run_id(request)
         try:
-            run, owner = await state.store.cancel_run(run_id, state.now())
+            run = await state.cancel(run_id)
         except StoreError:
             return _error(404, f"no run {run_id}")
         except IllegalTransition as exc:
             return _error(409, f"run {run_id} cannot be cancelled: {exc}")
-        state.changed(Outcome(changed=(run,)))
-        sub = None if owner is None else state.dispatcher.subscriber(owner)
-        if sub is not None:
-            sub.post(Cancel(id=run_id))
         return _json(run)
 
     async def put_blob(request: Request) -> Response:

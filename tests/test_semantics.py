@@ -1,0 +1,266 @@
+"""The cancellation semantics table, row by row: a real worker and the real
+server handler joined by an in-process transport, on trio's autojump clock."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from trio_taskworker import StopTaskWorker, TaskRun, TaskRunState, TaskWorker, task
+from trio_taskworker._server import SQLiteStore
+
+from .fakes import InProcessServer, now
+
+S = TaskRunState
+observed: list[str] = []
+
+
+@task
+async def hold(name: str) -> str:
+    try:
+        await trio.sleep_forever()
+    except trio.Cancelled:
+        observed.append(f"{name} cancelled")
+        raise
+    finally:
+        observed.append(f"{name} finally")
+
+
+@task
+async def nap(name: str, seconds: float) -> str:
+    try:
+        await trio.sleep(seconds)
+    except trio.Cancelled:
+        observed.append(f"{name} cancelled")
+        raise
+    return name
+
+
+@task
+def sync_hold(name: str) -> str:
+    try:
+        while True:
+            trio.from_thread.check_cancelled()
+            trio.from_thread.run(trio.sleep, 1)
+    except trio.Cancelled:
+        observed.append(f"{name} cancelled")
+        raise
+
+
+@task
+async def quit_worker() -> None:
+    raise StopTaskWorker("done here")
+
+
+@pytest.fixture(autouse=True)
+def _clear() -> None:
+    observed.clear()
+
+
+@pytest.fixture
+async def srv(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, memory_store: SQLiteStore
+) -> InProcessServer:
+    return await InProcessServer.start(nursery, memory_store)
+
+
+async def submit(srv: InProcessServer, t: Any, *args: Any) -> uuid.UUID:
+    create, payload = t._run_create(args, {}, None)
+    (run_id,) = await srv.state.store.create_runs(
+        [attrs.evolve(create, parameters=payload)], now()
+    )
+    srv.state.dispatcher.wake()
+    return run_id
+
+
+async def run_of(srv: InProcessServer, run_id: uuid.UUID) -> TaskRun:
+    await trio.testing.wait_all_tasks_blocked()
+    (run,) = await srv.state.store.read_runs([run_id])
+    return run
+
+
+async def start(nursery: trio.Nursery, srv: InProcessServer, *tasks: Any, **kw: Any) -> TaskWorker:
+    worker = srv.attach(
+        TaskWorker(*tasks, api_url="http://in-process", handle_signals=False, **kw)
+    )
+    await nursery.start(worker.start)
+    return worker
+
+
+# --- caller cancel -------------------------------------------------------------------
+
+
+async def test_caller_cancel_queued(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
+) -> None:
+    await start(nursery, srv, hold, limit=1)
+    first = await submit(srv, hold, "first")
+    queued = await submit(srv, hold, "queued")
+    assert (await run_of(srv, queued)).state is S.SCHEDULED
+    assert (await srv.state.cancel(queued)).state is S.CANCELLED
+    await srv.state.cancel(first)
+    assert (await run_of(srv, first)).state is S.CANCELLED
+    # The queued run never started, even with the slot free again.
+    assert (await run_of(srv, queued)).state is S.CANCELLED
+    assert observed == ["first cancelled", "first finally"]
+
+
+async def test_caller_cancel_leased_not_started(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
+) -> None:
+    worker = await start(nursery, srv, hold, limit=1)
+    # Hold the only slot from outside, so a delivered run waits to start.
+    blocker = object()
+    await worker._limiter.acquire_on_behalf_of(blocker)
+    worker._window = 1
+    run_id = await submit(srv, hold, "leased")
+    assert (await run_of(srv, run_id)).state is S.PENDING
+    assert (await srv.state.cancel(run_id)).state is S.CANCELLED
+    await trio.testing.wait_all_tasks_blocked()  # the worker has heard of the cancel
+    worker._limiter.release_on_behalf_of(blocker)
+    assert (await run_of(srv, run_id)).state is S.CANCELLED
+    assert observed == []  # it never started
+    assert worker.current_tasks == 0
+
+
+async def test_caller_cancel_running_async(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
+) -> None:
+    await start(nursery, srv, hold)
+    run_id = await submit(srv, hold, "a")
+    assert (await run_of(srv, run_id)).state is S.RUNNING
+    began = trio.current_time()
+    assert (await srv.state.cancel(run_id)).state is S.CANCELLING
+    run = await run_of(srv, run_id)
+    assert run.state is S.CANCELLED and run.retry_count == 0 and run.redeliveries == 0
+    assert trio.current_time() - began < 1
+    assert observed == ["a cancelled", "a finally"]
+
+
+async def test_caller_cancel_running_sync(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
+) -> None:
+    await start(nursery, srv, sync_hold)
+    run_id = await submit(srv, sync_hold, "s")
+    with trio.fail_after(60):
+        while (await run_of(srv, run_id)).state is not S.RUNNING:  # noqa: ASYNC110
+            await trio.sleep(1)
+    await srv.state.cancel(run_id)
+    with trio.fail_after(60):
+        while (await run_of(srv, run_id)).state is not S.CANCELLED:  # noqa: ASYNC110
+            await trio.sleep(1)
+    assert observed == ["s cancelled"]
+
+
+# --- stop, signals, StopTaskWorker ---------------------------------------------------
+
+
+async def test_stop_gives_grace_then_hands_back(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
+) -> None:
+    worker = await start(nursery, srv, nap, limit=2, shutdown_timeout=10)
+    quick = await submit(srv, nap, "quick", 5)
+    slow = await submit(srv, nap, "slow", 3600)
+    queued = await submit(srv, nap, "queued", 1)
+    assert (await run_of(srv, slow)).state is S.RUNNING
+    began = trio.current_time()
+    await worker.stop()
+    assert trio.current_time() - began == pytest.approx(10, abs=0.1)
+    assert (await run_of(srv, quick)).state is S.COMPLETED  # finished within the grace
+    handed = await run_of(srv, slow)
+    assert (handed.state, handed.redeliveries) == (S.SCHEDULED, 0)  # back, not counted
+    assert (await run_of(srv, queued)).state is S.SCHEDULED  # never taken
+    assert observed == ["slow cancelled"]
+    # Another worker finishes the handed-back run and the queued one.
+    await start(nursery, srv, nap, limit=2)
+    await trio.sleep(2)
+    assert (await run_of(srv, queued)).state is S.COMPLETED
+    assert (await run_of(srv, slow)).state is S.RUNNING
+
+
+async def test_second_signal_ends_the_grace(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
+) -> None:
+    worker = await start(nursery, srv, hold, shutdown_timeout=3600)
+    run_id = await submit(srv, hold, "h")
+    assert (await run_of(srv, run_id)).state is S.RUNNING
+    worker.handle_sigterm(15, None)
+    await trio.testing.wait_all_tasks_blocked()
+    assert worker.stopping and (await run_of(srv, run_id)).state is S.RUNNING
+    began = trio.current_time()
+    worker._begin_stop(0.0)  # what the signal watcher does on a second signal
+    await worker._stopped.wait()
+    assert trio.current_time() - began < 1
+    run = await run_of(srv, run_id)
+    assert (run.state, run.redeliveries) == (S.SCHEDULED, 0)
+    assert observed == ["h cancelled", "h finally"]
+
+
+async def test_stop_task_worker_hands_its_run_back(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
+) -> None:
+    worker = srv.attach(
+        TaskWorker(quit_worker, nap, api_url="http://in-process", handle_signals=False,
+                   shutdown_timeout=10)
+    )  # fmt: skip
+    other = await submit(srv, nap, "other", 3)
+    quitter = await submit(srv, quit_worker)
+    with trio.fail_after(60):
+        await worker.start()  # returns by itself
+    run = await run_of(srv, quitter)
+    assert (run.state, run.redeliveries) == (S.SCHEDULED, 0)
+    assert "StopTaskWorker: done here" in (run.message or "")
+    assert (await run_of(srv, other)).state is S.COMPLETED  # the others get the grace
+
+
+# --- lost connection, lease ----------------------------------------------------------
+
+
+async def test_lost_connection_redelivers_and_cancels_the_orphan(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
+) -> None:
+    worker = await start(nursery, srv, hold)
+    run_id = await submit(srv, hold, "r")
+    assert (await run_of(srv, run_id)).state is S.RUNNING
+    srv.cut_connections()
+    run = await run_of(srv, run_id)
+    # The worker reconnected and got the run again as attempt 2.
+    assert (run.state, run.attempt, run.redeliveries) == (S.RUNNING, 2, 1)
+    assert observed == ["r cancelled", "r finally"]  # the orphaned attempt 1
+    assert worker.current_tasks == 1
+
+
+async def test_redeliveries_are_bounded(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
+) -> None:
+    limited = task(max_redeliveries=1)(hold.fn)
+    limited.key = hold.key
+    await start(nursery, srv, hold)
+    create, payload = limited._run_create(("x",), {}, None)
+    (run_id,) = await srv.state.store.create_runs(
+        [attrs.evolve(create, parameters=payload)], now()
+    )
+    srv.state.dispatcher.wake()
+    for _ in range(2):
+        assert (await run_of(srv, run_id)).state is S.RUNNING
+        srv.cut_connections()
+    run = await run_of(srv, run_id)
+    assert run.state is S.CRASHED and "the limit is 1" in (run.message or "")
+
+
+async def test_heartbeats_keep_a_long_run_leased(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, memory_store: SQLiteStore
+) -> None:
+    srv = await InProcessServer.start(nursery, memory_store, lease_seconds=30)
+    await start(nursery, srv, nap)
+    run_id = await submit(srv, nap, "long", 300)  # ten leases long
+    with trio.fail_after(400):
+        while (await run_of(srv, run_id)).state is not S.COMPLETED:  # noqa: ASYNC110
+            await trio.sleep(10)
+    run = await run_of(srv, run_id)
+    assert (run.attempt, run.redeliveries) == (1, 0)
