@@ -264,3 +264,67 @@ async def test_heartbeats_keep_a_long_run_leased(
             await trio.sleep(10)
     run = await run_of(srv, run_id)
     assert (run.attempt, run.redeliveries) == (1, 0)
+
+
+async def test_stop_hands_back_leased_runs(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
+) -> None:
+    worker = await start(nursery, srv, hold, limit=1)
+    blocker = object()
+    await worker._limiter.acquire_on_behalf_of(blocker)  # the delivered run must wait
+    run_id = await submit(srv, hold, "leased")
+    assert (await run_of(srv, run_id)).state is S.PENDING
+    async with trio.open_nursery() as inner:
+        inner.start_soon(worker.stop)
+        await trio.testing.wait_all_tasks_blocked()
+        worker._limiter.release_on_behalf_of(blocker)
+    run = await run_of(srv, run_id)
+    assert (run.state, run.redeliveries) == (S.SCHEDULED, 0)
+    assert observed == []
+
+
+async def test_stop_cancels_a_sync_run_after_the_grace(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
+) -> None:
+    worker = await start(nursery, srv, sync_hold, shutdown_timeout=5)
+    run_id = await submit(srv, sync_hold, "s")
+    with trio.fail_after(60):
+        while (await run_of(srv, run_id)).state is not S.RUNNING:  # noqa: ASYNC110
+            await trio.sleep(1)
+    await worker.stop()
+    run = await run_of(srv, run_id)
+    assert (run.state, run.redeliveries) == (S.SCHEDULED, 0)
+    assert observed == ["s cancelled"]
+
+
+async def test_lost_connection_cancels_a_sync_orphan(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
+) -> None:
+    await start(nursery, srv, sync_hold)
+    run_id = await submit(srv, sync_hold, "s")
+    with trio.fail_after(60):
+        while (await run_of(srv, run_id)).state is not S.RUNNING:  # noqa: ASYNC110
+            await trio.sleep(1)
+    srv.cut_connections()
+    with trio.fail_after(60):
+        while (await run_of(srv, run_id)).attempt < 2:  # noqa: ASYNC110
+            await trio.sleep(1)
+        while "s cancelled" not in observed:  # noqa: ASYNC110
+            await trio.sleep(1)
+    run = await run_of(srv, run_id)
+    assert run.redeliveries == 1 and run.state is S.RUNNING
+
+
+async def test_queued_runs_are_untouched_by_worker_events(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
+) -> None:
+    """Lost connections, second signals and StopTaskWorker never touch a queued run."""
+    worker = await start(nursery, srv, hold, limit=1)
+    await submit(srv, hold, "busy")
+    queued = await submit(srv, nap, "queued", 1)  # waits for a worker that serves nap
+    srv.cut_connections()
+    assert (await run_of(srv, queued)).state is S.SCHEDULED
+    worker._begin_stop(0.0)
+    await worker._stopped.wait()
+    run = await run_of(srv, queued)
+    assert (run.state, run.attempt, run.redeliveries) == (S.SCHEDULED, 0, 0)

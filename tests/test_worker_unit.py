@@ -245,3 +245,17 @@ async def test_heartbeats_every_third_of_the_lease(autojump_clock: trio.testing.
         await worker._heartbeat(worker._generation, 30 / 3)
     beats = [m for m in reports(worker) if isinstance(m, Heartbeat)]
     assert len(beats) == 3
+
+
+async def test_a_run_that_returns_in_time_keeps_its_result(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    @task(timeout_seconds=5)
+    async def just_in_time() -> str:
+        await trio.sleep(4.9)
+        return "made it"
+
+    worker = TaskWorker(just_in_time)
+    assert await worker.execute_task_run(make_run(just_in_time)) is TaskRunState.COMPLETED
+    (finished,) = reports(worker)
+    assert loads_payload(finished.result) == "made it"  # type: ignore[union-attr]
