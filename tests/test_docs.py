@@ -45,7 +45,7 @@ def test_cancellation_table_covers_every_event_and_phase() -> None:
         "``StopTaskWorker``", "Lost connection", "Worker ``kill -9``", "Server restart",
         "Lease expiry",
     ]  # fmt: skip
-    rows = text.split("   * - ")[2:]
+    rows = re.split(r"\n   \* -[ ]?", text)[2:]
     for event in events:
         phases = []
         current = None
