@@ -102,6 +102,16 @@ def _limit(value: str) -> int | None:
     return number
 
 
+def _count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError("expected 0 or more")
+    return number
+
+
 def _port(value: str) -> int:
     try:
         number = int(value)
@@ -146,6 +156,12 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_seconds,
         default=30.0,
         help="how long a silent worker keeps its leases (default 30)",
+    )
+    start.add_argument(
+        "--max-redeliveries",
+        type=_count,
+        default=3,
+        help="redeliveries of a run whose worker vanished, for tasks that set none (default 3)",
     )
     start.add_argument(
         "--data-dir",
@@ -195,6 +211,7 @@ async def _run_server(args: argparse.Namespace) -> None:
         "host": args.host,
         "port": args.port,
         "lease_seconds": args.lease_seconds,
+        "default_max_redeliveries": args.max_redeliveries,
     }
     if args.data_dir is not None:
         kwargs["data_dir"] = args.data_dir
