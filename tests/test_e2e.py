@@ -257,3 +257,20 @@ def test_server_sigint_exits_0(tmp_path: Path, procs: list[Proc]) -> None:
     proc.signal(signal.SIGINT)
     assert proc.wait(30) == 0
     assert (tmp_path / "data" / "runs.sqlite3").is_file()
+
+
+def test_server_port_in_use_exits_1_with_one_line(tmp_path: Path, procs: list[Proc]) -> None:
+    first = start_server(tmp_path / "a")
+    procs.append(first)
+    port = first.url.rsplit(":", 1)[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_taskworker", "server", "start", "--port", port,
+         "--data-dir", str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("trio-taskworker: error")]
+    assert len(errors) == 1 and "Address already in use" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr

@@ -266,7 +266,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"trio-taskworker: error: {exc}", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:
+        # Errors raised inside nurseries (a port in use, say) arrive grouped.
+        leaf = _first_leaf(group)
+        if isinstance(leaf, CLIError | TaskWorkerError | OSError):
+            print(f"trio-taskworker: error: {leaf}", file=sys.stderr)
+            return 1
+        raise
     return 0
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def entry() -> None:
