@@ -21,6 +21,13 @@ def clock_now() -> float:
     return EPOCH + trio.current_time()
 
 
+@pytest.fixture
+async def dispatcher(nursery: trio.Nursery, memory_store: SQLiteStore) -> Dispatcher:
+    d = Dispatcher(memory_store, clock_now)
+    await nursery.start(d.run)
+    return d
+
+
 async def next_delivery(sub) -> Deliver:  # type: ignore[no-untyped-def]
     with trio.fail_after(10_000):
         (message,) = await sub.next_messages()
@@ -29,10 +36,10 @@ async def next_delivery(sub) -> Deliver:  # type: ignore[no-untyped-def]
 
 
 async def test_delivers_no_more_than_credits(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, memory_store: SQLiteStore
+    autojump_clock: trio.testing.MockClock,
+    memory_store: SQLiteStore,
+    dispatcher: Dispatcher,
 ) -> None:
-    dispatcher = Dispatcher(memory_store, clock_now)
-    await nursery.start(dispatcher.run)
     sub = dispatcher.add(["k"], "w", credits=3)
     await memory_store.create_runs([TaskRunCreate(task_key="k") for _ in range(10)], clock_now())
     dispatcher.wake()
@@ -47,10 +54,10 @@ async def test_delivers_no_more_than_credits(
 
 
 async def test_only_subscribed_keys(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, memory_store: SQLiteStore
+    autojump_clock: trio.testing.MockClock,
+    memory_store: SQLiteStore,
+    dispatcher: Dispatcher,
 ) -> None:
-    dispatcher = Dispatcher(memory_store, clock_now)
-    await nursery.start(dispatcher.run)
     await memory_store.create_runs(
         [TaskRunCreate(task_key="a"), TaskRunCreate(task_key="b")], clock_now()
     )
@@ -60,10 +67,10 @@ async def test_only_subscribed_keys(
 
 
 async def test_scheduled_run_waits_until_due_without_polling(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, memory_store: SQLiteStore
+    autojump_clock: trio.testing.MockClock,
+    memory_store: SQLiteStore,
+    dispatcher: Dispatcher,
 ) -> None:
-    dispatcher = Dispatcher(memory_store, clock_now)
-    await nursery.start(dispatcher.run)
     sub = dispatcher.add(["k"], "w", credits=1)
     due = datetime.datetime.fromtimestamp(clock_now() + 3600, datetime.UTC)
     await memory_store.create_runs([TaskRunCreate(task_key="k", scheduled_time=due)], clock_now())
@@ -75,10 +82,10 @@ async def test_scheduled_run_waits_until_due_without_polling(
 
 
 async def test_retry_waits_in_the_queue(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, memory_store: SQLiteStore
+    autojump_clock: trio.testing.MockClock,
+    memory_store: SQLiteStore,
+    dispatcher: Dispatcher,
 ) -> None:
-    dispatcher = Dispatcher(memory_store, clock_now)
-    await nursery.start(dispatcher.run)
     sub = dispatcher.add(["k"], "w", credits=1)
     await memory_store.create_runs(
         [TaskRunCreate(task_key="k", retries=1, retry_delay_seconds=120.0)], clock_now()
@@ -102,10 +109,10 @@ async def test_retry_waits_in_the_queue(
 
 
 async def test_fair_across_subscribers(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, memory_store: SQLiteStore
+    autojump_clock: trio.testing.MockClock,
+    memory_store: SQLiteStore,
+    dispatcher: Dispatcher,
 ) -> None:
-    dispatcher = Dispatcher(memory_store, clock_now)
-    await nursery.start(dispatcher.run)
     subs = [dispatcher.add(["k"], f"w{i}", credits=2) for i in range(2)]
     await memory_store.create_runs([TaskRunCreate(task_key="k") for _ in range(4)], clock_now())
     dispatcher.wake()

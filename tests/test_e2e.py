@@ -24,7 +24,7 @@ from trio_taskworker import (
 
 from . import e2e_tasks as t
 from .conftest import Proc, free_port, start_server, start_worker
-from .helpers import wait_until
+from .helpers import wait_for_runs, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -160,19 +160,13 @@ async def test_sigterm_finishes_in_flight_runs_and_exits_0(
     gate = tmp_path / "gate"
     async with open_client(server_proc.url) as client:
         fut = await t.wait_for_file.delay(str(gate))
-        await wait_until_state(client, fut.task_run_id, TaskRunState.RUNNING)
+        await wait_for_runs(client, [fut], TaskRunState.RUNNING)
         proc.signal(signal.SIGTERM)
         # The worker keeps the run going through its grace period.
         await wait_until(lambda: "stopping: 1 runs in flight" in proc.output())
         gate.write_text("finished after SIGTERM")
         assert await fut.result(timeout=30) == "finished after SIGTERM"
     assert proc.wait(30) == 0
-
-
-async def wait_until_state(client, run_id, state) -> None:  # type: ignore[no-untyped-def]
-    with trio.fail_after(30):
-        while (await client.read_run(run_id)).state is not state:  # noqa: ASYNC110
-            await trio.sleep(0.02)
 
 
 async def test_restarted_server_keeps_and_runs_its_queue(

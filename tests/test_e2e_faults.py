@@ -14,7 +14,7 @@ from trio_taskworker import ServerUnavailable, TaskRunState, gather_results, ope
 
 from . import e2e_tasks as t
 from .conftest import Proc, start_server, start_worker
-from .helpers import wait_until
+from .helpers import wait_for_runs, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -25,11 +25,6 @@ def new_worker(url: str, procs: list[Proc], tmp_path: Path, *args: str) -> Proc:
     proc = start_worker(url, *args, log=tmp_path / f"worker{len(procs)}.log")
     procs.append(proc)
     return proc
-
-
-async def count_state(client, futs, state=TaskRunState.COMPLETED) -> int:  # type: ignore[no-untyped-def]
-    runs = [await client.read_run(f.task_run_id) for f in futs]
-    return sum(r.state is state for r in runs)
 
 
 async def test_kill_9_workers_again_and_again_loses_nothing(
@@ -44,12 +39,11 @@ async def test_kill_9_workers_again_and_again_loses_nothing(
             worker = new_worker(server.url, procs, tmp_path, f"{TASKS_FILE}:slow_add",
                                 "--limit", "4")  # fmt: skip
             # Kill it while it has runs in flight, after it made some progress.
-            with trio.fail_after(60):
-                while await count_state(client, futs) <= done:  # noqa: ASYNC110
-                    await trio.sleep(0.05)
+            await wait_for_runs(client, futs, TaskRunState.COMPLETED, done + 1, timeout=60)
             worker.signal(signal.SIGKILL)
             worker.wait()
-            done = await count_state(client, futs)
+            runs = [await client.read_run(f.task_run_id) for f in futs]
+            done = sum(r.state is TaskRunState.COMPLETED for r in runs)
         new_worker(server.url, procs, tmp_path, f"{TASKS_FILE}:slow_add", "--limit", "8")
         assert await gather_results(futs, timeout=60) == [i + 1000 for i in range(80)]
         runs = await client.wait_runs([f.task_run_id for f in futs])
@@ -103,9 +97,7 @@ async def test_sigterm_with_short_grace_hands_runs_to_another_worker(
                        "--shutdown-timeout", "0.2")  # fmt: skip
     async with open_client(server.url) as client:
         futs = await t.wait_for_file.map([str(gate)] * 3)
-        with trio.fail_after(30):
-            while await count_state(client, futs, TaskRunState.RUNNING) < 3:  # noqa: ASYNC110
-                await trio.sleep(0.02)
+        await wait_for_runs(client, futs, TaskRunState.RUNNING)
         first.signal(signal.SIGTERM)
         assert first.wait(30) == 0
         runs = [await client.read_run(f.task_run_id) for f in futs]
@@ -123,9 +115,7 @@ async def test_cancel_running_async_run_from_the_cli(tmp_path: Path, procs: list
     marker = tmp_path / "marker"
     async with open_client(server.url) as client:
         fut = await t.cancellable_marker.delay(str(marker))
-        with trio.fail_after(30):
-            while (await client.read_run(fut.task_run_id)).state is not TaskRunState.RUNNING:  # noqa: ASYNC110
-                await trio.sleep(0.02)
+        await wait_for_runs(client, [fut], TaskRunState.RUNNING)
         result = await trio.run_process(
             [sys.executable, "-m", "trio_taskworker", "run", "cancel", str(fut.task_run_id),
              "--api-url", server.url],
@@ -178,9 +168,7 @@ async def test_second_sigterm_stops_at_once_and_hands_runs_back(
                         "--shutdown-timeout", "3600")  # fmt: skip
     async with open_client(server.url) as client:
         futs = await t.wait_for_file.map([str(gate)] * 2)
-        with trio.fail_after(30):
-            while await count_state(client, futs, TaskRunState.RUNNING) < 2:  # noqa: ASYNC110
-                await trio.sleep(0.02)
+        await wait_for_runs(client, futs, TaskRunState.RUNNING)
         worker.signal(signal.SIGTERM)
         await wait_until(lambda: "stopping: 2 runs in flight" in worker.output())
         worker.signal(signal.SIGTERM)  # do not wait out the hour

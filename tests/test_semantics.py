@@ -4,6 +4,7 @@ server handler joined by an in-process transport, on trio's autojump clock."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -84,6 +85,17 @@ async def run_of(srv: InProcessServer, run_id: uuid.UUID) -> TaskRun:
     return run
 
 
+async def run_when(
+    srv: InProcessServer, run_id: uuid.UUID, ready: Callable[[TaskRun], bool], step: float = 1.0
+) -> TaskRun:
+    """Poll on the virtual clock until ``ready(run)``; sync tasks live in threads,
+    so quiescence alone does not say when they have got somewhere."""
+    with trio.fail_after(400):
+        while not ready(run := await run_of(srv, run_id)):  # noqa: ASYNC110
+            await trio.sleep(step)
+    return run
+
+
 async def start(nursery: trio.Nursery, srv: InProcessServer, *tasks: Any, **kw: Any) -> TaskWorker:
     worker = srv.attach(
         TaskWorker(*tasks, api_url="http://in-process", handle_signals=False, **kw)
@@ -147,13 +159,9 @@ async def test_caller_cancel_running_sync(
 ) -> None:
     await start(nursery, srv, sync_hold)
     run_id = await submit(srv, sync_hold, "s")
-    with trio.fail_after(60):
-        while (await run_of(srv, run_id)).state is not S.RUNNING:  # noqa: ASYNC110
-            await trio.sleep(1)
+    await run_when(srv, run_id, lambda r: r.state is S.RUNNING)
     await srv.state.cancel(run_id)
-    with trio.fail_after(60):
-        while (await run_of(srv, run_id)).state is not S.CANCELLED:  # noqa: ASYNC110
-            await trio.sleep(1)
+    await run_when(srv, run_id, lambda r: r.state is S.CANCELLED)
     assert observed == ["s cancelled"]
 
 
@@ -259,10 +267,7 @@ async def test_heartbeats_keep_a_long_run_leased(
     srv = await InProcessServer.start(nursery, memory_store, lease_seconds=30)
     await start(nursery, srv, nap)
     run_id = await submit(srv, nap, "long", 300)  # ten leases long
-    with trio.fail_after(400):
-        while (await run_of(srv, run_id)).state is not S.COMPLETED:  # noqa: ASYNC110
-            await trio.sleep(10)
-    run = await run_of(srv, run_id)
+    run = await run_when(srv, run_id, lambda r: r.state is S.COMPLETED, step=10)
     assert (run.attempt, run.redeliveries) == (1, 0)
 
 
@@ -288,9 +293,7 @@ async def test_stop_cancels_a_sync_run_after_the_grace(
 ) -> None:
     worker = await start(nursery, srv, sync_hold, shutdown_timeout=5)
     run_id = await submit(srv, sync_hold, "s")
-    with trio.fail_after(60):
-        while (await run_of(srv, run_id)).state is not S.RUNNING:  # noqa: ASYNC110
-            await trio.sleep(1)
+    await run_when(srv, run_id, lambda r: r.state is S.RUNNING)
     await worker.stop()
     run = await run_of(srv, run_id)
     assert (run.state, run.redeliveries) == (S.SCHEDULED, 0)
@@ -302,16 +305,9 @@ async def test_lost_connection_cancels_a_sync_orphan(
 ) -> None:
     await start(nursery, srv, sync_hold)
     run_id = await submit(srv, sync_hold, "s")
-    with trio.fail_after(60):
-        while (await run_of(srv, run_id)).state is not S.RUNNING:  # noqa: ASYNC110
-            await trio.sleep(1)
+    await run_when(srv, run_id, lambda r: r.state is S.RUNNING)
     srv.cut_connections()
-    with trio.fail_after(60):
-        while (await run_of(srv, run_id)).attempt < 2:  # noqa: ASYNC110
-            await trio.sleep(1)
-        while "s cancelled" not in observed:  # noqa: ASYNC110
-            await trio.sleep(1)
-    run = await run_of(srv, run_id)
+    run = await run_when(srv, run_id, lambda r: r.attempt >= 2 and "s cancelled" in observed)
     assert run.redeliveries == 1 and run.state is S.RUNNING
 
 

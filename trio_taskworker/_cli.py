@@ -19,7 +19,7 @@ import importlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,38 +88,28 @@ def load_module_tasks(module_name: str) -> list[Task[Any, Any]]:
     return tasks
 
 
+def _whole(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number in ``[low, high]``, described as ``what``."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = low - 1
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+        return number
+
+    return parse
+
+
+_port = _whole(0, 65535, "a port number (0 to 65535)")
+_count = _whole(0, 2**31, "a whole number, 0 or more")
+_positive = _whole(1, 2**31, "a positive integer or 'none'")
+
+
 def _limit(value: str) -> int | None:
-    if value.lower() == "none":
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive integer or 'none', got {value!r}"
-        ) from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {value!r}")
-    return number
-
-
-def _count(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError("expected 0 or more")
-    return number
-
-
-def _port(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"port {number} is out of range")
-    return number
+    return None if value.lower() == "none" else _positive(value)
 
 
 def _seconds(value: str) -> float:

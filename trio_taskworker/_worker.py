@@ -147,22 +147,10 @@ class _Outbox:
 
     messages: list[tuple[int, WorkerMessage]] = attrs.field(factory=list)
     has_mail: trio.Event = attrs.field(factory=trio.Event)
-    #: Set whenever everything put so far has been written to the websocket.
-    flushed: trio.Event = attrs.field(factory=trio.Event)
-
-    def __attrs_post_init__(self) -> None:
-        self.flushed.set()  # nothing put yet, so nothing to wait for
 
     def put(self, generation: int, message: WorkerMessage) -> None:
         self.messages.append((generation, message))
         self.has_mail.set()
-        if self.flushed.is_set():
-            self.flushed = trio.Event()
-
-    def sent(self) -> None:
-        """The sender wrote what it took; if nothing came meanwhile, all is flushed."""
-        if not self.messages:
-            self.flushed.set()
 
     def take(self, generation: int) -> list[WorkerMessage]:
         """Everything for this connection, credits merged; older connections' dropped."""
@@ -241,8 +229,6 @@ class TaskWorker:
         self._reconnect_scope: trio.CancelScope | None = None
         self._ready: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
         self._token: trio.lowlevel.TrioToken | None = None
-        self._idle = trio.Event()
-        self._idle.set()
         self._deliveries_send, self._deliveries_receive = trio.open_memory_channel[
             tuple[int, TaskRun]
         ](self._window)
@@ -426,14 +412,10 @@ class TaskWorker:
                 async for generation, run in self._deliveries_receive:
                     if generation != self._generation:
                         continue  # its connection is gone, so the server requeued it
-                    if run.id in self._cancelled_before_start:
-                        # The server already marked it CANCELLED; give the credit back.
-                        self._cancelled_before_start.discard(run.id)
-                        self._outbox.put(generation, Credit(n=1))
-                        continue
                     await self._limiter.acquire_on_behalf_of((run.id, run.attempt))
                     if run.id in self._cancelled_before_start:
-                        # Cancelled while it waited for a slot: it never starts.
+                        # Cancelled before it started (the server already marked it
+                        # CANCELLED): it never starts, and its credit goes back.
                         self._cancelled_before_start.discard(run.id)
                         self._limiter.release_on_behalf_of((run.id, run.attempt))
                         self._outbox.put(generation, Credit(n=1))
@@ -804,7 +786,6 @@ class TaskWorker:
             messages = self._outbox.take(generation)
             if messages:
                 await ws.send_message(encode_frame(messages))
-            self._outbox.sent()
 
     async def _heartbeat(self, generation: int, interval: float) -> None:
         """Keep the leases alive: the server drops a connection silent for a lease."""

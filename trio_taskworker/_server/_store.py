@@ -119,6 +119,14 @@ _COLUMNS = (
     " lease_owner, seq"
 )
 _LIGHT_COLUMNS = _COLUMNS.replace("parameters,", "NULL,").replace(" result,", " NULL,")
+#: Position of each column in a row selected with ``_COLUMNS``.
+_COL = {name.strip(): i for i, name in enumerate(_COLUMNS.split(","))}
+_STATE, _ATTEMPT, _RETRIES, _RETRY_COUNT, _RETRY_DELAY = (
+    _COL[n] for n in ("state", "attempt", "retries", "retry_count", "retry_delay_seconds")
+)
+_MAX_REDELIVERIES, _REDELIVERIES, _OWNER = (
+    _COL[n] for n in ("max_redeliveries", "redeliveries", "lease_owner")
+)
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS task_runs (
@@ -261,14 +269,8 @@ class SQLRuns:
         return ids
 
     def read_runs(self, cur: Cursor, ids: Sequence[uuid.UUID]) -> list[TaskRun]:
-        runs: list[TaskRun] = []
-        for start in range(0, len(ids), 500):
-            chunk = [str(i) for i in ids[start : start + 500]]
-            cur.execute(
-                self.q(f"SELECT {_COLUMNS} FROM task_runs WHERE id IN {self._in(chunk)}"), chunk
-            )
-            runs.extend(_row_to_run(row) for row in cur.fetchall())
-        return runs
+        rows = self._read_rows(cur, [str(i) for i in ids])
+        return [_row_to_run(row) for row in rows.values()]
 
     def _read_rows(self, cur: Cursor, ids: Sequence[str]) -> dict[str, list[Any]]:
         rows: dict[str, list[Any]] = {}
@@ -346,9 +348,9 @@ class SQLRuns:
         runs = []
         for row in chosen:
             cur.execute(update, (owner, row[0]))
-            row[3] = TaskRunState.PENDING.value
-            row[8] += 1
-            row[22] = owner
+            row[_STATE] = TaskRunState.PENDING.value
+            row[_ATTEMPT] += 1
+            row[_OWNER] = owner
             runs.append(_row_to_run(row))
         return runs
 
@@ -370,16 +372,15 @@ class SQLRuns:
     def _write(self, cur: Cursor, row: list[Any], changes: dict[str, Any]) -> TaskRun:
         """Check the transition, update the row in the database and in memory."""
         if "state" in changes:
-            check_transition(TaskRunState(row[3]), TaskRunState(changes["state"]))
+            check_transition(TaskRunState(row[_STATE]), TaskRunState(changes["state"]))
         names = list(changes)
         assignments = ", ".join(f"{name} = ?" for name in names)
         cur.execute(
             self.q(f"UPDATE task_runs SET {assignments} WHERE id = ?"),
             [changes[name] for name in names] + [row[0]],
         )
-        index = {name.strip(): i for i, name in enumerate(_COLUMNS.split(","))}
         for name in names:
-            row[index[name]] = changes[name]
+            row[_COL[name]] = changes[name]
         return _row_to_run(row)
 
     def apply_reports(
@@ -393,9 +394,12 @@ class SQLRuns:
             if row is None:
                 rejected.append((report.id, "no such run"))
                 continue
-            if row[22] != owner or row[8] != report.attempt:
+            if row[_OWNER] != owner or row[_ATTEMPT] != report.attempt:
                 rejected.append(
-                    (report.id, f"stale lease: the run is at attempt {row[8]} on another lease")
+                    (
+                        report.id,
+                        f"stale lease: the run is at attempt {row[_ATTEMPT]} on another lease",
+                    )
                 )
                 continue
             try:
@@ -407,11 +411,14 @@ class SQLRuns:
         return Outcome(changed=tuple(changed.values()), rejected=tuple(rejected))
 
     def _apply_one(self, cur: Cursor, row: list[Any], report: Report, now: float) -> TaskRun:
-        state = TaskRunState(row[3])
+        state = TaskRunState(row[_STATE])
         if isinstance(report, Started):
             return self._write(cur, row, {"state": "RUNNING", "started_at": now})
-        if isinstance(report, Released) and state is TaskRunState.CANCELLING:
-            # Handed back while the caller cancels it: the cancel wins.
+        if state is TaskRunState.CANCELLING or (
+            isinstance(report, Finished) and report.state is TaskRunState.CANCELLED
+        ):
+            # Whatever the worker says of a run the caller cancels, the cancel wins
+            # (a sync task may return, or a stopping worker hand it back).
             return self._write(
                 cur, row, {"state": "CANCELLED", "finished_at": now, "lease_owner": None}
             )
@@ -422,24 +429,18 @@ class SQLRuns:
                 {"state": "SCHEDULED", "lease_owner": None, "message": report.reason},
             )
         error = None if report.error is None else json.dumps(converter.unstructure(report.error))
-        if state is TaskRunState.CANCELLING or report.state is TaskRunState.CANCELLED:
-            return self._write(
-                cur,
-                row,
-                {"state": "CANCELLED", "finished_at": now, "lease_owner": None},
-            )
-        if report.state is TaskRunState.FAILED and row[10] < row[9]:
-            retry_count = row[10] + 1
+        retries, retry_count = row[_RETRIES], row[_RETRY_COUNT]
+        if report.state is TaskRunState.FAILED and retry_count < retries:
             return self._write(
                 cur,
                 row,
                 {
                     "state": "SCHEDULED",
-                    "scheduled_time": now + row[11],
-                    "retry_count": retry_count,
+                    "scheduled_time": now + row[_RETRY_DELAY],
+                    "retry_count": retry_count + 1,
                     "lease_owner": None,
                     "error": error,
-                    "message": f"retry {retry_count} of {row[9]} after a failure",
+                    "message": f"retry {retry_count + 1} of {retries} after a failure",
                 },
             )
         if report.state not in (TaskRunState.COMPLETED, TaskRunState.FAILED):
@@ -463,7 +464,7 @@ class SQLRuns:
         changed = []
         for raw in rows:
             row = list(raw)
-            state = TaskRunState(row[3])
+            state = TaskRunState(row[_STATE])
             if state is TaskRunState.PENDING:
                 # It never started: back to the queue, not counted as a redelivery.
                 changes: dict[str, Any] = {"state": "SCHEDULED", "lease_owner": None}
@@ -475,19 +476,22 @@ class SQLRuns:
                     "message": reason,
                 }
             else:
-                limit = self.default_max_redeliveries if row[13] is None else row[13]
-                if row[14] < limit:
+                limit = row[_MAX_REDELIVERIES]
+                if limit is None:
+                    limit = self.default_max_redeliveries
+                redeliveries = row[_REDELIVERIES]
+                if redeliveries < limit:
                     changes = {
                         "state": "SCHEDULED",
                         "lease_owner": None,
-                        "redeliveries": row[14] + 1,
+                        "redeliveries": redeliveries + 1,
                         "message": f"redelivered: {reason}",
                     }
                 else:
                     changes = {
                         "state": "CRASHED",
                         "lease_owner": None,
-                        "message": f"{reason}; it had been redelivered {row[14]} times,"
+                        "message": f"{reason}; it had been redelivered {redeliveries} times,"
                         f" the limit is {limit}",
                     }
             changed.append(self._write(cur, row, changes))
@@ -506,8 +510,8 @@ class SQLRuns:
         row = rows.get(str(run_id))
         if row is None:
             raise StoreError(f"no run {run_id}")
-        state = TaskRunState(row[3])
-        owner = row[22]
+        state = TaskRunState(row[_STATE])
+        owner = row[_OWNER]
         message = "cancelled by the caller"
         if state is TaskRunState.CANCELLING:
             return _row_to_run(row), owner
