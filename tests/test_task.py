@@ -26,7 +26,8 @@ def test_options_and_key() -> None:
     assert isinstance(add, Task)
     assert add.key == f"{__name__}:add"
     assert add.is_async and not say.is_async
-    assert (say.name, say.retries, say.retry_delay_seconds, say.timeout_seconds, say.tags) == (
+    opts = say.options
+    assert (say.name, opts.retries, opts.retry_delay_seconds, opts.timeout_seconds, opts.tags) == (
         "say",
         2,
         0.5,

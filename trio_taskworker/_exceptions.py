@@ -44,8 +44,12 @@ class TaskWorkerError(Exception):
     """The root of every exception raised by trio_taskworker itself."""
 
 
-class ConfigurationError(TaskWorkerError):
-    """A setting, an entrypoint or a task definition is not usable."""
+class ConfigurationError(TaskWorkerError, ValueError):
+    """A setting, an entrypoint or a task definition is not usable.
+
+    It is also a ``ValueError``, so the server's JSON decoding reports a
+    request whose options break the same rules as a 422 with this message.
+    """
 
 
 class ServerError(TaskWorkerError):

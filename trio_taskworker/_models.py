@@ -10,13 +10,20 @@ base64-encoded, when small, and by reference to a stored blob otherwise.
 from __future__ import annotations
 
 import datetime
+import enum
+import math
 import uuid
+from typing import Any
 
 import attrs
 
+from ._exceptions import ConfigurationError
 from ._states import TaskRunState
 
 __all__ = [
+    "MAX_RUNS_PER_REQUEST",
+    "MAX_WAIT_SECONDS",
+    "OPTION_NAMES",
     "Cancel",
     "CreatedRuns",
     "Credit",
@@ -28,15 +35,119 @@ __all__ = [
     "Heartbeat",
     "Rejected",
     "Released",
+    "ReturnWhen",
     "RunList",
     "Started",
     "Subscribe",
     "Subscribed",
+    "TaskOptions",
     "TaskRun",
     "TaskRunCreate",
     "TaskRunCreateBatch",
     "WaitRequest",
+    "option_values",
 ]
+
+#: The most runs one ``POST /runs`` creates, and the most ids one ``POST /runs/wait`` takes.
+MAX_RUNS_PER_REQUEST = 10_000
+#: The longest a wait request may ask the server to hold it open, in seconds.
+MAX_WAIT_SECONDS = 300.0
+
+
+# --- validators: each raises ConfigurationError naming the option ------------------
+
+
+def _count(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"{attribute.name} must be an int, 0 or more, got {value!r}")
+
+
+def _optional_count(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        _count(instance, attribute, value)
+
+
+def _seconds(*, positive: bool, optional: bool) -> Any:
+    bound = "greater than 0" if positive else "0 or more"
+
+    def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None and optional:
+            return
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise ConfigurationError(f"{attribute.name} must be a finite number, got {value!r}")
+        if value < 0 or (positive and value == 0):
+            raise ConfigurationError(f"{attribute.name} must be {bound}, got {value!r}")
+
+    return check
+
+
+def _to_float(value: Any) -> Any:
+    # Only a whole number becomes a float; anything else is left for the validator.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _to_tags(value: Any) -> Any:
+    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+        return value  # the validator says why this is not a list of tags
+    return tuple(value)
+
+
+def _tags(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, tuple) or not all(isinstance(t, str) for t in value):
+        raise ConfigurationError(f"{attribute.name} must be an iterable of strings, got {value!r}")
+
+
+def _non_empty(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not value:
+        raise ConfigurationError(f"{attribute.name} must not be empty")
+
+
+@attrs.frozen(kw_only=True)
+class TaskOptions:
+    """The options a task gives each of its runs; every rule about them lives here.
+
+    - ``retries`` and ``retry_delay_seconds``: how often a FAILED run is
+      rescheduled, and how long it waits in the queue first;
+    - ``timeout_seconds``: the run FAILS with :class:`TaskRunTimedOut` after this;
+    - ``max_redeliveries``: how often a run whose worker vanished is redelivered
+      before it is CRASHED (``None``: the server's setting);
+    - ``tags``: free-form labels stored with each run.
+
+    A bad value raises :class:`ConfigurationError`. The server builds the same
+    class from each ``POST /runs`` body, so it enforces the same rules.
+    """
+
+    retries: int = attrs.field(default=0, validator=_count)
+    retry_delay_seconds: float = attrs.field(
+        default=0.0, converter=_to_float, validator=_seconds(positive=False, optional=False)
+    )
+    timeout_seconds: float | None = attrs.field(
+        default=None, converter=_to_float, validator=_seconds(positive=True, optional=True)
+    )
+    max_redeliveries: int | None = attrs.field(default=None, validator=_optional_count)
+    tags: tuple[str, ...] = attrs.field(default=(), converter=_to_tags, validator=_tags)
+
+
+#: The option names, in declaration order.
+OPTION_NAMES = tuple(field.name for field in attrs.fields(TaskOptions))
+
+
+def option_values(value: TaskOptions) -> dict[str, Any]:
+    """The options carried by ``value`` (a :class:`TaskOptions` or a subclass) as keywords."""
+    return {name: getattr(value, name) for name in OPTION_NAMES}
+
+
+class ReturnWhen(enum.StrEnum):
+    """When ``POST /runs/wait`` answers."""
+
+    ALL_ENDED = "ALL_ENDED"
+    FIRST_ENDED = "FIRST_ENDED"
 
 
 @attrs.frozen(kw_only=True)
@@ -49,8 +160,8 @@ class ErrorInfo:
 
 
 @attrs.frozen(kw_only=True)
-class TaskRun:
-    """A snapshot of one run, as the server last recorded it.
+class TaskRun(TaskOptions):
+    """A snapshot of one run, as the server last recorded it, with its options.
 
     ``attempt`` counts deliveries to a worker (0 until the first one) and is
     also the fencing token: a worker's report must name the attempt it was given.
@@ -68,13 +179,8 @@ class TaskRun:
     started_at: datetime.datetime | None = None
     finished_at: datetime.datetime | None = None
     attempt: int = 0
-    retries: int = 0
     retry_count: int = 0
-    retry_delay_seconds: float = 0.0
-    timeout_seconds: float | None = None
-    max_redeliveries: int | None = None
     redeliveries: int = 0
-    tags: tuple[str, ...] = ()
     parameters: bytes | None = None
     parameters_ref: str | None = None
     result: bytes | None = None
@@ -84,26 +190,46 @@ class TaskRun:
 
 
 @attrs.frozen(kw_only=True)
-class TaskRunCreate:
-    """One run to create. ``scheduled_time`` must carry a timezone."""
+class TaskRunCreate(TaskOptions):
+    """One run to create, with its options. ``scheduled_time`` must carry a timezone.
 
-    task_key: str
+    The parameters travel inline (``parameters``) or as a stored blob
+    (``parameters_ref``), never both.
+    """
+
+    task_key: str = attrs.field(validator=_non_empty)
     task_name: str = ""
     parameters: bytes | None = None
     parameters_ref: str | None = None
     scheduled_time: datetime.datetime | None = None
-    retries: int = 0
-    retry_delay_seconds: float = 0.0
-    timeout_seconds: float | None = None
-    max_redeliveries: int | None = None
-    tags: tuple[str, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        if self.parameters is not None and self.parameters_ref is not None:
+            raise ConfigurationError("give parameters or parameters_ref, not both")
+
+
+def _batch_size(_: Any, attribute: attrs.Attribute[Any], value: tuple[Any, ...]) -> None:
+    if not value:
+        raise ConfigurationError(f"a batch needs at least one run in {attribute.name}")
+    if len(value) > MAX_RUNS_PER_REQUEST:
+        raise ConfigurationError(f"at most {MAX_RUNS_PER_REQUEST} {attribute.name} per request")
+
+
+def _id_count(_: Any, attribute: attrs.Attribute[Any], value: tuple[Any, ...]) -> None:
+    if len(value) > MAX_RUNS_PER_REQUEST:
+        raise ConfigurationError(f"at most {MAX_RUNS_PER_REQUEST} {attribute.name} per request")
+
+
+def _wait_seconds(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not 0 <= value <= MAX_WAIT_SECONDS:
+        raise ConfigurationError(f"{attribute.name} must be in [0, {MAX_WAIT_SECONDS:g}]")
 
 
 @attrs.frozen(kw_only=True)
 class TaskRunCreateBatch:
     """The body of ``POST /runs``: all its runs are created in one transaction."""
 
-    runs: tuple[TaskRunCreate, ...]
+    runs: tuple[TaskRunCreate, ...] = attrs.field(validator=_batch_size)
 
 
 @attrs.frozen(kw_only=True)
@@ -129,9 +255,9 @@ class WaitRequest:
     and lists the runs among ``ids`` that have ended by then.
     """
 
-    ids: tuple[uuid.UUID, ...]
-    timeout: float = 30.0
-    return_when: str = "ALL_ENDED"
+    ids: tuple[uuid.UUID, ...] = attrs.field(validator=_id_count)
+    timeout: float = attrs.field(default=30.0, validator=_wait_seconds)
+    return_when: ReturnWhen = ReturnWhen.ALL_ENDED
 
 
 # --- websocket messages, worker to server -------------------------------------------

@@ -30,6 +30,7 @@ from ._models import (
     Heartbeat,
     Rejected,
     Released,
+    ReturnWhen,
     ServerMessage,
     Started,
     Subscribe,
@@ -111,6 +112,7 @@ converter.register_unstructure_hook(bytes, lambda b: base64.b64encode(b).decode(
 converter.register_structure_hook(str, _structure_str)
 # Registered after str: TaskRunState is a str subclass and must not fall to that hook.
 converter.register_structure_hook(TaskRunState, lambda value, _: TaskRunState(value))
+converter.register_structure_hook(ReturnWhen, lambda value, _: ReturnWhen(value))
 converter.register_structure_hook(int, _structure_int)
 converter.register_structure_hook(float, _structure_float)
 

@@ -1,7 +1,7 @@
 """Task definitions: the ``@task`` decorator and :class:`Task`.
 
-A task wraps a plain function with the options its runs carry (retries,
-timeout, tags) and a *key* that submitters and workers agree on. Calling a
+A task wraps a plain function with the :class:`TaskOptions` its runs carry
+(retries, timeout, tags) and a *key* that submitters and workers agree on. Calling a
 task runs it in-process; :meth:`Task.delay` and friends queue runs on the
 server instead.
 
@@ -16,14 +16,15 @@ from __future__ import annotations
 import datetime
 import functools
 import inspect
-import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
+import attrs
+
 from ._exceptions import ConfigurationError
-from ._models import TaskRunCreate
+from ._models import TaskOptions, TaskRunCreate, option_values
 from ._serialization import dumps_payload
 
 if TYPE_CHECKING:
@@ -64,18 +65,6 @@ def _module_name(fn: Callable[..., Any]) -> str:
     return module
 
 
-def _check_number(name: str, value: float | None, *, allow_none: bool, positive: bool) -> None:
-    if value is None:
-        if not allow_none:
-            raise ConfigurationError(f"{name} must be a number, not None")
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigurationError(f"{name} must be a finite number, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        bound = "greater than 0" if positive else "0 or more"
-        raise ConfigurationError(f"{name} must be {bound}, got {value!r}")
-
-
 class Task(Generic[P, R]):
     """A function that can be run in the background by task workers.
 
@@ -89,40 +78,26 @@ class Task(Generic[P, R]):
         *,
         name: str | None = None,
         key: str | None = None,
-        retries: int = 0,
-        retry_delay_seconds: float = 0.0,
-        timeout_seconds: float | None = None,
-        max_redeliveries: int | None = None,
-        tags: Iterable[str] = (),
+        options: TaskOptions | None = None,
+        **changes: Any,
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"a task needs a function, got {type(fn).__name__}")
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ConfigurationError(f"retries must be an int, 0 or more, got {retries!r}")
-        _check_number("retry_delay_seconds", retry_delay_seconds, allow_none=False, positive=False)
-        _check_number("timeout_seconds", timeout_seconds, allow_none=True, positive=True)
-        if max_redeliveries is not None and (
-            isinstance(max_redeliveries, bool)
-            or not isinstance(max_redeliveries, int)
-            or max_redeliveries < 0
-        ):
-            raise ConfigurationError(
-                f"max_redeliveries must be an int, 0 or more, got {max_redeliveries!r}"
-            )
-        tag_tuple = tuple(tags)
-        if isinstance(tags, str) or not all(isinstance(t, str) for t in tag_tuple):
-            raise ConfigurationError(f"tags must be an iterable of strings, got {tags!r}")
         self.fn = fn
         self.name: str = name or str(getattr(fn, "__name__", "task"))
         self.key: str = key or f"{_module_name(fn)}:{getattr(fn, '__qualname__', self.name)}"
-        self.retries = retries
-        self.retry_delay_seconds = float(retry_delay_seconds)
-        self.timeout_seconds = None if timeout_seconds is None else float(timeout_seconds)
-        self.max_redeliveries = max_redeliveries
-        self.tags = tag_tuple
+        self.options: TaskOptions = _evolve(options or TaskOptions(), changes)
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = inspect.signature(fn)
         functools.update_wrapper(self, fn)
+
+    def with_options(self, **changes: Any) -> Task[P, R]:
+        """A copy of this task whose runs carry these options instead (same key).
+
+        Takes the fields of :class:`TaskOptions`; raises :class:`ConfigurationError`
+        for an unknown option or a bad value.
+        """
+        return Task(self.fn, name=self.name, key=self.key, options=_evolve(self.options, changes))
 
     def __repr__(self) -> str:
         return f"<Task {self.name!r} key={self.key!r}>"
@@ -158,11 +133,7 @@ class Task(Generic[P, R]):
             task_key=self.key,
             task_name=self.name,
             scheduled_time=scheduled_time,
-            retries=self.retries,
-            retry_delay_seconds=self.retry_delay_seconds,
-            timeout_seconds=self.timeout_seconds,
-            max_redeliveries=self.max_redeliveries,
-            tags=self.tags,
+            **option_values(self.options),
         )
         return create, payload
 
@@ -258,20 +229,21 @@ class Task(Generic[P, R]):
             return client.submit(calls)
 
 
+def _evolve(options: TaskOptions, changes: dict[str, Any]) -> TaskOptions:
+    try:
+        return attrs.evolve(options, **changes)
+    except TypeError as exc:
+        known = ", ".join(option_values(options))
+        raise ConfigurationError(f"{exc}; the task options are: {known}") from None
+
+
 @overload
 def task(fn: Callable[P, R], /) -> Task[P, R]: ...
 
 
 @overload
 def task(
-    *,
-    name: str | None = None,
-    key: str | None = None,
-    retries: int = 0,
-    retry_delay_seconds: float = 0.0,
-    timeout_seconds: float | None = None,
-    max_redeliveries: int | None = None,
-    tags: Iterable[str] = (),
+    *, name: str | None = None, key: str | None = None, **options: Any
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
@@ -281,11 +253,7 @@ def task(
     *,
     name: str | None = None,
     key: str | None = None,
-    retries: int = 0,
-    retry_delay_seconds: float = 0.0,
-    timeout_seconds: float | None = None,
-    max_redeliveries: int | None = None,
-    tags: Iterable[str] = (),
+    **options: Any,
 ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Turn a function (sync or async) into a :class:`Task`.
 
@@ -293,28 +261,17 @@ def task(
 
     - ``name``: a display name (default: the function's name);
     - ``key``: the key workers and submitters match on (default ``module:qualname``);
-    - ``retries`` and ``retry_delay_seconds``: how often a FAILED run is
-      rescheduled, and how long it waits in the queue first;
-    - ``timeout_seconds``: the run FAILS with :class:`TaskRunTimedOut` after this;
-    - ``max_redeliveries``: how often a run whose worker vanished is redelivered
-      before it is CRASHED (default: the server's setting);
-    - ``tags``: free-form labels stored with each run.
+    - any field of :class:`TaskOptions` (``retries``, ``retry_delay_seconds``,
+      ``timeout_seconds``, ``max_redeliveries``, ``tags``).
 
-    Raises :class:`ConfigurationError` for an option out of range.
+    Raises :class:`ConfigurationError` for an unknown option or one out of range.
     """
+    if fn is not None:
+        return Task(fn, name=name, key=key, **options)
+    # Checked now, so a bad option fails where the decorator is written.
+    checked = _evolve(TaskOptions(), options)
 
     def decorate(f: Callable[P, R]) -> Task[P, R]:
-        return Task(
-            f,
-            name=name,
-            key=key,
-            retries=retries,
-            retry_delay_seconds=retry_delay_seconds,
-            timeout_seconds=timeout_seconds,
-            max_redeliveries=max_redeliveries,
-            tags=tags,
-        )
+        return Task(f, name=name, key=key, options=checked)
 
-    if fn is not None:
-        return decorate(fn)
     return decorate

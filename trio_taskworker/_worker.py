@@ -474,8 +474,8 @@ class TaskWorker:
             started_at=datetime.datetime.now(datetime.UTC),
             generation=generation,
         )
-        if task.timeout_seconds is not None:
-            entry.timeout_deadline = trio.current_time() + task.timeout_seconds
+        if task.options.timeout_seconds is not None:
+            entry.timeout_deadline = trio.current_time() + task.options.timeout_seconds
             entry.scope.deadline = entry.timeout_deadline
         if self._stopping:
             entry.set_shutdown_deadline(trio.current_time() + self.shutdown_timeout)
@@ -522,7 +522,10 @@ class TaskWorker:
                     id=run.id, attempt=run.attempt, reason="cancelled by a worker stop"
                 )
             return self._failed(
-                run, TaskRunTimedOut(f"the run exceeded its timeout of {task.timeout_seconds} s")
+                run,
+                TaskRunTimedOut(
+                    f"the run exceeded its timeout of {task.options.timeout_seconds} s"
+                ),
             )
         try:
             return await self._completed(run, value)

@@ -22,6 +22,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from .._models import (
+    MAX_WAIT_SECONDS,
     Cancel,
     CreatedRuns,
     Credit,
@@ -31,6 +32,7 @@ from .._models import (
     Heartbeat,
     Rejected,
     Released,
+    ReturnWhen,
     RunList,
     Started,
     Subscribe,
@@ -63,8 +65,6 @@ CLOSE_POLICY = 1008
 CLOSE_LEASE_EXPIRED = 3008
 #: How long a new connection has to send its ``subscribe`` message.
 SUBSCRIBE_TIMEOUT = 10.0
-MAX_RUNS_PER_REQUEST = 10_000
-MAX_WAIT_SECONDS = 300.0
 
 
 @attrs.define(eq=False)
@@ -164,14 +164,6 @@ def build_app(state: AppState) -> Starlette:
             batch = from_json(body, TaskRunCreateBatch)
         except InvalidPayload as exc:
             return _error(422, f"invalid run batch: {exc}")
-        if not batch.runs:
-            return _error(422, "a batch needs at least one run")
-        if len(batch.runs) > MAX_RUNS_PER_REQUEST:
-            return _error(422, f"at most {MAX_RUNS_PER_REQUEST} runs per request")
-        for i, create in enumerate(batch.runs):
-            problem = _check_create(create)
-            if problem:
-                return _error(422, f"runs[{i}]: {problem}")
         try:
             ids = await state.store.create_runs(batch.runs, state.now())
         except StoreError as exc:
@@ -220,12 +212,6 @@ def build_app(state: AppState) -> Starlette:
             wait = from_json(await _body(request, state.max_body_bytes), WaitRequest)
         except InvalidPayload as exc:
             return _error(422, f"invalid wait request: {exc}")
-        if wait.return_when not in ("ALL_ENDED", "FIRST_ENDED"):
-            return _error(422, "return_when must be ALL_ENDED or FIRST_ENDED")
-        if not 0 <= wait.timeout <= MAX_WAIT_SECONDS:
-            return _error(422, f"timeout must be in [0, {MAX_WAIT_SECONDS}]")
-        if len(wait.ids) > MAX_RUNS_PER_REQUEST:
-            return _error(422, f"at most {MAX_RUNS_PER_REQUEST} ids per request")
         wanted = set(wait.ids)
         with state.waiters.watch(wanted) as watch:
             ended = {r.id: r for r in await state.store.read_runs(wait.ids) if r.state.is_terminal}
@@ -291,24 +277,10 @@ def build_app(state: AppState) -> Starlette:
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
 
-def _satisfied(return_when: str, ended: int, wanted: int) -> bool:
-    if return_when == "FIRST_ENDED":
+def _satisfied(return_when: ReturnWhen, ended: int, wanted: int) -> bool:
+    if return_when is ReturnWhen.FIRST_ENDED:
         return ended > 0
     return ended >= wanted
-
-
-def _check_create(create: Any) -> str | None:
-    if not create.task_key:
-        return "task_key must not be empty"
-    if create.parameters is not None and create.parameters_ref is not None:
-        return "give parameters or parameters_ref, not both"
-    if create.retries < 0 or create.retry_delay_seconds < 0:
-        return "retries and retry_delay_seconds must be 0 or more"
-    if create.timeout_seconds is not None and create.timeout_seconds <= 0:
-        return "timeout_seconds must be greater than 0"
-    if create.max_redeliveries is not None and create.max_redeliveries < 0:
-        return "max_redeliveries must be 0 or more"
-    return None
 
 
 class _Closed(Exception):
