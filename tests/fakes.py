@@ -16,7 +16,6 @@ import attrs
 import trio
 import trio_websocket
 
-from trio_taskworker import TaskWorker
 from trio_taskworker._server import SQLiteStore
 from trio_taskworker._server._app import AppState, _Subscription
 from trio_taskworker._server._dispatch import Dispatcher, Waiters
@@ -109,6 +108,7 @@ class InProcessServer:
 
     @contextlib.asynccontextmanager
     async def connect(self) -> AsyncIterator[Any]:
+        """A ``connect`` factory for ``TaskWorker(connect=...)``: one in-process connection."""
         to_server_send, to_server_receive = trio.open_memory_channel[dict[str, Any]](1000)
         to_worker_send, to_worker_receive = trio.open_memory_channel[tuple[Any, ...]](1000)
         server_end = _ServerEnd(to_server_receive, to_worker_send)
@@ -127,7 +127,3 @@ class InProcessServer:
         for cut in self._cuts:
             cut.cancel()
         self._cuts.clear()
-
-    def attach(self, worker: TaskWorker) -> TaskWorker:
-        worker._connect = self.connect  # type: ignore[assignment]
-        return worker

@@ -3,6 +3,7 @@ server handler joined by an in-process transport, on trio's autojump clock."""
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from trio_taskworker._server import SQLiteStore
 from .fakes import InProcessServer, now
 
 S = TaskRunState
+EPOCH_DT = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 observed: list[str] = []
 
 
@@ -58,6 +60,28 @@ async def quit_worker() -> None:
     raise StopTaskWorker("done here")
 
 
+gates: list[trio.Event] = []
+
+
+@task
+async def gate() -> None:
+    await gates[-1].wait()
+
+
+async def occupy_the_slot(nursery: trio.Nursery, worker: TaskWorker) -> trio.Event:
+    """Hold a slot with ``gate`` through the public ``execute_task_run`` until the event is set."""
+    event = trio.Event()
+    gates.append(event)
+    run = TaskRun(
+        id=uuid.uuid4(), task_key=gate.key, task_name=gate.name, state=S.PENDING,
+        created_at=EPOCH_DT, scheduled_time=EPOCH_DT, attempt=1,
+    )  # fmt: skip
+    nursery.start_soon(worker.execute_task_run, run)
+    await trio.testing.wait_all_tasks_blocked()
+    assert worker.available_tasks == 0
+    return event
+
+
 @pytest.fixture(autouse=True)
 def _clear() -> None:
     observed.clear()
@@ -71,7 +95,7 @@ async def srv(
 
 
 async def submit(srv: InProcessServer, t: Any, *args: Any) -> uuid.UUID:
-    create, payload = t._run_create(args, {}, None)
+    create, payload = t.run_create(args, {})
     (run_id,) = await srv.state.store.create_runs(
         [attrs.evolve(create, parameters=payload)], now()
     )
@@ -97,8 +121,8 @@ async def run_when(
 
 
 async def start(nursery: trio.Nursery, srv: InProcessServer, *tasks: Any, **kw: Any) -> TaskWorker:
-    worker = srv.attach(
-        TaskWorker(*tasks, api_url="http://in-process", handle_signals=False, **kw)
+    worker = TaskWorker(
+        *tasks, api_url="http://in-process", handle_signals=False, connect=srv.connect, **kw
     )
     await nursery.start(worker.start)
     return worker
@@ -125,16 +149,14 @@ async def test_caller_cancel_queued(
 async def test_caller_cancel_leased_not_started(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
 ) -> None:
-    worker = await start(nursery, srv, hold, limit=1)
+    worker = await start(nursery, srv, hold, gate, limit=1)
     # Hold the only slot from outside, so a delivered run waits to start.
-    blocker = object()
-    await worker._limiter.acquire_on_behalf_of(blocker)
-    worker._window = 1
+    blocker = await occupy_the_slot(nursery, worker)
     run_id = await submit(srv, hold, "leased")
     assert (await run_of(srv, run_id)).state is S.PENDING
     assert (await srv.state.cancel(run_id)).state is S.CANCELLED
     await trio.testing.wait_all_tasks_blocked()  # the worker has heard of the cancel
-    worker._limiter.release_on_behalf_of(blocker)
+    blocker.set()
     assert (await run_of(srv, run_id)).state is S.CANCELLED
     assert observed == []  # it never started
     assert worker.current_tasks == 0
@@ -201,8 +223,8 @@ async def test_second_signal_ends_the_grace(
     await trio.testing.wait_all_tasks_blocked()
     assert worker.stopping and (await run_of(srv, run_id)).state is S.RUNNING
     began = trio.current_time()
-    worker._begin_stop(0.0)  # what the signal watcher does on a second signal
-    await worker._stopped.wait()
+    worker.handle_sigterm(15, None)  # a second signal
+    await worker.stop()  # returns once the worker has stopped
     assert trio.current_time() - began < 1
     run = await run_of(srv, run_id)
     assert (run.state, run.redeliveries) == (S.SCHEDULED, 0)
@@ -212,9 +234,9 @@ async def test_second_signal_ends_the_grace(
 async def test_stop_task_worker_hands_its_run_back(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
 ) -> None:
-    worker = srv.attach(
-        TaskWorker(quit_worker, nap, api_url="http://in-process", handle_signals=False,
-                   shutdown_timeout=10)
+    worker = TaskWorker(
+        quit_worker, nap, api_url="http://in-process", handle_signals=False,
+        shutdown_timeout=10, connect=srv.connect,
     )  # fmt: skip
     other = await submit(srv, nap, "other", 3)
     quitter = await submit(srv, quit_worker)
@@ -249,7 +271,7 @@ async def test_redeliveries_are_bounded(
     limited = task(max_redeliveries=1)(hold.fn)
     limited.key = hold.key
     await start(nursery, srv, hold)
-    create, payload = limited._run_create(("x",), {}, None)
+    create, payload = limited.run_create(("x",), {})
     (run_id,) = await srv.state.store.create_runs(
         [attrs.evolve(create, parameters=payload)], now()
     )
@@ -274,15 +296,14 @@ async def test_heartbeats_keep_a_long_run_leased(
 async def test_stop_hands_back_leased_runs(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
 ) -> None:
-    worker = await start(nursery, srv, hold, limit=1)
-    blocker = object()
-    await worker._limiter.acquire_on_behalf_of(blocker)  # the delivered run must wait
+    worker = await start(nursery, srv, hold, gate, limit=1)
+    blocker = await occupy_the_slot(nursery, worker)  # the delivered run must wait
     run_id = await submit(srv, hold, "leased")
     assert (await run_of(srv, run_id)).state is S.PENDING
     async with trio.open_nursery() as inner:
         inner.start_soon(worker.stop)
         await trio.testing.wait_all_tasks_blocked()
-        worker._limiter.release_on_behalf_of(blocker)
+        blocker.set()
     run = await run_of(srv, run_id)
     assert (run.state, run.redeliveries) == (S.SCHEDULED, 0)
     assert observed == []
@@ -320,7 +341,9 @@ async def test_queued_runs_are_untouched_by_worker_events(
     queued = await submit(srv, nap, "queued", 1)  # waits for a worker that serves nap
     srv.cut_connections()
     assert (await run_of(srv, queued)).state is S.SCHEDULED
-    worker._begin_stop(0.0)
-    await worker._stopped.wait()
+    worker.handle_sigterm(15, None)
+    await trio.testing.wait_all_tasks_blocked()
+    worker.handle_sigterm(15, None)  # a second signal: no grace
+    await worker.stop()
     run = await run_of(srv, queued)
     assert (run.state, run.attempt, run.redeliveries) == (S.SCHEDULED, 0, 0)

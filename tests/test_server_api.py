@@ -159,6 +159,19 @@ async def test_bad_requests_get_clear_errors(
     assert needle in response.json()["detail"]
 
 
+@pytest.mark.parametrize("path", list(openapi_document()["paths"]))
+async def test_wrong_method_lists_the_allowed_ones(http: httpx.AsyncClient, path: str) -> None:
+    url = path.replace("{run_id}", str(uuid.uuid4())).replace("{blob_id}", str(uuid.uuid4()))
+    response = await http.delete(url)
+    assert response.status_code == 405
+    assert response.json() == {"detail": "Method Not Allowed"}
+    allowed = {m.upper() for m in openapi_document()["paths"][path]}
+    if "GET" in allowed:
+        allowed.add("HEAD")
+        assert (await http.head(url)).status_code in (200, 404)
+    assert set(response.headers["allow"].split(", ")) == allowed
+
+
 async def test_body_limit(nursery: trio.Nursery, tmp_path: Any) -> None:
     srv = TaskServer(port=0, data_dir=tmp_path, max_body_bytes=1000)
     url = await nursery.start(srv.run)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from trio_taskworker import (
     open_client,
     task,
 )
+from trio_taskworker._subscription import WebSocket, websocket_connector
 
 from .helpers import wait_until
 
@@ -266,14 +269,23 @@ async def test_worker_reconnects_after_server_restart(
 async def test_lost_connection_redelivers_running_runs(
     nursery: trio.Nursery, server: TaskServer
 ) -> None:
-    worker = await start_worker(nursery, str(server.url), gated)
+    cuts: list[trio.CancelScope] = []
+    real = websocket_connector(str(server.url))
+
+    @contextlib.asynccontextmanager
+    async def cuttable() -> AsyncIterator[WebSocket]:
+        async with real() as ws:
+            with trio.CancelScope() as cut:
+                cuts.append(cut)
+                yield ws
+
+    await start_worker(nursery, str(server.url), gated, connect=cuttable)
     async with open_client(server.url) as client:
         fut = await gated.delay(7)
         await wait_until(lambda: active == 1)
         # Cut the worker's connection without a goodbye: the server must take
         # the lease back and redeliver; the worker cancels its orphaned attempt.
-        assert worker._reconnect_scope is not None
-        worker._reconnect_scope.cancel()
+        cuts[-1].cancel()
         attempts: list[int] = []
 
         async def redelivered() -> None:
@@ -334,8 +346,9 @@ async def test_bad_websocket_messages_close_with_a_reason(
 async def test_a_refused_worker_stops_with_an_error(
     nursery: trio.Nursery, server: TaskServer
 ) -> None:
-    worker = TaskWorker(add, api_url=server.url, handle_signals=False)
-    worker.tasks = {"": add}  # an empty key is refused by the server
+    nameless = task(add.fn)
+    nameless.key = ""  # an empty key is refused by the server
+    worker = TaskWorker(nameless, api_url=server.url, handle_signals=False)
     with trio.fail_after(20), pytest.raises(ProtocolError, match="refused this worker: 1008"):
         await worker.start()
 

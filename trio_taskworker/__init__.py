@@ -21,7 +21,7 @@ from ._exceptions import (
     TaskWorkerError,
 )
 from ._future import TaskRunFuture, gather_results
-from ._models import ErrorInfo, TaskRun
+from ._models import ErrorInfo, TaskOptions, TaskRun
 from ._server import TaskServer
 from ._states import TaskRunState
 from ._task import Task, task
@@ -38,6 +38,7 @@ __all__ = [
     "StopTaskWorker",
     "SyncClient",
     "Task",
+    "TaskOptions",
     "TaskRun",
     "TaskRunCancelled",
     "TaskRunCrashed",

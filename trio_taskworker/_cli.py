@@ -25,8 +25,9 @@ from typing import Any
 
 import trio
 
+from ._definition import module_name_for_path
 from ._exceptions import TaskWorkerError
-from ._task import Task, module_name_for_path
+from ._task import Task
 from ._version import __version__
 
 __all__ = ["load_entrypoint", "load_module_tasks", "main"]
@@ -257,18 +258,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trio-taskworker: error: {exc}", file=sys.stderr)
         return 1
     except BaseExceptionGroup as group:
-        # Errors raised inside nurseries (a port in use, say) arrive grouped.
-        leaf = _first_leaf(group)
-        if isinstance(leaf, CLIError | TaskWorkerError | OSError):
+        # Errors raised inside nurseries (a port in use, say) arrive grouped, and
+        # two tasks may fail at once. Report every error when all are ones the
+        # user can act on; if any is not (a bug, a KeyboardInterrupt), re-raise
+        # the whole group so that its traceback shows them all.
+        known, rest = group.split((CLIError, TaskWorkerError, OSError))
+        if known is None or rest is not None:
+            raise
+        for leaf in _leaves(known):
             print(f"trio-taskworker: error: {leaf}", file=sys.stderr)
-            return 1
-        raise
+        return 1
     return 0
 
 
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves
 
 
 def entry() -> None:

@@ -4,6 +4,11 @@
 Each API operation is written once, as a generator that yields the requests
 it needs and receives their responses (the sans-I/O shape httpx and hypercorn
 use internally); the two clients only differ in how they send a request.
+
+Payloads (pickled parameters and results) go inline with the run when they
+are small and as a stored blob otherwise. That decision, and reading either
+form back, is written once here (:func:`_op_store_payload`,
+:func:`_op_load_payload`) and used by submitters and workers alike.
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ from ._exceptions import (
     TaskRunFailed,
     TaskRunNotFound,
 )
-from ._future import TaskRunFuture
 from ._models import CreatedRuns, RunList, TaskRun, TaskRunCreate, TaskRunCreateBatch, WaitRequest
 from ._serialization import from_json, loads_payload, to_json
 from ._states import TaskRunState
@@ -35,11 +39,14 @@ from ._states import TaskRunState
 __all__ = [
     "DEFAULT_API_URL",
     "INLINE_PAYLOAD_LIMIT",
+    "StoredPayload",
     "SyncClient",
     "TaskWorkerClient",
     "api_url_from_env",
     "current_client",
+    "fits_inline",
     "open_client",
+    "sync_client",
 ]
 
 T = TypeVar("T")
@@ -82,6 +89,14 @@ def _raise_for_status(response: httpx.Response) -> None:
     raise ServerError(response.status_code, detail)
 
 
+@attrs.frozen
+class StoredPayload:
+    """Where a payload went: ``inline`` bytes to send with the run, or a blob ``ref``."""
+
+    inline: bytes | None
+    ref: str | None
+
+
 # --- operations ----------------------------------------------------------------------
 
 
@@ -99,14 +114,31 @@ def _op_get_blob(ref: str) -> Operation[bytes]:
     return response.content
 
 
+def fits_inline(data: bytes) -> bool:
+    """True when a payload is small enough to travel inline with its run."""
+    return len(data) <= INLINE_PAYLOAD_LIMIT
+
+
+def _op_store_payload(data: bytes) -> Operation[StoredPayload]:
+    """Keep a small payload inline; store a large one as a blob."""
+    if fits_inline(data):
+        return StoredPayload(data, None)
+    ref = yield from _op_put_blob(data)
+    return StoredPayload(None, ref)
+
+
+def _op_load_payload(inline: bytes | None, ref: str | None) -> Operation[bytes | None]:
+    """The payload bytes, whichever way they were stored (None if there are none)."""
+    if inline is None and ref is not None:
+        inline = yield from _op_get_blob(ref)
+    return inline
+
+
 def _op_submit(calls: Sequence[tuple[TaskRunCreate, bytes]]) -> Operation[list[uuid.UUID]]:
     creates = []
     for create, payload in calls:
-        if len(payload) <= INLINE_PAYLOAD_LIMIT:
-            creates.append(attrs.evolve(create, parameters=payload))
-        else:
-            ref = yield from _op_put_blob(payload)
-            creates.append(attrs.evolve(create, parameters_ref=ref))
+        stored = yield from _op_store_payload(payload)
+        creates.append(attrs.evolve(create, parameters=stored.inline, parameters_ref=stored.ref))
     response = yield _Call(
         method="POST", path="/runs", content=to_json(TaskRunCreateBatch(runs=tuple(creates)))
     )
@@ -191,14 +223,10 @@ def _op_cancel(run_id: uuid.UUID) -> Operation[TaskRun]:
 def _op_result(run: TaskRun) -> Operation[Any]:
     """Turn an ended run into its value, or raise what it stands for."""
     if run.state is TaskRunState.COMPLETED:
-        data = run.result
-        if data is None and run.result_ref is not None:
-            data = yield from _op_get_blob(run.result_ref)
+        data = yield from _op_load_payload(run.result, run.result_ref)
         return None if data is None else loads_payload(data)
     if run.state is TaskRunState.FAILED:
-        data = run.result
-        if data is None and run.result_ref is not None:
-            data = yield from _op_get_blob(run.result_ref)
+        data = yield from _op_load_payload(run.result, run.result_ref)
         exc: BaseException | None = None
         if data is not None:
             try:
@@ -271,12 +299,13 @@ class TaskWorkerClient:
             value: T = stop.value
             return value
 
-    async def submit(
-        self, calls: Sequence[tuple[TaskRunCreate, bytes]]
-    ) -> list[TaskRunFuture[Any]]:
-        """Create runs from ``(create, pickled parameters)`` pairs in one request."""
-        ids = await self._drive(_op_submit(calls))
-        return [TaskRunFuture(task_run_id=i, api_url=self.api_url) for i in ids]
+    async def submit(self, calls: Sequence[tuple[TaskRunCreate, bytes]]) -> list[uuid.UUID]:
+        """Create runs from ``(create, pickled parameters)`` pairs in one request.
+
+        Returns the new runs' ids in order. Large parameters are stored as
+        blobs first (see :meth:`store_payload`).
+        """
+        return await self._drive(_op_submit(calls))
 
     async def read_run(self, run_id: uuid.UUID) -> TaskRun:
         """Return the run's current snapshot; raise :class:`TaskRunNotFound` if unknown."""
@@ -314,6 +343,14 @@ class TaskWorkerClient:
     async def put_blob(self, data: bytes) -> str:
         """Store a payload blob; return its reference."""
         return await self._drive(_op_put_blob(data))
+
+    async def store_payload(self, data: bytes) -> StoredPayload:
+        """Keep ``data`` inline if it is small, else store it as a blob."""
+        return await self._drive(_op_store_payload(data))
+
+    async def load_payload(self, inline: bytes | None, ref: str | None) -> bytes | None:
+        """Read a payload back from its inline bytes or its blob reference."""
+        return await self._drive(_op_load_payload(inline, ref))
 
     async def get_blob(self, ref: str) -> bytes:
         """Read a stored payload blob."""
@@ -400,10 +437,9 @@ class SyncClient:
             value: T = stop.value
             return value
 
-    def submit(self, calls: Sequence[tuple[TaskRunCreate, bytes]]) -> list[TaskRunFuture[Any]]:
+    def submit(self, calls: Sequence[tuple[TaskRunCreate, bytes]]) -> list[uuid.UUID]:
         """See :meth:`TaskWorkerClient.submit`."""
-        ids = self._drive(_op_submit(calls))
-        return [TaskRunFuture(task_run_id=i, api_url=self.api_url) for i in ids]
+        return self._drive(_op_submit(calls))
 
     def read_run(self, run_id: uuid.UUID) -> TaskRun:
         """See :meth:`TaskWorkerClient.read_run`."""
@@ -423,6 +459,7 @@ class SyncClient:
 
 
 @contextlib.contextmanager
-def _sync_client(api_url: str | None) -> Iterator[SyncClient]:
+def sync_client(api_url: str | None = None) -> Iterator[SyncClient]:
+    """A short-lived :class:`SyncClient` for ``api_url`` (default: from the environment)."""
     with SyncClient(api_url or api_url_from_env()) as client:
         yield client

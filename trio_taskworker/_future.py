@@ -7,6 +7,7 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
+from ._client import current_client, sync_client
 from ._models import TaskRun
 
 __all__ = ["TaskRunFuture"]
@@ -34,8 +35,6 @@ class TaskRunFuture(Generic[R]):
         polling loop). After ``timeout`` seconds it returns the snapshot as it
         is then, which may not have ended: check ``run.state.is_terminal``.
         """
-        from ._client import current_client
-
         async with current_client(self.api_url) as client:
             return await client.wait_run(self.task_run_id, timeout)
 
@@ -47,8 +46,6 @@ class TaskRunFuture(Generic[R]):
         rebuilt, :class:`TaskRunCancelled` or :class:`TaskRunCrashed` for those
         states, and ``TimeoutError`` when ``timeout`` passes first.
         """
-        from ._client import current_client
-
         async with current_client(self.api_url) as client:
             run = await client.wait_run(self.task_run_id, timeout)
             value: R = await client.load_result(run)
@@ -65,30 +62,22 @@ class TaskRunFuture(Generic[R]):
         and its result is thrown away). A run that has already ended is returned
         as it is. Afterwards :meth:`result` raises :class:`TaskRunCancelled`.
         """
-        from ._client import current_client
-
         async with current_client(self.api_url) as client:
             return await client.cancel_run(self.task_run_id)
 
     def cancel_sync(self) -> TaskRun:
         """:meth:`cancel` for plain synchronous code."""
-        from ._client import _sync_client
-
-        with _sync_client(self.api_url) as client:
+        with sync_client(self.api_url) as client:
             return client.cancel_run(self.task_run_id)
 
     def wait_sync(self, timeout: float | None = None) -> TaskRun:
         """:meth:`wait` for plain synchronous code (no trio needed)."""
-        from ._client import _sync_client
-
-        with _sync_client(self.api_url) as client:
+        with sync_client(self.api_url) as client:
             return client.wait_run(self.task_run_id, timeout)
 
     def result_sync(self, timeout: float | None = None) -> R:
         """:meth:`result` for plain synchronous code (no trio needed)."""
-        from ._client import _sync_client
-
-        with _sync_client(self.api_url) as client:
+        with sync_client(self.api_url) as client:
             run = client.wait_run(self.task_run_id, timeout)
             value: R = client.load_result(run)
             return value
@@ -103,8 +92,6 @@ async def gather_results(
     and ``TimeoutError`` if they have not all ended after ``timeout`` seconds.
     All futures must come from the same server.
     """
-    from ._client import current_client
-
     if not futures:
         return []
     urls = {f.api_url for f in futures}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import Any
 
 import attrs
 import hypercorn.config
@@ -15,17 +16,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-if TYPE_CHECKING:
-    from ._worker import TaskWorker
-
 __all__ = ["StatusServer"]
+
+log = logging.getLogger(__name__)
 
 
 @attrs.define(eq=False)
 class StatusServer:
-    """Serves a worker's :meth:`TaskWorker.status` snapshot."""
+    """Serves whatever ``snapshot()`` returns (a JSON-ready dict) at ``GET /status``."""
 
-    worker: TaskWorker
+    snapshot: Callable[[], dict[str, Any]]
     host: str = "127.0.0.1"
     port: int = 0
 
@@ -33,7 +33,7 @@ class StatusServer:
         """Serve until cancelled; ``task_status.started(url)`` once listening."""
 
         async def status(request: Request) -> Response:
-            return JSONResponse(self.worker.status())
+            return JSONResponse(self.snapshot())
 
         app = Starlette(routes=[Route("/status", status, methods=["GET"])])
         config = hypercorn.config.Config()
@@ -44,5 +44,5 @@ class StatusServer:
             serve = partial(hypercorn.trio.serve, app, config)  # type: ignore[arg-type]
             binds = await nursery.start(serve)
             url = str(binds[0])
-            logging.getLogger(__name__).info("worker status on %s/status", url)
+            log.info("worker status on %s/status", url)
             task_status.started(url)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -18,11 +18,10 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from .._models import (
-    MAX_WAIT_SECONDS,
     Cancel,
     CreatedRuns,
     Credit,
@@ -52,11 +51,22 @@ from .._states import IllegalTransition, TaskRunState
 from .._version import __version__
 from ._dispatch import MAX_CREDITS, Dispatcher, Subscriber, Waiters
 from ._openapi import openapi_document
+from ._routes import (
+    BLOB_ID,
+    ENDPOINTS,
+    LIMIT,
+    OFFSET,
+    RUN_ID,
+    STATE,
+    TASK_KEY,
+    WAIT_TIMEOUT,
+    QueryNumber,
+)
 from ._store import Outcome, Store, StoreError
 
 __all__ = ["AppState", "build_app"]
 
-log = logging.getLogger("trio_taskworker.server")
+log = logging.getLogger(__name__)
 
 #: Close codes the server uses on the subscription websocket.
 CLOSE_GOING_AWAY = 1001
@@ -123,32 +133,82 @@ async def _body(request: Request, limit: int) -> bytes:
 
 
 def _run_id(request: Request) -> uuid.UUID:
-    raw = request.path_params["run_id"]
+    raw = request.path_params[RUN_ID.name]
     try:
         return uuid.UUID(raw)
     except ValueError:
         raise HTTPException(422, f"run id {raw!r} is not a UUID") from None
 
 
-def _query_number(request: Request, name: str, default: float, low: float, high: float) -> float:
-    raw = request.query_params.get(name)
+def _query_number(request: Request, param: QueryNumber) -> float:
+    raw = request.query_params.get(param.name)
     if raw is None:
-        return default
+        return param.default
     try:
         value = float(raw)
     except ValueError:
         raise HTTPException(
-            422, f"query parameter {name!r} must be a number, got {raw!r}"
+            422, f"query parameter {param.name!r} must be a number, got {raw!r}"
         ) from None
-    if not low <= value <= high:
-        raise HTTPException(422, f"query parameter {name!r} must be in [{low}, {high}]")
+    if not param.minimum <= value <= param.maximum:
+        raise HTTPException(
+            422, f"query parameter {param.name!r} must be in [{param.minimum}, {param.maximum}]"
+        )
     return value
 
 
-def build_app(state: AppState) -> Starlette:
-    """Build the Starlette application over ``state``."""
+_Handler = Callable[[Request], Awaitable[Response]]
 
-    async def health(request: Request) -> Response:
+
+def build_app(state: AppState) -> Starlette:
+    """Build the Starlette application over ``state``: the routes of
+    :data:`~._routes.ENDPOINTS` and the ``/subscribe`` websocket."""
+
+    async def subscribe(websocket: WebSocket) -> None:
+        await _Subscription(state, websocket).run()
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        response = _error(exc.status_code, exc.detail)
+        # Keeps the Allow header of a 405.
+        response.headers.update(exc.headers or {})
+        return response
+
+    handlers = _Handlers(state)
+    by_path: dict[str, dict[str, _Handler]] = {}
+    for endpoint in ENDPOINTS:
+        by_path.setdefault(endpoint.path, {})[endpoint.method] = getattr(
+            handlers, endpoint.handler
+        )
+    routes: list[BaseRoute] = [
+        Route(path, _by_method(methods), methods=list(methods))
+        for path, methods in by_path.items()
+    ]
+    routes.append(WebSocketRoute("/subscribe", subscribe))
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+def _by_method(handlers: dict[str, _Handler]) -> _Handler:
+    # One Route per path, not one per method: Starlette answers a wrong method
+    # with the first Route whose path matches, so only a single Route can name
+    # every allowed method in the 405's Allow header.
+    if "GET" in handlers:
+        handlers = {**handlers, "HEAD": handlers["GET"]}
+
+    async def endpoint(request: Request) -> Response:
+        return await handlers[request.method](request)
+
+    return endpoint
+
+
+@attrs.define(eq=False)
+class _Handlers:
+    """The HTTP handlers; each :class:`~._routes.Endpoint` names its own."""
+
+    state: AppState
+
+    async def health(self, request: Request) -> Response:
+        state = self.state
         return JSONResponse(
             {
                 "status": "ok",
@@ -158,7 +218,8 @@ def build_app(state: AppState) -> Starlette:
             }
         )
 
-    async def create_runs(request: Request) -> Response:
+    async def create_runs(self, request: Request) -> Response:
+        state = self.state
         body = await _body(request, state.max_body_bytes)
         try:
             batch = from_json(body, TaskRunCreateBatch)
@@ -172,29 +233,30 @@ def build_app(state: AppState) -> Starlette:
         log.info("created %d runs", len(ids))
         return _json(CreatedRuns(ids=tuple(ids)), 201)
 
-    async def list_runs(request: Request) -> Response:
-        raw_state = request.query_params.get("state")
+    async def list_runs(self, request: Request) -> Response:
+        raw_state = request.query_params.get(STATE.name)
         try:
             run_state = None if raw_state is None else TaskRunState(raw_state)
         except ValueError:
             return _error(422, f"unknown state {raw_state!r}")
-        limit = int(_query_number(request, "limit", 200, 1, 1000))
-        offset = int(_query_number(request, "offset", 0, 0, 2**62))
-        runs = await state.store.list_runs(
-            run_state, request.query_params.get("task_key"), limit, offset
+        limit = int(_query_number(request, LIMIT))
+        offset = int(_query_number(request, OFFSET))
+        runs = await self.state.store.list_runs(
+            run_state, request.query_params.get(TASK_KEY.name), limit, offset
         )
         return _json(RunList(runs=tuple(runs)))
 
-    async def read_run(request: Request) -> Response:
+    async def read_run(self, request: Request) -> Response:
         run_id = _run_id(request)
-        runs = await state.store.read_runs([run_id])
+        runs = await self.state.store.read_runs([run_id])
         if not runs:
             return _error(404, f"no run {run_id}")
         return _json(runs[0])
 
-    async def wait_run(request: Request) -> Response:
+    async def wait_run(self, request: Request) -> Response:
+        state = self.state
         run_id = _run_id(request)
-        timeout = _query_number(request, "timeout", 30.0, 0.0, MAX_WAIT_SECONDS)
+        timeout = _query_number(request, WAIT_TIMEOUT)
         with state.waiters.watch([run_id]) as watch:
             runs = await state.store.read_runs([run_id])
             if not runs:
@@ -207,7 +269,8 @@ def build_app(state: AppState) -> Starlette:
                 runs = await state.store.read_runs([run_id])
         return _json(runs[0])
 
-    async def wait_runs(request: Request) -> Response:
+    async def wait_runs(self, request: Request) -> Response:
+        state = self.state
         try:
             wait = from_json(await _body(request, state.max_body_bytes), WaitRequest)
         except InvalidPayload as exc:
@@ -225,56 +288,35 @@ def build_app(state: AppState) -> Starlette:
             ended.update(watch.ended)
         return _json(RunList(runs=tuple(ended.values())))
 
-    async def cancel_run(request: Request) -> Response:
+    async def cancel_run(self, request: Request) -> Response:
         run_id = _run_id(request)
         try:
-            run = await state.cancel(run_id)
+            run = await self.state.cancel(run_id)
         except StoreError:
             return _error(404, f"no run {run_id}")
         except IllegalTransition as exc:
             return _error(409, f"run {run_id} cannot be cancelled: {exc}")
         return _json(run)
 
-    async def put_blob(request: Request) -> Response:
+    async def put_blob(self, request: Request) -> Response:
+        state = self.state
         data = await _body(request, state.max_body_bytes)
         ref = await state.store.put_blob(data, state.now())
         return JSONResponse({"id": ref}, status_code=201)
 
-    async def get_blob(request: Request) -> Response:
-        ref = request.path_params["blob_id"]
+    async def get_blob(self, request: Request) -> Response:
+        ref = request.path_params[BLOB_ID.name]
         try:
             uuid.UUID(ref)
         except ValueError:
             return _error(404, f"no blob {ref!r}")
-        data = await state.store.get_blob(ref)
+        data = await self.state.store.get_blob(ref)
         if data is None:
             return _error(404, f"no blob {ref!r}")
         return Response(data, media_type="application/octet-stream")
 
-    async def openapi(request: Request) -> Response:
+    async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document())
-
-    async def subscribe(websocket: WebSocket) -> None:
-        await _Subscription(state, websocket).run()
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        return _error(exc.status_code, exc.detail)
-
-    routes = [
-        Route("/health", health, methods=["GET"]),
-        Route("/runs", create_runs, methods=["POST"]),
-        Route("/runs", list_runs, methods=["GET"]),
-        Route("/runs/wait", wait_runs, methods=["POST"]),
-        Route("/runs/{run_id}", read_run, methods=["GET"]),
-        Route("/runs/{run_id}/wait", wait_run, methods=["GET"]),
-        Route("/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
-        Route("/blobs", put_blob, methods=["POST"]),
-        Route("/blobs/{blob_id}", get_blob, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
-        WebSocketRoute("/subscribe", subscribe),
-    ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
 
 def _satisfied(return_when: ReturnWhen, ended: int, wanted: int) -> bool:
@@ -290,6 +332,31 @@ class _Closed(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+#: Which close wins when several end a subscription at once: what the worker did
+#: (a 1008 tells it to stop rather than reconnect and repeat it, an expired
+#: lease says its runs were released) says more than the server-wide shutdown.
+_CLOSE_PRECEDENCE = (CLOSE_POLICY, CLOSE_LEASE_EXPIRED, CLOSE_GOING_AWAY)
+
+
+def _most_telling(group: BaseExceptionGroup[_Closed]) -> _Closed:
+    """The :class:`_Closed` of ``group`` to send, by :data:`_CLOSE_PRECEDENCE`;
+    the others are logged, not lost."""
+    leaves = _leaves(group)
+    rank = {code: i for i, code in enumerate(_CLOSE_PRECEDENCE)}
+    chosen = min(leaves, key=lambda c: rank.get(c.code, len(rank)))
+    for other in leaves:
+        if other is not chosen:
+            log.info("subscription also closing (not sent): %s", other.reason)
+    return chosen
+
+
+def _leaves(group: BaseExceptionGroup[_Closed]) -> list[_Closed]:
+    leaves: list[_Closed] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves
 
 
 @attrs.define(eq=False)
@@ -311,10 +378,9 @@ class _Subscription:
             try:
                 await self._serve()
             except* _Closed as group:
-                # Raised by the reader or the shutdown watch, inside a nursery.
-                first = group.exceptions[0]
-                assert isinstance(first, _Closed)
-                closed = first
+                # Raised inside a nursery, so the reader and the shutdown watch
+                # may both raise in the same tick; one close frame can carry one.
+                closed = _most_telling(group)
             if closed is not None:
                 log.info("closing subscription: %s", closed.reason)
                 await self._close(closed.code, closed.reason)

@@ -2,7 +2,8 @@
 
 Deriving the schemas from the same classes that cattrs (un)structures keeps
 the document in step with what the server really accepts and returns; a
-test validates live responses against it.
+test validates live responses against it. The ``paths`` come from the same
+route table (:mod:`._routes`) that the app builds its routes from.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Any
 import attrs
 
 from .. import _models
-from .._states import TaskRunState
 from .._version import __version__
+from ._routes import BYTES, ENDPOINTS, Endpoint, Param, PathId, QueryText, Reply
 
 __all__ = ["openapi_document"]
 
@@ -31,6 +32,13 @@ _SCHEMA_MODELS = (
     _models.RunList,
     _models.WaitRequest,
 )
+
+#: Limits the models' validators enforce, shown on the fields they bound.
+_FIELD_LIMITS: dict[tuple[type, str], dict[str, Any]] = {
+    (_models.TaskRunCreateBatch, "runs"): {"maxItems": _models.MAX_RUNS_PER_REQUEST},
+    (_models.WaitRequest, "ids"): {"maxItems": _models.MAX_RUNS_PER_REQUEST},
+    (_models.WaitRequest, "timeout"): {"minimum": 0.0, "maximum": _models.MAX_WAIT_SECONDS},
+}
 
 
 def _type_schema(tp: Any) -> dict[str, Any]:
@@ -65,7 +73,10 @@ def _model_schema(cls: type) -> dict[str, Any]:
     properties = {}
     required = []
     for field in attrs.fields(cls):
-        properties[field.name] = _type_schema(field.type)
+        properties[field.name] = {
+            **_type_schema(field.type),
+            **_FIELD_LIMITS.get((cls, field.name), {}),
+        }
         if field.default is attrs.NOTHING:
             required.append(field.name)
     schema: dict[str, Any] = {
@@ -80,30 +91,52 @@ def _model_schema(cls: type) -> dict[str, Any]:
     return schema
 
 
-def _json(ref: str) -> dict[str, Any]:
-    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}
+def _content(body: str) -> dict[str, Any]:
+    if body == BYTES:
+        return {BYTES: {"schema": {"type": "string", "format": "binary"}}}
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}}
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": _json("Error")}
+def _reply(reply: Reply) -> dict[str, Any]:
+    if reply.body is None:
+        return {"description": reply.description}
+    return {"description": reply.description, "content": _content(reply.body)}
 
 
-def _run_id() -> dict[str, Any]:
-    return {
-        "name": "run_id",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string", "format": "uuid"},
+def _parameter(param: Param) -> dict[str, Any]:
+    if isinstance(param, PathId):
+        schema: dict[str, Any] = {"type": "string", "format": "uuid"}
+        return {"name": param.name, "in": "path", "required": True, "schema": schema}
+    if isinstance(param, QueryText):
+        schema = {"type": "string"} if param.choices is None else _type_schema(param.choices)
+    elif param.integer:
+        schema = {
+            "type": "integer",
+            "minimum": int(param.minimum),
+            "maximum": int(param.maximum),
+            "default": int(param.default),
+        }
+    else:
+        schema = {
+            "type": "number",
+            "minimum": param.minimum,
+            "maximum": param.maximum,
+            "default": param.default,
+        }
+    return {"name": param.name, "in": "query", "required": False, "schema": schema}
+
+
+def _operation(endpoint: Endpoint) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": endpoint.summary,
+        "operationId": endpoint.operation_id,
     }
-
-
-def _timeout(default: float) -> dict[str, Any]:
-    return {
-        "name": "timeout",
-        "in": "query",
-        "required": False,
-        "schema": {"type": "number", "minimum": 0, "maximum": 300, "default": default},
-    }
+    if endpoint.params:
+        operation["parameters"] = [_parameter(p) for p in endpoint.params]
+    if endpoint.body is not None:
+        operation["requestBody"] = {"required": True, "content": _content(endpoint.body)}
+    operation["responses"] = {str(code): _reply(r) for code, r in endpoint.replies.items()}
+    return operation
 
 
 def openapi_document() -> dict[str, Any]:
@@ -129,171 +162,9 @@ def openapi_document() -> dict[str, Any]:
         },
         "required": ["status", "version", "runs", "subscribers"],
     }
-    bad = _error("The request is malformed; `detail` says how.")
-    paths: dict[str, Any] = {
-        "/health": {
-            "get": {
-                "summary": "Server health and run counts per state",
-                "operationId": "health",
-                "responses": {"200": {"description": "Healthy", "content": _json("Health")}},
-            }
-        },
-        "/runs": {
-            "post": {
-                "summary": "Create one or many runs in one transaction",
-                "operationId": "createRuns",
-                "requestBody": {"required": True, "content": _json("TaskRunCreateBatch")},
-                "responses": {
-                    "201": {"description": "Created", "content": _json("CreatedRuns")},
-                    "413": _error("The body is larger than the server accepts."),
-                    "422": bad,
-                },
-            },
-            "get": {
-                "summary": "List runs, oldest first, without payloads",
-                "operationId": "listRuns",
-                "parameters": [
-                    {
-                        "name": "state",
-                        "in": "query",
-                        "required": False,
-                        "schema": _type_schema(TaskRunState),
-                    },
-                    {
-                        "name": "task_key",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "string"},
-                    },
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "required": False,
-                        "schema": {
-                            "type": "integer",
-                            "minimum": 1,
-                            "maximum": 1000,
-                            "default": 200,
-                        },
-                    },
-                    {
-                        "name": "offset",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "integer", "minimum": 0, "default": 0},
-                    },
-                ],
-                "responses": {
-                    "200": {"description": "A page of runs", "content": _json("RunList")},
-                    "422": bad,
-                },
-            },
-        },
-        "/runs/wait": {
-            "post": {
-                "summary": "Wait until all (or the first) of the given runs have ended",
-                "operationId": "waitRuns",
-                "requestBody": {"required": True, "content": _json("WaitRequest")},
-                "responses": {
-                    "200": {
-                        "description": "The ended runs among `ids` (empty after the timeout)",
-                        "content": _json("RunList"),
-                    },
-                    "422": bad,
-                },
-            }
-        },
-        "/runs/{run_id}": {
-            "get": {
-                "summary": "Read one run, with its payloads",
-                "operationId": "readRun",
-                "parameters": [_run_id()],
-                "responses": {
-                    "200": {"description": "The run", "content": _json("TaskRun")},
-                    "404": _error("No such run."),
-                    "422": bad,
-                },
-            }
-        },
-        "/runs/{run_id}/wait": {
-            "get": {
-                "summary": "Long-poll until the run ends; after `timeout` return it as it is",
-                "operationId": "waitRun",
-                "parameters": [_run_id(), _timeout(30.0)],
-                "responses": {
-                    "200": {"description": "The run", "content": _json("TaskRun")},
-                    "404": _error("No such run."),
-                    "422": bad,
-                },
-            }
-        },
-        "/runs/{run_id}/cancel": {
-            "post": {
-                "summary": "Cancel a run: a queued one at once, a running one via its worker",
-                "operationId": "cancelRun",
-                "parameters": [_run_id()],
-                "responses": {
-                    "200": {
-                        "description": "The run, now CANCELLED or CANCELLING",
-                        "content": _json("TaskRun"),
-                    },
-                    "404": _error("No such run."),
-                    "409": _error("The run has already ended."),
-                    "422": bad,
-                },
-            }
-        },
-        "/blobs": {
-            "post": {
-                "summary": "Store a payload blob (pickled parameters or result)",
-                "operationId": "putBlob",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/octet-stream": {
-                            "schema": {"type": "string", "format": "binary"}
-                        }
-                    },
-                },
-                "responses": {
-                    "201": {"description": "Stored", "content": _json("BlobRef")},
-                    "413": _error("The blob is larger than the server accepts."),
-                },
-            }
-        },
-        "/blobs/{blob_id}": {
-            "get": {
-                "summary": "Read a payload blob",
-                "operationId": "getBlob",
-                "parameters": [
-                    {
-                        "name": "blob_id",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string", "format": "uuid"},
-                    }
-                ],
-                "responses": {
-                    "200": {
-                        "description": "The blob's bytes",
-                        "content": {
-                            "application/octet-stream": {
-                                "schema": {"type": "string", "format": "binary"}
-                            }
-                        },
-                    },
-                    "404": _error("No such blob."),
-                },
-            }
-        },
-        "/openapi.json": {
-            "get": {
-                "summary": "This document",
-                "operationId": "openapi",
-                "responses": {"200": {"description": "The OpenAPI document"}},
-            }
-        },
-    }
+    paths: dict[str, Any] = {}
+    for endpoint in ENDPOINTS:
+        paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = _operation(endpoint)
     return {
         "openapi": "3.1.0",
         "info": {

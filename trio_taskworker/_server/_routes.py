@@ -1,0 +1,231 @@
+"""The HTTP routes, declared once.
+
+:func:`~._app.build_app` makes the Starlette routes from :data:`ENDPOINTS` and
+:func:`~._openapi.openapi_document` makes the OpenAPI ``paths`` from it, so a
+route, its methods, its parameters' bounds and its documented answers cannot
+drift apart. The handlers read their parameters through the same declarations
+(:data:`LIMIT`, :data:`WAIT_TIMEOUT`, ...).
+
+This module is data only: it imports no web framework. The websocket route
+``/subscribe`` is not here; it is not part of the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+import attrs
+
+from .._models import MAX_WAIT_SECONDS, WaitRequest
+from .._states import TaskRunState
+
+__all__ = [
+    "BLOB_ID",
+    "BYTES",
+    "ENDPOINTS",
+    "LIMIT",
+    "OFFSET",
+    "RUN_ID",
+    "STATE",
+    "TASK_KEY",
+    "WAIT_TIMEOUT",
+    "Endpoint",
+    "Param",
+    "PathId",
+    "QueryNumber",
+    "QueryText",
+    "Reply",
+]
+
+#: A body of raw bytes, where a body is otherwise named by its JSON schema.
+BYTES = "application/octet-stream"
+
+
+@attrs.frozen(kw_only=True)
+class PathId:
+    """A path parameter holding a UUID."""
+
+    name: str
+
+
+@attrs.frozen(kw_only=True)
+class QueryText:
+    """An optional query parameter: any string, or one of the values of ``choices``."""
+
+    name: str
+    choices: type[enum.Enum] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class QueryNumber:
+    """An optional numeric query parameter; the handler enforces these bounds."""
+
+    name: str
+    default: float
+    minimum: float
+    maximum: float
+    #: Documented as an integer; the handler truncates what it reads.
+    integer: bool = False
+
+
+Param = PathId | QueryText | QueryNumber
+
+
+@attrs.frozen(kw_only=True)
+class Reply:
+    """One documented answer: ``body`` names a component schema (JSON), or is
+    :data:`BYTES`, or ``None`` for a body the document does not describe."""
+
+    description: str
+    body: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Endpoint:
+    """One method on one path: how it is served and how it is documented.
+
+    ``handler`` names the method of the app's handlers that answers it.
+    ``body`` is the request body, named as in :class:`Reply`.
+    """
+
+    method: str
+    path: str
+    handler: str
+    operation_id: str
+    summary: str
+    replies: Mapping[int, Reply]
+    params: tuple[Param, ...] = ()
+    body: str | None = None
+
+
+RUN_ID = PathId(name="run_id")
+BLOB_ID = PathId(name="blob_id")
+STATE = QueryText(name="state", choices=TaskRunState)
+TASK_KEY = QueryText(name="task_key")
+LIMIT = QueryNumber(name="limit", default=200, minimum=1, maximum=1000, integer=True)
+# The store keeps offsets in a signed 64-bit SQLite integer.
+OFFSET = QueryNumber(name="offset", default=0, minimum=0, maximum=2**62, integer=True)
+WAIT_TIMEOUT = QueryNumber(
+    name="timeout",
+    # The same default as the body of POST /runs/wait.
+    default=WaitRequest(ids=()).timeout,
+    minimum=0.0,
+    maximum=MAX_WAIT_SECONDS,
+)
+
+_MALFORMED = Reply(description="The request is malformed; `detail` says how.", body="Error")
+_NO_RUN = Reply(description="No such run.", body="Error")
+_THE_RUN = Reply(description="The run", body="TaskRun")
+
+#: Every HTTP route, in matching order (``/runs/wait`` before ``/runs/{run_id}``).
+ENDPOINTS = (
+    Endpoint(
+        method="GET",
+        path="/health",
+        handler="health",
+        operation_id="health",
+        summary="Server health and run counts per state",
+        replies={200: Reply(description="Healthy", body="Health")},
+    ),
+    Endpoint(
+        method="POST",
+        path="/runs",
+        handler="create_runs",
+        operation_id="createRuns",
+        summary="Create one or many runs in one transaction",
+        body="TaskRunCreateBatch",
+        replies={
+            201: Reply(description="Created", body="CreatedRuns"),
+            413: Reply(description="The body is larger than the server accepts.", body="Error"),
+            422: _MALFORMED,
+        },
+    ),
+    Endpoint(
+        method="GET",
+        path="/runs",
+        handler="list_runs",
+        operation_id="listRuns",
+        summary="List runs, oldest first, without payloads",
+        params=(STATE, TASK_KEY, LIMIT, OFFSET),
+        replies={200: Reply(description="A page of runs", body="RunList"), 422: _MALFORMED},
+    ),
+    Endpoint(
+        method="POST",
+        path="/runs/wait",
+        handler="wait_runs",
+        operation_id="waitRuns",
+        summary="Wait until all (or the first) of the given runs have ended",
+        body="WaitRequest",
+        replies={
+            200: Reply(
+                description="The ended runs among `ids` (empty after the timeout)", body="RunList"
+            ),
+            422: _MALFORMED,
+        },
+    ),
+    Endpoint(
+        method="GET",
+        path="/runs/{run_id}",
+        handler="read_run",
+        operation_id="readRun",
+        summary="Read one run, with its payloads",
+        params=(RUN_ID,),
+        replies={200: _THE_RUN, 404: _NO_RUN, 422: _MALFORMED},
+    ),
+    Endpoint(
+        method="GET",
+        path="/runs/{run_id}/wait",
+        handler="wait_run",
+        operation_id="waitRun",
+        summary="Long-poll until the run ends; after `timeout` return it as it is",
+        params=(RUN_ID, WAIT_TIMEOUT),
+        replies={200: _THE_RUN, 404: _NO_RUN, 422: _MALFORMED},
+    ),
+    Endpoint(
+        method="POST",
+        path="/runs/{run_id}/cancel",
+        handler="cancel_run",
+        operation_id="cancelRun",
+        summary="Cancel a run: a queued one at once, a running one via its worker",
+        params=(RUN_ID,),
+        replies={
+            200: Reply(description="The run, now CANCELLED or CANCELLING", body="TaskRun"),
+            404: _NO_RUN,
+            409: Reply(description="The run has already ended.", body="Error"),
+            422: _MALFORMED,
+        },
+    ),
+    Endpoint(
+        method="POST",
+        path="/blobs",
+        handler="put_blob",
+        operation_id="putBlob",
+        summary="Store a payload blob (pickled parameters or result)",
+        body=BYTES,
+        replies={
+            201: Reply(description="Stored", body="BlobRef"),
+            413: Reply(description="The blob is larger than the server accepts.", body="Error"),
+        },
+    ),
+    Endpoint(
+        method="GET",
+        path="/blobs/{blob_id}",
+        handler="get_blob",
+        operation_id="getBlob",
+        summary="Read a payload blob",
+        params=(BLOB_ID,),
+        replies={
+            200: Reply(description="The blob's bytes", body=BYTES),
+            404: Reply(description="No such blob.", body="Error"),
+        },
+    ),
+    Endpoint(
+        method="GET",
+        path="/openapi.json",
+        handler="openapi",
+        operation_id="openapi",
+        summary="This document",
+        replies={200: Reply(description="The OpenAPI document")},
+    ),
+)

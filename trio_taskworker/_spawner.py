@@ -1,0 +1,414 @@
+"""The spawner: runs start under the worker's CapacityLimiter, one child task each.
+
+::
+
+    Spawner.run()
+    └── stop scope              (one deadline for every run in flight: a stop's grace)
+        └── runs nursery
+            ├── intake          (a delivered run waits for a limiter token, then starts)
+            └── one child per run
+                └── cancelled   (the caller cancelled the run)
+                    └── lost    (its connection is gone; the server took the lease back)
+                        └── timeout  (the task's ``timeout_seconds``)
+
+Each cause of a run's cancellation acts on a scope of its own, so the scope
+that fired says why, with no flags to keep in step: the caller's cancel ends
+the run CANCELLED, a lost connection hands it back silently (the server has
+requeued it already), the timeout FAILS it with :class:`TaskRunTimedOut`, and
+the stop's deadline cancels it out of the stop scope, which hands it back.
+A sync task that returns after its run was cancelled has its value dropped.
+
+Reports (started, finished, released, and a credit per freed slot) leave
+through the ``report`` callable, tagged with the connection the run came on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import datetime
+import functools
+import logging
+import math
+import traceback
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import attrs
+import trio
+
+from ._client import StoredPayload, TaskWorkerClient, fits_inline
+from ._definition import TaskDefinition
+from ._exceptions import (
+    ConfigurationError,
+    ProtocolError,
+    SerializationError,
+    ServerUnavailable,
+    StopTaskWorker,
+    TaskRunTimedOut,
+)
+from ._models import Credit, ErrorInfo, Finished, Released, Started, TaskRun, WorkerMessage
+from ._serialization import dumps_payload, loads_payload
+from ._states import TaskRunState
+
+__all__ = ["UNLIMITED_WINDOW", "Report", "Spawner", "should_try_to_read_parameters"]
+
+log = logging.getLogger(__name__)
+
+#: With ``limit=None`` the worker still asks for at most this many runs at once.
+UNLIMITED_WINDOW = 1000
+
+#: ``report(message, generation)``: send ``message`` on connection ``generation``
+#: (None: whichever connection is current).
+Report = Callable[[WorkerMessage, int | None], None]
+
+_STOPPED = "cancelled by a worker stop"
+
+_inside_run: contextvars.ContextVar[Spawner | None] = contextvars.ContextVar(
+    "trio_taskworker_inside_run", default=None
+)
+
+
+def should_try_to_read_parameters(task: TaskDefinition[Any, Any], task_run: TaskRun) -> bool:
+    """True when the run's stored parameters should be read for this task.
+
+    That is when the task's function takes parameters and the run carries a
+    parameters payload (inline or as a stored blob). A task without
+    parameters is called with none, whatever the run holds.
+    """
+    takes_parameters = bool(task.signature.parameters)
+    return takes_parameters and (
+        task_run.parameters is not None or task_run.parameters_ref is not None
+    )
+
+
+@attrs.define(eq=False)
+class InFlight:
+    """A run that has started and not ended, with the scopes that can cancel it."""
+
+    run: TaskRun
+    #: The connection it was leased on; None for :meth:`Spawner.execute`.
+    generation: int | None
+    started_at: datetime.datetime
+    cancelled: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    lost: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+
+
+@attrs.define(eq=False)
+class Spawner:
+    """Starts delivered runs under a ``trio.CapacityLimiter(limit)`` and reports them.
+
+    ``limit=None`` means no limit (the worker still asks for at most
+    :data:`UNLIMITED_WINDOW` runs at a time). ``request_stop`` is called when
+    a task raises :class:`StopTaskWorker`. ``client`` reads and stores large
+    payloads; it is set while the worker runs.
+    """
+
+    tasks: Mapping[str, TaskDefinition[Any, Any]]
+    limit: int | None
+    report: Report
+    request_stop: Callable[[], None]
+    client: TaskWorkerClient | None = None
+    stopping: bool = attrs.field(init=False, default=False)
+    #: Runs ended, per task key.
+    finished: Counter[str] = attrs.field(init=False, factory=Counter)
+    _in_flight: dict[tuple[uuid.UUID, int], InFlight] = attrs.field(init=False, factory=dict)
+    _limiter: trio.CapacityLimiter = attrs.field(init=False)
+    _thread_limiter: trio.CapacityLimiter = attrs.field(init=False)
+    _send: trio.MemorySendChannel[tuple[int, TaskRun]] = attrs.field(init=False)
+    _receive: trio.MemoryReceiveChannel[tuple[int, TaskRun]] = attrs.field(init=False)
+    _cancelled_before_start: set[uuid.UUID] = attrs.field(init=False, factory=set)
+    #: Connections up to this generation are gone, and their deliveries void.
+    _lost_up_to: int = attrs.field(init=False, default=0)
+    _intake: trio.CancelScope | None = attrs.field(init=False, default=None)
+    _stop_deadline: float = attrs.field(init=False, default=math.inf)
+    _stop_scopes: set[trio.CancelScope] = attrs.field(init=False, factory=set)
+
+    def __attrs_post_init__(self) -> None:
+        self._limiter = trio.CapacityLimiter(math.inf if self.limit is None else self.limit)
+        # Sync runs hold a token of _limiter already; the thread limiter only
+        # lifts trio's default cap of 40 threads up to the worker's window.
+        self._thread_limiter = trio.CapacityLimiter(self.window)
+        self._send, self._receive = trio.open_memory_channel[tuple[int, TaskRun]](self.window)
+
+    # --- state ---------------------------------------------------------------------------
+
+    @property
+    def window(self) -> int:
+        """The most runs the worker asks the server for at once."""
+        return UNLIMITED_WINDOW if self.limit is None else self.limit
+
+    @property
+    def in_flight(self) -> int:
+        """Runs started and not yet ended."""
+        return len(self._in_flight)
+
+    @property
+    def available(self) -> int | None:
+        """Free limiter tokens (None with no limit)."""
+        return None if self.limit is None else int(self._limiter.available_tokens)
+
+    def in_flight_runs(self) -> list[InFlight]:
+        """The runs in flight now, oldest first."""
+        return list(self._in_flight.values())
+
+    def inside_run(self) -> bool:
+        """True when called from inside one of this spawner's runs."""
+        return _inside_run.get() is self
+
+    # --- what the subscription hands over ------------------------------------------------
+
+    def deliver(self, generation: int, run: TaskRun) -> None:
+        """Queue a run leased on connection ``generation``.
+
+        Raises :class:`ProtocolError` if the server sent more runs than credits.
+        """
+        try:
+            self._send.send_nowait((generation, run))
+        except trio.WouldBlock:
+            raise ProtocolError("the server sent more runs than credits") from None
+
+    def cancel(self, run_id: uuid.UUID) -> None:
+        """The caller cancelled this run: cancel it here, or never start it."""
+        found = False
+        for key, entry in self._in_flight.items():
+            if key[0] == run_id:
+                found = True
+                entry.cancelled.cancel()
+        if not found:
+            # Still waiting for a slot: it never starts, and the server has it CANCELLED.
+            self._cancelled_before_start.add(run_id)
+
+    def connection_lost(self, generation: int) -> None:
+        """The server requeues that connection's runs: cancel ours, skip queued ones.
+
+        Their reports could not be accepted any more (the lease is gone), so
+        finishing them would only hold slots that new runs need.
+        """
+        self._lost_up_to = max(self._lost_up_to, generation)
+        self._cancelled_before_start.clear()
+        for entry in self._in_flight.values():
+            if entry.generation == generation:
+                entry.lost.cancel()
+
+    # --- stopping --------------------------------------------------------------------
+
+    def begin_stop(self, grace: float) -> None:
+        """Start no more runs; cancel those in flight ``grace`` seconds from now.
+
+        A later call can only bring the deadline closer.
+        """
+        self.stopping = True
+        if self._intake is not None:
+            self._intake.cancel()
+        self._stop_deadline = min(self._stop_deadline, trio.current_time() + grace)
+        for scope in self._stop_scopes:
+            scope.deadline = self._stop_deadline
+
+    @contextlib.contextmanager
+    def _stoppable(self) -> Iterator[trio.CancelScope]:
+        """A scope around runs that a stop's deadline cancels."""
+        with trio.CancelScope(deadline=self._stop_deadline) as scope:
+            self._stop_scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._stop_scopes.discard(scope)
+
+    # --- running -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Start delivered runs until a stop; return once every run has ended."""
+        with self._stoppable():
+            async with trio.open_nursery() as runs:
+                with trio.CancelScope() as self._intake:
+                    if self.stopping:
+                        self._intake.cancel()
+                    async for generation, run in self._receive:
+                        if generation <= self._lost_up_to:
+                            continue  # its connection is gone, so the server requeued it
+                        await self._limiter.acquire_on_behalf_of((run.id, run.attempt))
+                        if run.id in self._cancelled_before_start or self.stopping:
+                            self._limiter.release_on_behalf_of((run.id, run.attempt))
+                            self._skip(run, generation)
+                            continue
+                        runs.start_soon(self._run_leased, run, generation)
+                # Runs that arrived as the stop began never started: hand them back.
+                while True:
+                    try:
+                        generation, run = self._receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    if generation > self._lost_up_to:
+                        self._skip(run, generation)
+
+    def _skip(self, run: TaskRun, generation: int) -> None:
+        if run.id in self._cancelled_before_start:
+            # Cancelled before it started (the server already marked it
+            # CANCELLED): it never starts, and its credit goes back.
+            self._cancelled_before_start.discard(run.id)
+            self.report(Credit(n=1), generation)
+        else:
+            self.report(
+                Released(id=run.id, attempt=run.attempt, reason="the worker is stopping"),
+                generation,
+            )
+
+    async def _run_leased(self, run: TaskRun, generation: int) -> None:
+        report: Finished | Released = Released(id=run.id, attempt=run.attempt, reason=_STOPPED)
+        try:
+            self.report(Started(id=run.id, attempt=run.attempt), generation)
+            report = await self._execute(run, generation)
+        except trio.Cancelled:
+            log.info("run %s cancelled by the worker's stop: handed back", run.id)
+            raise
+        finally:
+            self.report(report, generation)
+            self._limiter.release_on_behalf_of((run.id, run.attempt))
+            if not self.stopping:
+                self.report(Credit(n=1), None)
+
+    async def execute(self, run: TaskRun) -> Finished | Released:
+        """Run one run here and now, under the limiter; report it and return the report."""
+        report: Finished | Released = Released(id=run.id, attempt=run.attempt, reason=_STOPPED)
+        async with self._limiter:
+            with self._stoppable():
+                report = await self._execute(run, None)
+        self.report(report, None)
+        return report
+
+    async def _execute(self, run: TaskRun, generation: int | None) -> Finished | Released:
+        task = self.tasks.get(run.task_key)
+        if task is None:
+            return _failed(run, ConfigurationError(f"this worker has no task {run.task_key!r}"))
+        entry = InFlight(
+            run=run, generation=generation, started_at=datetime.datetime.now(datetime.UTC)
+        )
+        self._in_flight[run.id, run.attempt] = entry
+        log.info("run %s (%s) attempt %d started", run.id, run.task_key, run.attempt)
+        token = _inside_run.set(self)
+        try:
+            return await self._call(task, entry)
+        finally:
+            _inside_run.reset(token)
+            del self._in_flight[run.id, run.attempt]
+            self.finished[run.task_key] += 1
+
+    async def _call(self, task: TaskDefinition[Any, Any], entry: InFlight) -> Finished | Released:
+        run = entry.run
+        timeout = task.options.timeout_seconds
+        try:
+            args, kwargs = await self._read_parameters(task, run)
+            with entry.cancelled, entry.lost:
+                with trio.move_on_after(math.inf if timeout is None else timeout) as timer:
+                    value = await self._invoke(task, args, kwargs)
+        except StopTaskWorker as exc:
+            log.info("run %s raised StopTaskWorker: stopping the worker", run.id)
+            self.request_stop()
+            return Released(id=run.id, attempt=run.attempt, reason=f"StopTaskWorker: {exc}")
+        except _Unreachable as exc:
+            return _hand_back(run, str(exc))
+        except Exception as exc:
+            return _failed(run, exc)
+        # Checked in this order also when a sync task returned after the cancel:
+        # its value is dropped.
+        if entry.cancelled.cancel_called:
+            log.info("run %s cancelled by the caller", run.id)
+            return Finished(id=run.id, attempt=run.attempt, state=TaskRunState.CANCELLED)
+        if entry.lost.cancel_called:
+            log.info("run %s cancelled: its connection was lost", run.id)
+            return Released(id=run.id, attempt=run.attempt, reason="connection lost")
+        # Past a stop's deadline, this raises Cancelled and the stop scope hands it back.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if timer.cancel_called:
+            return _failed(run, TaskRunTimedOut(f"the run exceeded its timeout of {timeout} s"))
+        try:
+            return await self._completed(run, value)
+        except _Unreachable as exc:
+            return _hand_back(run, str(exc))
+        except Exception as exc:  # the result cannot be pickled, or the server refused it
+            return _failed(run, exc)
+
+    async def _invoke(
+        self, task: TaskDefinition[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if task.is_async:
+            return await task.fn(*args, **kwargs)
+        return await trio.to_thread.run_sync(
+            functools.partial(task.fn, *args, **kwargs), limiter=self._thread_limiter
+        )
+
+    async def _read_parameters(
+        self, task: TaskDefinition[Any, Any], run: TaskRun
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if not should_try_to_read_parameters(task, run):
+            return (), {}
+        data = run.parameters
+        if data is None:
+            data = await self._load(run.parameters_ref)
+        args, kwargs = loads_payload(data)
+        return tuple(args), dict(kwargs)
+
+    async def _load(self, ref: str | None) -> bytes:
+        if self.client is None:
+            raise _Unreachable("its parameters are a blob, and the worker is not connected")
+        try:
+            data = await self.client.load_payload(None, ref)
+        except ServerUnavailable as exc:
+            raise _Unreachable(f"cannot read its parameters: {exc}") from exc
+        assert data is not None
+        return data
+
+    async def _completed(self, run: TaskRun, value: Any) -> Finished:
+        stored = await self._store(dumps_payload(value))
+        log.info("run %s (%s) completed", run.id, run.task_key)
+        return Finished(
+            id=run.id,
+            attempt=run.attempt,
+            state=TaskRunState.COMPLETED,
+            result=stored.inline,
+            result_ref=stored.ref,
+        )
+
+    async def _store(self, data: bytes) -> StoredPayload:
+        if self.client is None:
+            if fits_inline(data):
+                return StoredPayload(data, None)
+            raise _Unreachable("its result needs a blob, and the worker is not connected")
+        try:
+            return await self.client.store_payload(data)
+        except ServerUnavailable as exc:
+            raise _Unreachable(f"cannot store its result: {exc}") from exc
+
+
+class _Unreachable(Exception):
+    """The server could not be reached for a payload: a connection problem, not the run's."""
+
+
+def _hand_back(run: TaskRun, reason: str) -> Released:
+    log.warning("run %s handed back: %s", run.id, reason)
+    return Released(id=run.id, attempt=run.attempt, reason=reason)
+
+
+def _failed(run: TaskRun, exc: BaseException) -> Finished:
+    log.info("run %s (%s) failed: %r", run.id, run.task_key, exc)
+    try:
+        data: bytes | None = dumps_payload(exc)
+    except SerializationError:
+        data = None
+    if data is not None and not fits_inline(data):
+        data = None  # the ErrorInfo still says what happened
+    kind = type(exc)
+    return Finished(
+        id=run.id,
+        attempt=run.attempt,
+        state=TaskRunState.FAILED,
+        result=data,
+        error=ErrorInfo(
+            type=f"{kind.__module__}.{kind.__qualname__}",
+            message=str(exc),
+            traceback="".join(traceback.format_exception(exc)),
+        ),
+    )

@@ -1,0 +1,393 @@
+"""The worker's subscription: one websocket to the server at a time, reconnecting.
+
+::
+
+    Subscription.run()
+    └── connection loop   (full-jitter backoff; one *generation* per connection)
+        └── one connection
+            ├── reader     (deliveries, cancels, drained answers, refused reports)
+            ├── sender     (the outbox: reports, with credits merged)
+            ├── heartbeat  (every third of the lease)
+            └── pinger     (ws.ping under a timeout: the only way to see a frozen peer)
+
+Runs and cancels go to a :class:`RunSink` (the spawner); reports come back
+through :meth:`Subscription.post`. A report belongs to the connection whose
+lease it answers: when that connection is gone, the server has released the
+lease, so the report is dropped rather than sent on a later connection.
+
+The connection itself comes from a ``connect`` factory (by default
+:func:`websocket_connector`), the seam through which tests substitute an
+in-process transport, as httpx takes a ``transport=``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import attrs
+import trio
+import trio_websocket
+
+from ._exceptions import ConfigurationError, ProtocolError
+from ._models import (
+    Cancel,
+    Credit,
+    Deliver,
+    Drain,
+    Drained,
+    Heartbeat,
+    Rejected,
+    Subscribe,
+    Subscribed,
+    TaskRun,
+    WorkerMessage,
+)
+from ._serialization import InvalidPayload, decode_server_frame, encode_frame
+
+__all__ = ["Connect", "RunSink", "Subscription", "WebSocket", "websocket_connector"]
+
+log = logging.getLogger(__name__)
+
+#: Reconnect backoff: full jitter, doubling from the base to the cap.
+BACKOFF_BASE = 0.05
+BACKOFF_CAP = 2.0
+#: How often the worker pings the server, and how long it waits for the pong.
+PING_INTERVAL = 10.0
+PING_TIMEOUT = 10.0
+#: The longest a TCP connect, or a websocket handshake, may take.
+CONNECT_TIMEOUT = 10.0
+#: After the last run ends during a stop, how long to wait for reports to go out.
+FLUSH_TIMEOUT = 5.0
+#: Close codes after which reconnecting cannot help.
+_FATAL_CLOSE_CODES = range(4000, 5000)
+_CLOSE_POLICY = 1008
+
+_TRANSPORT_ERRORS = (
+    OSError,
+    trio_websocket.HandshakeError,
+    trio_websocket.ConnectionClosed,
+    trio.TooSlowError,
+)
+
+
+class WebSocket(Protocol):
+    """What the subscription uses of a websocket (trio-websocket's connection fits)."""
+
+    async def send_message(self, message: str) -> None: ...
+
+    async def get_message(self) -> str | bytes: ...
+
+    async def ping(self) -> None: ...
+
+
+#: Opens one connection to the server's ``/subscribe`` and closes it on exit.
+Connect = Callable[[], AbstractAsyncContextManager[WebSocket]]
+
+
+class RunSink(Protocol):
+    """Where the subscription hands what the server sends (the spawner)."""
+
+    @property
+    def in_flight(self) -> int:
+        """Runs started and not yet ended."""
+        ...
+
+    def deliver(self, generation: int, run: TaskRun) -> None:
+        """A run leased on connection ``generation``; ProtocolError past the credits."""
+
+    def cancel(self, run_id: uuid.UUID) -> None:
+        """The caller cancelled this run."""
+
+    def connection_lost(self, generation: int) -> None:
+        """Connection ``generation`` is gone and the server takes its leases back."""
+
+
+def websocket_connector(api_url: str) -> Connect:
+    """The default ``connect``: a trio-websocket connection to ``{api_url}/subscribe``."""
+    url = urlsplit(api_url)
+    if url.scheme == "https":
+        raise ConfigurationError("https is not supported yet; use http on 127.0.0.1")
+    host = url.hostname or "127.0.0.1"
+    port = url.port or 80
+    resource = url.path.rstrip("/") + "/subscribe"
+
+    @contextlib.asynccontextmanager
+    async def connect() -> AsyncIterator[WebSocket]:
+        # trio-websocket leaves the TCP socket open when the peer ends the
+        # connection, so the stream is opened here and closed in ``finally``.
+        # Neither the TCP connect nor the handshake has a timeout of its own;
+        # a server killed mid-handshake must not hold the worker forever.
+        with trio.fail_after(CONNECT_TIMEOUT):
+            stream = await trio.open_tcp_stream(host, port)
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    ws = await trio_websocket.wrap_client_stream(
+                        nursery, stream, host, resource, message_queue_size=64
+                    )
+                yield ws
+                nursery.cancel_scope.cancel()
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    return connect
+
+
+@attrs.define(eq=False)
+class _Outbox:
+    """Reports and credits waiting for the sender, tagged with their connection."""
+
+    messages: list[tuple[int, WorkerMessage]] = attrs.field(factory=list)
+    has_mail: trio.Event = attrs.field(factory=trio.Event)
+
+    def put(self, generation: int, message: WorkerMessage) -> None:
+        self.messages.append((generation, message))
+        self.has_mail.set()
+
+    def take(self, generation: int) -> list[WorkerMessage]:
+        """Everything for this connection, credits merged; older connections' dropped."""
+        taken, self.messages = self.messages, []
+        self.has_mail = trio.Event()
+        out: list[WorkerMessage] = []
+        credit = 0
+        for gen, message in taken:
+            if gen != generation:
+                continue  # the server already released that lease
+            if isinstance(message, Credit):
+                credit += message.n
+            else:
+                out.append(message)
+        if credit:
+            out.append(Credit(n=credit))
+        return out
+
+
+@attrs.define(eq=False)
+class Subscription:
+    """Keeps one subscription to the server alive and carries messages both ways.
+
+    ``window`` is the most runs the worker takes at once: a new connection
+    opens with ``window`` minus the runs in flight as credits. The sink grants
+    the rest one :class:`Credit` at a time, through :meth:`post`.
+    """
+
+    connect: Connect
+    sink: RunSink
+    keys: tuple[str, ...]
+    client_id: str
+    window: int
+    #: The error that made the subscription give up for good, if any.
+    fatal: BaseException | None = attrs.field(init=False, default=None)
+    connected: bool = attrs.field(init=False, default=False)
+    draining: bool = attrs.field(init=False, default=False)
+    generation: int = attrs.field(init=False, default=0)
+    _outbox: _Outbox = attrs.field(init=False, factory=_Outbox)
+    _ready: trio.TaskStatus[None] = attrs.field(init=False, default=trio.TASK_STATUS_IGNORED)
+    _reconnect_scope: trio.CancelScope | None = attrs.field(init=False, default=None)
+    _drain_seq: int = attrs.field(init=False, default=0)
+    _drained_seq: int = attrs.field(init=False, default=-1)
+    _drained: trio.Event = attrs.field(init=False, factory=trio.Event)
+
+    # --- what the rest of the worker calls ----------------------------------------------
+
+    def post(self, message: WorkerMessage, generation: int | None = None) -> None:
+        """Send ``message`` on connection ``generation`` (default: the current one)."""
+        self._outbox.put(self.generation if generation is None else generation, message)
+
+    def drain(self) -> None:
+        """Ask for no more runs; keep reconnecting only while runs are in flight."""
+        if not self.draining:
+            self.draining = True
+            self.post(Drain(seq=0))
+        self._give_up_if_idle()
+
+    async def flush(self) -> None:
+        """Wait (a bounded time) until the server has applied every report.
+
+        The server answers a :class:`Drain` only after it has applied all the
+        reports sent before it, so once the answer arrives, callers see final
+        states on the server.
+        """
+        if not self.connected:
+            return
+        self._drain_seq += 1
+        seq = self._drain_seq
+        self.post(Drain(seq=seq))
+        with trio.move_on_after(FLUSH_TIMEOUT):
+            while self.connected and self._drained_seq < seq:
+                self._drained = trio.Event()
+                await self._drained.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Stay subscribed, reconnecting with backoff, until cancelled.
+
+        ``task_status.started()`` once the first subscription is accepted (or
+        the loop ends first). Returns when draining with no runs in flight and
+        no connection, or when the server refused the worker for good: then
+        :attr:`fatal` holds a :class:`ProtocolError` or ConfigurationError.
+        """
+        self._ready = task_status
+        failures = 0
+        outage_logged = False
+        while not (self.draining and not self.sink.in_flight):
+            lost: BaseException | None = None
+            with trio.CancelScope() as self._reconnect_scope:
+                if self.draining:
+                    self._reconnect_scope.cancel()
+                try:
+                    await self._connect_once()
+                except* (ProtocolError, ConfigurationError) as group:
+                    self.fatal = _one(group)
+                except* trio_websocket.ConnectionRejected as group:
+                    lost = self._rejected(group)
+                except* _TRANSPORT_ERRORS as group:
+                    lost = _one(group)
+            if self.fatal is not None:
+                log.error("worker %s stops: %s", self.client_id, self.fatal)
+                break
+            if lost is None:
+                failures = 0
+                outage_logged = False
+                continue
+            if not outage_logged:
+                log.warning("worker %s lost the server (%r); reconnecting", self.client_id, lost)
+                outage_logged = True
+            failures += 1
+            delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(failures, 16)))
+            with trio.CancelScope() as self._reconnect_scope:
+                self._give_up_if_idle()
+                await trio.sleep(delay)
+        self._mark_ready()
+
+    # --- the connection loop ------------------------------------------------------------
+
+    def _rejected(self, group: BaseExceptionGroup[trio_websocket.ConnectionRejected]) -> Any:
+        rejected = _one(group)
+        assert isinstance(rejected, trio_websocket.ConnectionRejected)
+        status = rejected.status_code or 0
+        if 400 <= status < 500:
+            # A refusal (wrong URL, not authorised) will not heal by retrying.
+            self.fatal = ProtocolError(f"the server refused the subscription: HTTP {status}")
+            return None
+        return rejected
+
+    def _give_up_if_idle(self) -> None:
+        if (
+            self._reconnect_scope is not None
+            and self.draining
+            and not self.connected
+            and not self.sink.in_flight
+        ):
+            self._reconnect_scope.cancel()
+
+    def _mark_ready(self) -> None:
+        ready, self._ready = self._ready, trio.TASK_STATUS_IGNORED
+        if ready is not trio.TASK_STATUS_IGNORED:
+            ready.started()
+
+    async def _connect_once(self) -> None:
+        try:
+            async with self.connect() as ws:
+                await self._serve(ws)
+        finally:
+            self.connected = False
+            self._drained.set()  # nobody waits on a connection that is gone
+            self.sink.connection_lost(self.generation)
+
+    async def _serve(self, ws: WebSocket) -> None:
+        self.generation += 1
+        generation = self.generation
+        credits = 0 if self.draining else max(0, self.window - self.sink.in_flight)
+        hello = Subscribe(keys=self.keys, client_id=self.client_id, credits=credits)
+        await ws.send_message(encode_frame([hello]))
+        with trio.fail_after(PING_TIMEOUT):
+            reply = await _receive(ws)
+        if not reply or not isinstance(reply[0], Subscribed):
+            raise ProtocolError(f"expected a subscribed message, got {reply!r}")
+        self.connected = True
+        lease_seconds = reply[0].lease_seconds
+        log.info("worker %s subscribed (connection %s)", self.client_id, reply[0].connection_id)
+        self._mark_ready()
+        if self.draining:
+            self.post(Drain(seq=0), generation)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sender, ws, generation)
+            nursery.start_soon(self._pinger, ws)
+            nursery.start_soon(self._heartbeat, generation, lease_seconds / 3)
+            await self._reader(ws, generation)
+            nursery.cancel_scope.cancel()
+
+    async def _reader(self, ws: WebSocket, generation: int) -> None:
+        while True:
+            for message in await _receive(ws):
+                if isinstance(message, Deliver):
+                    for run in message.runs:
+                        log.debug("received run %s attempt %d", run.id, run.attempt)
+                        self.sink.deliver(generation, run)
+                elif isinstance(message, Rejected):
+                    log.warning(
+                        "the server refused a report on run %s: %s", message.id, message.reason
+                    )
+                elif isinstance(message, Drained):
+                    self._drained_seq = max(self._drained_seq, message.seq)
+                    self._drained.set()
+                elif isinstance(message, Cancel):
+                    self.sink.cancel(message.id)
+
+    async def _sender(self, ws: WebSocket, generation: int) -> None:
+        while True:
+            await self._outbox.has_mail.wait()
+            messages = self._outbox.take(generation)
+            if messages:
+                await ws.send_message(encode_frame(messages))
+
+    async def _heartbeat(self, generation: int, interval: float) -> None:
+        """Keep the leases alive: the server drops a connection silent for a lease."""
+        while True:
+            await trio.sleep(interval)
+            self.post(Heartbeat(), generation)
+
+    async def _pinger(self, ws: WebSocket) -> None:
+        while True:
+            await trio.sleep(PING_INTERVAL)
+            # ping() waits for its pong with no timeout of its own.
+            with trio.fail_after(PING_TIMEOUT):
+                await ws.ping()
+
+
+def _one(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The error a connection attempt ended with.
+
+    The connection's nursery can hold two errors at once (the reader's and a
+    sibling's, as the socket dies under both). They share one cause here, so
+    the first stands for the group; the others are logged, not lost.
+    """
+    first, *others = group.exceptions
+    for other in others:
+        log.debug("also raised as the connection ended: %r", other)
+    return first
+
+
+async def _receive(ws: WebSocket) -> list[Any]:
+    try:
+        data = await ws.get_message()
+    except trio_websocket.ConnectionClosed as exc:
+        reason = exc.reason
+        if reason is not None and (
+            reason.code in _FATAL_CLOSE_CODES or reason.code == _CLOSE_POLICY
+        ):
+            raise ProtocolError(
+                f"the server refused this worker: {reason.code} {reason.reason}"
+            ) from None
+        raise
+    try:
+        return list(decode_server_frame(data))
+    except InvalidPayload as exc:
+        raise ProtocolError(f"the server sent an invalid message: {exc}") from None
