@@ -42,17 +42,49 @@ def test_version_matches_pyproject() -> None:
     assert trio_taskworker.__version__ == pyproject["project"]["version"]
 
 
-def test_pure_modules_import_no_io() -> None:
-    """The pure layer must not import trio, httpx or a database driver."""
+PURE_MODULES = ("_exceptions", "_states", "_models", "_serialization", "_rules", "_definition")
+IO_LIBRARIES = {"trio", "httpx", "trio_websocket", "hypercorn", "starlette", "sqlite3", "psycopg"}
+
+
+def _imports(module: str) -> tuple[set[str], set[str]]:
+    """The top-level libraries a package module imports, and the package modules it imports."""
     import ast
 
     package = Path(trio_taskworker.__file__).parent
-    for module in ("_exceptions", "_states", "_models", "_serialization", "_task"):
-        tree = ast.parse((package / f"{module}.py").read_text())
-        names = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names.update(alias.name.split(".")[0] for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names.add(node.module.split(".")[0])
-        assert not names & {"trio", "httpx", "trio_websocket", "sqlite3", "psycopg"}, module
+    tree = ast.parse((package / f"{module}.py").read_text())
+    libraries: set[str] = set()
+    relatives: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            libraries.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            libraries.add(node.module.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                relatives.add(node.module.split(".")[0])
+            else:
+                relatives.update(alias.name for alias in node.names)
+    return libraries, relatives
+
+
+def test_pure_modules_import_no_io() -> None:
+    """The pure layer imports no I/O library, not even through another module."""
+    for module in PURE_MODULES:
+        seen: set[str] = set()
+        todo = [module]
+        while todo:
+            current = todo.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            libraries, relatives = _imports(current)
+            assert not libraries & IO_LIBRARIES, (module, current, libraries & IO_LIBRARIES)
+            todo.extend(relatives)
+        # Everything a pure module reaches is itself pure.
+        assert seen <= {*PURE_MODULES, "_version"}, (module, seen - set(PURE_MODULES))
+
+
+def test_the_purity_check_follows_relative_imports() -> None:
+    """The check above would catch ``_task``, which reaches httpx through ``_client``."""
+    relatives = _imports("_task")[1]
+    assert "_client" in relatives and "httpx" in _imports("_client")[0]

@@ -9,7 +9,15 @@ import pytest
 import trio
 
 from trio_taskworker import TaskRunState
-from trio_taskworker._models import ErrorInfo, Finished, Released, Started, TaskRunCreate
+from trio_taskworker._models import (
+    OPTION_NAMES,
+    ErrorInfo,
+    Finished,
+    Released,
+    Started,
+    TaskRunCreate,
+    option_values,
+)
 from trio_taskworker._server import SQLiteStore
 from trio_taskworker._server._store import StoreError
 
@@ -30,6 +38,22 @@ async def test_create_read_list(memory_store: SQLiteStore) -> None:
     assert [r.id for r in listed] == [ids[1]]
     assert listed[0].parameters is None  # lists leave payloads out
     assert (await memory_store.counts())["SCHEDULED"] == 2
+
+
+async def test_every_option_is_stored(memory_store: SQLiteStore) -> None:
+    options = {
+        "retries": 2,
+        "retry_delay_seconds": 1.5,
+        "timeout_seconds": 9.0,
+        "max_redeliveries": 4,
+        "tags": ("a", "b"),
+    }
+    assert set(options) == set(OPTION_NAMES)  # a new option needs a value here
+    created = create(**options)
+    (run_id,) = await memory_store.create_runs([created], now=1.0)
+    (run,) = await memory_store.read_runs([run_id])
+    (listed,) = await memory_store.list_runs(None, None, 10, 0)
+    assert option_values(run) == option_values(listed) == option_values(created) == options
 
 
 async def test_claim_is_fair_across_keys_and_respects_n(memory_store: SQLiteStore) -> None:

@@ -21,7 +21,7 @@ from ._store import Store
 
 __all__ = ["TaskServer", "default_data_dir"]
 
-log = logging.getLogger("trio_taskworker.server")
+log = logging.getLogger(__name__)
 
 
 def default_data_dir() -> Path:

@@ -1,32 +1,37 @@
-"""The storage interface, and the SQL that implements it over any DB-API connection.
+"""The storage layer: every query, run by a backend's transaction runner.
 
-:class:`Store` is what the server needs from a backend. :class:`SQLRuns`
-holds every query and every state decision, written against a plain DB-API
-connection in portable SQL (``?`` placeholders are rewritten for drivers that
-want ``%s``), so the SQLite backend and a PostgreSQL one differ only in how
-they connect and how they run a transaction.
+:class:`Store` is what the server uses. Each of its methods hands one
+synchronous function of a DB-API cursor to a :class:`Runner`, which runs it
+inside a transaction and hands back its value or its error. The SQLite runner
+(:mod:`._sqlite`) queues it to a group-commit writer; a PostgreSQL runner
+would take a pooled connection. The SQL is portable (``?`` placeholders are
+rewritten for drivers that want ``%s``), rows are read by column name, and
+every state decision is a pure rule of :mod:`trio_taskworker._rules`: the SQL
+reads a row, asks the rule, checks the transition and writes.
 
 Times are stored as UNIX seconds (floating point); payloads as opaque bytes.
 """
 
 from __future__ import annotations
 
-import abc
 import datetime
 import json
 import uuid
-from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import attrs
+import trio
 
-from .._models import ErrorInfo, Finished, Released, Started, TaskRun, TaskRunCreate
+from .. import _rules
+from .._models import OPTION_NAMES, ErrorInfo, TaskOptions, TaskRun, TaskRunCreate, option_values
+from .._rules import Changes, Report
 from .._serialization import converter
 from .._states import IllegalTransition, TaskRunState, check_transition
 
-__all__ = ["Outcome", "SQLRuns", "Store", "StoreError"]
+__all__ = ["Cursor", "Outcome", "Report", "Runner", "Store", "StoreError"]
 
-Report = Started | Finished | Released
+T = TypeVar("T")
 
 
 class StoreError(Exception):
@@ -46,86 +51,89 @@ class Outcome:
         return any(r.state is TaskRunState.SCHEDULED for r in self.changed)
 
 
-class Store(abc.ABC):
-    """What the server needs from a storage backend. All methods are async."""
-
-    @abc.abstractmethod
-    async def create_runs(self, creates: Sequence[TaskRunCreate], now: float) -> list[uuid.UUID]:
-        """Create all runs in one transaction; return their ids in order."""
-
-    @abc.abstractmethod
-    async def read_runs(self, ids: Sequence[uuid.UUID]) -> list[TaskRun]:
-        """Return the runs that exist among ``ids`` (any order), with payloads."""
-
-    @abc.abstractmethod
-    async def list_runs(
-        self, state: TaskRunState | None, task_key: str | None, limit: int, offset: int
-    ) -> list[TaskRun]:
-        """Return a page of runs, oldest first, without payloads."""
-
-    @abc.abstractmethod
-    async def claim_runs(
-        self, keys: Sequence[str], n: int, owner: str, now: float
-    ) -> list[TaskRun]:
-        """Lease up to ``n`` due runs of ``keys`` to ``owner``, round-robin across keys."""
-
-    @abc.abstractmethod
-    async def next_due(self, keys: Sequence[str]) -> float | None:
-        """The earliest ``scheduled_time`` among SCHEDULED runs of ``keys``."""
-
-    @abc.abstractmethod
-    async def apply_reports(self, owner: str, reports: Sequence[Report], now: float) -> Outcome:
-        """Apply a worker's reports in order, refusing those that do not hold the lease."""
-
-    @abc.abstractmethod
-    async def release_owner(self, owner: str, now: float) -> Outcome:
-        """``owner``'s connection is gone: requeue, redeliver or crash its runs."""
-
-    @abc.abstractmethod
-    async def release_all(self, now: float) -> Outcome:
-        """At start-up: every lease belongs to a connection of a previous process."""
-
-    @abc.abstractmethod
-    async def put_blob(self, data: bytes, now: float) -> str:
-        """Store a payload; return its reference."""
-
-    @abc.abstractmethod
-    async def get_blob(self, ref: str) -> bytes | None:
-        """Return a stored payload, or None."""
-
-    @abc.abstractmethod
-    async def counts(self) -> dict[str, int]:
-        """The number of runs in each state."""
-
-    @abc.abstractmethod
-    async def cancel_run(self, run_id: uuid.UUID, now: float) -> tuple[TaskRun, str | None]:
-        """Cancel a run; return it and the connection that holds its lease, if any.
-
-        Raises :class:`StoreError` for an unknown run and :class:`IllegalTransition`
-        for one that has already ended.
-        """
-
-
 class Cursor(Protocol):
+    """The part of a DB-API cursor the store uses (sqlite3's and psycopg's both fit)."""
+
     def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Any: ...
+    def executemany(self, sql: str, params: Iterable[Sequence[Any]], /) -> Any: ...
     def fetchall(self) -> list[Any]: ...
     def fetchone(self) -> Any: ...
 
 
-_COLUMNS = (
-    "id, task_key, task_name, state, created_at, scheduled_time, started_at, finished_at,"
-    " attempt, retries, retry_count, retry_delay_seconds, timeout_seconds, max_redeliveries,"
-    " redeliveries, tags, parameters, parameters_ref, result, result_ref, error, message,"
-    " lease_owner, seq"
+class Runner(Protocol):
+    """A backend: it runs functions of a cursor, each inside a transaction."""
+
+    @property
+    def placeholder(self) -> str:
+        """The driver's parameter marker: ``?`` for sqlite3, ``%s`` for psycopg."""
+
+    async def run(
+        self, setup: Callable[[Cursor], None], *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Serve transactions until cancelled.
+
+        Runs ``setup`` in a first transaction, then ``task_status.started()``.
+        On the way out it closes its connections, and every function handed to
+        :meth:`transact` that has not run fails with :class:`StoreError`.
+        """
+
+    async def transact(self, fn: Callable[[Cursor], T]) -> T:
+        """Run ``fn`` inside a transaction; return its value or raise its error.
+
+        A function that raises leaves no change behind. Once handed over, the
+        function runs even if the caller is cancelled, so that a caller is never
+        told a change failed that in fact committed. Raises :class:`StoreError`
+        once the runner is closed.
+        """
+
+
+class _Row(NamedTuple):
+    """A row of ``task_runs`` by column name: ``_Row._make(row)`` takes any driver's row.
+
+    A named tuple, not a dict per row: it costs a fifth as much to build, and
+    reading rows is most of the server's hot path.
+    """
+
+    id: str
+    task_key: str
+    task_name: str
+    state: str
+    created_at: float
+    scheduled_time: float
+    started_at: float | None
+    finished_at: float | None
+    attempt: int
+    retries: int
+    retry_count: int
+    retry_delay_seconds: float
+    timeout_seconds: float | None
+    max_redeliveries: int | None
+    redeliveries: int
+    tags: str
+    parameters: bytes | None
+    parameters_ref: str | None
+    result: bytes | None
+    result_ref: str | None
+    error: str | None
+    message: str | None
+    lease_owner: str | None
+    seq: int
+
+
+_COLUMNS = ", ".join(_Row._fields)
+#: Lists leave the payloads out; the names stay in place.
+_LIGHT_COLUMNS = ", ".join(
+    "NULL" if name in ("parameters", "result") else name for name in _Row._fields
 )
-_LIGHT_COLUMNS = _COLUMNS.replace("parameters,", "NULL,").replace(" result,", " NULL,")
-#: Position of each column in a row selected with ``_COLUMNS``.
-_COL = {name.strip(): i for i, name in enumerate(_COLUMNS.split(","))}
-_STATE, _ATTEMPT, _RETRIES, _RETRY_COUNT, _RETRY_DELAY = (
-    _COL[n] for n in ("state", "attempt", "retries", "retry_count", "retry_delay_seconds")
-)
-_MAX_REDELIVERIES, _REDELIVERIES, _OWNER = (
-    _COL[n] for n in ("max_redeliveries", "redeliveries", "lease_owner")
+
+# The option columns come from the one declaration of the options.
+_INSERT_NAMES = (
+    "id", "task_key", "task_name", "state", "created_at", "scheduled_time", "parameters",
+    "parameters_ref", "seq", *OPTION_NAMES,
+)  # fmt: skip
+_INSERT = (
+    f"INSERT INTO task_runs ({', '.join(_INSERT_NAMES)}, attempt, retry_count, redeliveries)"
+    f" VALUES ({', '.join('?' * len(_INSERT_NAMES))}, 0, 0, 0)"
 )
 
 SCHEMA = (
@@ -167,130 +175,145 @@ SCHEMA = (
 )
 
 
-def _dt(value: float | None) -> datetime.datetime | None:
-    if value is None:
-        return None
+def _in(values: Sequence[Any]) -> str:
+    return "(" + ",".join("?" * len(values)) + ")"
+
+
+def _dt(value: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(value, datetime.UTC)
 
 
-def _row_to_run(row: Sequence[Any]) -> TaskRun:
-    (
-        id_, key, name, state, created, scheduled, started, finished, attempt, retries,
-        retry_count, retry_delay, timeout, max_redeliveries, redeliveries, tags, parameters,
-        parameters_ref, result, result_ref, error, message, _owner, _seq,
-    ) = row  # fmt: skip
+def _dt_or_none(value: float | None) -> datetime.datetime | None:
+    return None if value is None else _dt(value)
+
+
+def _option_columns(options: TaskOptions) -> Iterable[Any]:
+    """The option column values, in ``OPTION_NAMES`` order."""
+    values = option_values(options)
+    values["tags"] = json.dumps(list(values["tags"]))
+    return values.values()
+
+
+def _row_to_run(row: _Row) -> TaskRun:
+    options = {name: getattr(row, name) for name in OPTION_NAMES}
+    tags = row.tags
+    options["tags"] = () if tags == "[]" else json.loads(tags)  # most runs have no tags
+    parameters, result, error = row.parameters, row.result, row.error
     return TaskRun(
-        id=uuid.UUID(id_),
-        task_key=key,
-        task_name=name,
-        state=TaskRunState(state),
-        created_at=_dt(created),  # type: ignore[arg-type]
-        scheduled_time=_dt(scheduled),  # type: ignore[arg-type]
-        started_at=_dt(started),
-        finished_at=_dt(finished),
-        attempt=attempt,
-        retries=retries,
-        retry_count=retry_count,
-        retry_delay_seconds=retry_delay,
-        timeout_seconds=timeout,
-        max_redeliveries=max_redeliveries,
-        redeliveries=redeliveries,
-        tags=tuple(json.loads(tags)),
+        id=uuid.UUID(row.id),
+        task_key=row.task_key,
+        task_name=row.task_name,
+        state=TaskRunState(row.state),
+        created_at=_dt(row.created_at),
+        scheduled_time=_dt(row.scheduled_time),
+        started_at=_dt_or_none(row.started_at),
+        finished_at=_dt_or_none(row.finished_at),
+        attempt=row.attempt,
+        retry_count=row.retry_count,
+        redeliveries=row.redeliveries,
         parameters=None if parameters is None else bytes(parameters),
-        parameters_ref=parameters_ref,
+        parameters_ref=row.parameters_ref,
         result=None if result is None else bytes(result),
-        result_ref=result_ref,
+        result_ref=row.result_ref,
         error=None if error is None else converter.structure(json.loads(error), ErrorInfo),
-        message=message,
+        message=row.message,
+        **options,
     )
 
 
 @attrs.define(eq=False)
-class SQLRuns:
-    """Every query and state decision, run on a DB-API cursor inside a transaction.
+class Store:
+    """What the server stores: runs, leases and blobs, over a :class:`Runner`.
 
-    The methods are synchronous: a backend calls them inside its own
-    transaction (and thread). ``placeholder`` is ``?`` for sqlite3 and ``%s``
-    for psycopg. ``default_max_redeliveries`` applies to runs whose task did
-    not set ``max_redeliveries``.
+    Start it with ``await nursery.start(store.run)``; it is ready (schema
+    created) when that returns. ``default_max_redeliveries`` applies to runs
+    whose task did not set ``max_redeliveries``. Every method runs in one
+    transaction of its own, and raises :class:`StoreError` once the store is
+    closed.
     """
 
-    placeholder: str = "?"
+    runner: Runner
     default_max_redeliveries: int = 3
+    _placeholder: str = attrs.field(init=False, repr=False)
+    #: The last ``seq`` given out; ``seq`` orders runs by creation.
     _seq: int = attrs.field(init=False, default=0)
 
-    def q(self, sql: str) -> str:
-        return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
+    def __attrs_post_init__(self) -> None:
+        self._placeholder = self.runner.placeholder
 
-    def _in(self, values: Sequence[Any]) -> str:
-        return "(" + ",".join("?" * len(values)) + ")"
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the backend until cancelled; ``task_status.started()`` once the schema exists.
 
-    def init_schema(self, cur: Cursor) -> None:
+        On the way out the backend closes its connections, and every operation
+        still waiting fails with :class:`StoreError`.
+        """
+        await self.runner.run(self._init_schema, task_status=task_status)
+
+    def _q(self, sql: str) -> str:
+        return sql if self._placeholder == "?" else sql.replace("?", self._placeholder)
+
+    def _init_schema(self, cur: Cursor) -> None:
         for statement in SCHEMA:
             cur.execute(statement)
         cur.execute("SELECT MAX(seq) FROM task_runs")
-        row = cur.fetchone()
-        self._seq = int(row[0] or 0)
+        self._seq = int(cur.fetchone()[0] or 0)
 
     # --- runs ---------------------------------------------------------------------
 
-    def create_runs(
-        self, cur: Cursor, creates: Sequence[TaskRunCreate], now: float
-    ) -> list[uuid.UUID]:
-        ids = []
-        rows = []
-        for create in creates:
-            if (
-                create.parameters_ref is not None
-                and self.get_blob(cur, create.parameters_ref) is None
-            ):
-                raise StoreError(f"no stored blob {create.parameters_ref!r} for parameters_ref")
-            run_id = uuid.uuid4()
-            ids.append(run_id)
-            self._seq += 1
-            scheduled = now if create.scheduled_time is None else create.scheduled_time.timestamp()
-            rows.append(
-                (
-                    str(run_id), create.task_key, create.task_name or create.task_key,
-                    TaskRunState.SCHEDULED.value, now, scheduled, create.retries,
-                    create.retry_delay_seconds, create.timeout_seconds, create.max_redeliveries,
-                    json.dumps(list(create.tags)), create.parameters, create.parameters_ref,
-                    self._seq,
-                )
-            )  # fmt: skip
-        sql = self.q(
-            "INSERT INTO task_runs (id, task_key, task_name, state, created_at, scheduled_time,"
-            " attempt, retries, retry_count, retry_delay_seconds, timeout_seconds,"
-            " max_redeliveries, redeliveries, tags, parameters, parameters_ref, seq)"
-            " VALUES (?, ?, ?, ?, ?, ?, 0, ?, 0, ?, ?, ?, 0, ?, ?, ?, ?)"
-        )
-        for row in rows:
-            cur.execute(sql, row)
-        return ids
+    async def create_runs(self, creates: Sequence[TaskRunCreate], now: float) -> list[uuid.UUID]:
+        """Create all runs in one transaction; return their ids in order.
 
-    def read_runs(self, cur: Cursor, ids: Sequence[uuid.UUID]) -> list[TaskRun]:
-        rows = self._read_rows(cur, [str(i) for i in ids])
-        return [_row_to_run(row) for row in rows.values()]
+        Raises :class:`StoreError`, creating none, if a ``parameters_ref`` names
+        no stored blob.
+        """
 
-    def _read_rows(self, cur: Cursor, ids: Sequence[str]) -> dict[str, list[Any]]:
-        rows: dict[str, list[Any]] = {}
+        def create(cur: Cursor) -> list[uuid.UUID]:
+            ids = []
+            rows = []
+            for c in creates:
+                if c.parameters_ref is not None and self._get_blob(cur, c.parameters_ref) is None:
+                    raise StoreError(f"no stored blob {c.parameters_ref!r} for parameters_ref")
+                run_id = uuid.uuid4()
+                ids.append(run_id)
+                self._seq += 1
+                scheduled = now if c.scheduled_time is None else c.scheduled_time.timestamp()
+                rows.append(
+                    (
+                        str(run_id), c.task_key, c.task_name or c.task_key,
+                        TaskRunState.SCHEDULED.value, now, scheduled, c.parameters,
+                        c.parameters_ref, self._seq, *_option_columns(c),
+                    )
+                )  # fmt: skip
+            cur.executemany(self._q(_INSERT), rows)
+            return ids
+
+        return await self.runner.transact(create)
+
+    async def read_runs(self, ids: Sequence[uuid.UUID]) -> list[TaskRun]:
+        """Return the runs that exist among ``ids`` (any order), with payloads."""
+
+        def read(cur: Cursor) -> list[TaskRun]:
+            rows = self._read_rows(cur, [str(i) for i in ids])
+            return [_row_to_run(row) for row in rows.values()]
+
+        return await self.runner.transact(read)
+
+    def _read_rows(self, cur: Cursor, ids: Sequence[str]) -> dict[str, _Row]:
+        rows: dict[str, _Row] = {}
         for start in range(0, len(ids), 500):
             chunk = list(ids[start : start + 500])
             cur.execute(
-                self.q(f"SELECT {_COLUMNS} FROM task_runs WHERE id IN {self._in(chunk)}"), chunk
+                self._q(f"SELECT {_COLUMNS} FROM task_runs WHERE id IN {_in(chunk)}"), chunk
             )
-            for row in cur.fetchall():
-                rows[row[0]] = list(row)
+            for raw in cur.fetchall():
+                row = _Row._make(raw)
+                rows[row.id] = row
         return rows
 
-    def list_runs(
-        self,
-        cur: Cursor,
-        state: TaskRunState | None,
-        task_key: str | None,
-        limit: int,
-        offset: int,
+    async def list_runs(
+        self, state: TaskRunState | None, task_key: str | None, limit: int, offset: int
     ) -> list[TaskRun]:
+        """Return a page of runs, oldest first, without payloads."""
         where, params = [], []
         if state is not None:
             where.append("state = ?")
@@ -299,243 +322,221 @@ class SQLRuns:
             where.append("task_key = ?")
             params.append(task_key)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        cur.execute(
-            self.q(
-                f"SELECT {_LIGHT_COLUMNS} FROM task_runs {clause} ORDER BY seq LIMIT ? OFFSET ?"
-            ),
-            [*params, limit, offset],
+        sql = self._q(
+            f"SELECT {_LIGHT_COLUMNS} FROM task_runs {clause} ORDER BY seq LIMIT ? OFFSET ?"
         )
-        return [_row_to_run(row) for row in cur.fetchall()]
 
-    def counts(self, cur: Cursor) -> dict[str, int]:
-        cur.execute("SELECT state, COUNT(*) FROM task_runs GROUP BY state")
-        found = {state: int(n) for state, n in cur.fetchall()}
-        return {s.value: found.get(s.value, 0) for s in TaskRunState}
+        def list_(cur: Cursor) -> list[TaskRun]:
+            cur.execute(sql, [*params, limit, offset])
+            return [_row_to_run(_Row._make(raw)) for raw in cur.fetchall()]
+
+        return await self.runner.transact(list_)
+
+    async def counts(self) -> dict[str, int]:
+        """The number of runs in each state."""
+
+        def count(cur: Cursor) -> dict[str, int]:
+            cur.execute("SELECT state, COUNT(*) FROM task_runs GROUP BY state")
+            found = {state: int(n) for state, n in cur.fetchall()}
+            return {s.value: found.get(s.value, 0) for s in TaskRunState}
+
+        return await self.runner.transact(count)
 
     # --- dispatch -----------------------------------------------------------------
 
-    def claim_runs(
-        self, cur: Cursor, keys: Sequence[str], n: int, owner: str, now: float
+    async def claim_runs(
+        self, keys: Sequence[str], n: int, owner: str, now: float
     ) -> list[TaskRun]:
-        # One indexed query per key, then round-robin: a key with a deep backlog
-        # cannot starve the others, and no query scans the whole queue.
-        per_key: list[list[Any]] = []
-        for key in keys:
-            cur.execute(
-                self.q(
-                    f"SELECT {_COLUMNS} FROM task_runs WHERE state = 'SCHEDULED'"
-                    " AND task_key = ? AND scheduled_time <= ?"
-                    " ORDER BY scheduled_time, seq LIMIT ?"
-                ),
-                (key, now, n),
-            )
-            rows = cur.fetchall()
-            if rows:
-                per_key.append(rows)
-        chosen: list[list[Any]] = []
-        depth = 0
-        while len(chosen) < n and per_key:
-            per_key = [rows for rows in per_key if len(rows) > depth]
-            for rows in per_key:
-                if len(chosen) == n:
-                    break
-                chosen.append(list(rows[depth]))
-            depth += 1
-        update = self.q(
-            "UPDATE task_runs SET state = 'PENDING', attempt = attempt + 1, lease_owner = ?"
-            " WHERE id = ? AND state = 'SCHEDULED'"
-        )
-        runs = []
-        for row in chosen:
-            cur.execute(update, (owner, row[0]))
-            row[_STATE] = TaskRunState.PENDING.value
-            row[_ATTEMPT] += 1
-            row[_OWNER] = owner
-            runs.append(_row_to_run(row))
-        return runs
+        """Lease up to ``n`` due runs of ``keys`` to ``owner``, round-robin across keys."""
 
-    def next_due(self, cur: Cursor, keys: Sequence[str]) -> float | None:
+        def claim(cur: Cursor) -> list[TaskRun]:
+            # One indexed query per key, then round-robin: a key with a deep backlog
+            # cannot starve the others, and no query scans the whole queue.
+            select = self._q(
+                f"SELECT {_COLUMNS} FROM task_runs WHERE state = 'SCHEDULED'"
+                " AND task_key = ? AND scheduled_time <= ?"
+                " ORDER BY scheduled_time, seq LIMIT ?"
+            )
+            per_key: list[list[Any]] = []
+            for key in keys:
+                cur.execute(select, (key, now, n))
+                fetched = cur.fetchall()
+                if fetched:
+                    per_key.append(fetched)
+            chosen: list[_Row] = []
+            depth = 0
+            while len(chosen) < n and per_key:
+                per_key = [rows for rows in per_key if len(rows) > depth]
+                for rows in per_key:
+                    if len(chosen) == n:
+                        break
+                    chosen.append(_Row._make(rows[depth]))
+                depth += 1
+            cur.executemany(
+                self._q(
+                    "UPDATE task_runs SET state = 'PENDING', attempt = attempt + 1,"
+                    " lease_owner = ? WHERE id = ? AND state = 'SCHEDULED'"
+                ),
+                [(owner, row.id) for row in chosen],
+            )
+            return [
+                _row_to_run(
+                    row._replace(
+                        state=TaskRunState.PENDING.value,
+                        attempt=row.attempt + 1,
+                        lease_owner=owner,
+                    )
+                )
+                for row in chosen
+            ]
+
+        return await self.runner.transact(claim)
+
+    async def next_due(self, keys: Sequence[str]) -> float | None:
+        """The earliest ``scheduled_time`` among SCHEDULED runs of ``keys``."""
         if not keys:
             return None
-        cur.execute(
-            self.q(
-                "SELECT MIN(scheduled_time) FROM task_runs WHERE state = 'SCHEDULED'"
-                f" AND task_key IN {self._in(keys)}"
-            ),
-            list(keys),
+        sql = self._q(
+            "SELECT MIN(scheduled_time) FROM task_runs WHERE state = 'SCHEDULED'"
+            f" AND task_key IN {_in(keys)}"
         )
-        row = cur.fetchone()
-        return None if row is None or row[0] is None else float(row[0])
+
+        def due(cur: Cursor) -> float | None:
+            cur.execute(sql, list(keys))
+            row = cur.fetchone()
+            return None if row is None or row[0] is None else float(row[0])
+
+        return await self.runner.transact(due)
 
     # --- state changes ------------------------------------------------------------
 
-    def _write(self, cur: Cursor, row: list[Any], changes: dict[str, Any]) -> TaskRun:
-        """Check the transition, update the row in the database and in memory."""
-        if "state" in changes:
-            check_transition(TaskRunState(row[_STATE]), TaskRunState(changes["state"]))
-        names = list(changes)
-        assignments = ", ".join(f"{name} = ?" for name in names)
+    def _write(self, cur: Cursor, row: _Row, changes: Changes) -> _Row:
+        """Check the transition, update the row in the database, return it as updated."""
+        state = changes["state"]
+        check_transition(TaskRunState(row.state), state)
+        values = {**changes, "state": state.value}
+        if "error" in values:
+            error = values["error"]
+            values["error"] = None if error is None else json.dumps(converter.unstructure(error))
+        assignments = ", ".join(f"{name} = ?" for name in values)
         cur.execute(
-            self.q(f"UPDATE task_runs SET {assignments} WHERE id = ?"),
-            [changes[name] for name in names] + [row[0]],
+            self._q(f"UPDATE task_runs SET {assignments} WHERE id = ?"),
+            [*values.values(), row.id],
         )
-        for name in names:
-            row[_COL[name]] = changes[name]
-        return _row_to_run(row)
+        return row._replace(**values)
 
-    def apply_reports(
-        self, cur: Cursor, owner: str, reports: Sequence[Report], now: float
-    ) -> Outcome:
-        rows = self._read_rows(cur, list(dict.fromkeys(str(r.id) for r in reports)))
-        changed: dict[str, TaskRun] = {}
-        rejected: list[tuple[uuid.UUID, str]] = []
-        for report in reports:
-            row = rows.get(str(report.id))
-            if row is None:
-                rejected.append((report.id, "no such run"))
-                continue
-            if row[_OWNER] != owner or row[_ATTEMPT] != report.attempt:
-                rejected.append(
-                    (
-                        report.id,
-                        f"stale lease: the run is at attempt {row[_ATTEMPT]} on another lease",
-                    )
+    async def apply_reports(self, owner: str, reports: Sequence[Report], now: float) -> Outcome:
+        """Apply a worker's reports in order, refusing those that do not hold the lease."""
+
+        def apply(cur: Cursor) -> Outcome:
+            rows = self._read_rows(cur, list(dict.fromkeys(str(r.id) for r in reports)))
+            # Each report sees the row as the reports before it left it; each run
+            # changed is returned once, as it ends up.
+            changed: dict[str, _Row] = {}
+            rejected: list[tuple[uuid.UUID, str]] = []
+            for report in reports:
+                row = rows.get(str(report.id))
+                if row is None:
+                    rejected.append((report.id, "no such run"))
+                    continue
+                refusal = _rules.refusal(
+                    holder=row.lease_owner, attempt=row.attempt, owner=owner, report=report
                 )
-                continue
-            try:
-                run = self._apply_one(cur, row, report, now)
-            except IllegalTransition as exc:
-                rejected.append((report.id, str(exc)))
-                continue
-            changed[row[0]] = run
-        return Outcome(changed=tuple(changed.values()), rejected=tuple(rejected))
+                if refusal is not None:
+                    rejected.append((report.id, refusal))
+                    continue
+                try:
+                    changes = _rules.on_report(
+                        state=TaskRunState(row.state),
+                        report=report,
+                        retries=row.retries,
+                        retry_count=row.retry_count,
+                        retry_delay_seconds=row.retry_delay_seconds,
+                        now=now,
+                    )
+                    rows[row.id] = changed[row.id] = self._write(cur, row, changes)
+                except IllegalTransition as exc:
+                    rejected.append((report.id, str(exc)))
+            return Outcome(
+                changed=tuple(_row_to_run(row) for row in changed.values()),
+                rejected=tuple(rejected),
+            )
 
-    def _apply_one(self, cur: Cursor, row: list[Any], report: Report, now: float) -> TaskRun:
-        state = TaskRunState(row[_STATE])
-        if isinstance(report, Started):
-            return self._write(cur, row, {"state": "RUNNING", "started_at": now})
-        if state is TaskRunState.CANCELLING or (
-            isinstance(report, Finished) and report.state is TaskRunState.CANCELLED
-        ):
-            # Whatever the worker says of a run the caller cancels, the cancel wins
-            # (a sync task may return, or a stopping worker hand it back).
-            return self._write(
-                cur, row, {"state": "CANCELLED", "finished_at": now, "lease_owner": None}
-            )
-        if isinstance(report, Released):
-            return self._write(
-                cur,
-                row,
-                {"state": "SCHEDULED", "lease_owner": None, "message": report.reason},
-            )
-        error = None if report.error is None else json.dumps(converter.unstructure(report.error))
-        retries, retry_count = row[_RETRIES], row[_RETRY_COUNT]
-        if report.state is TaskRunState.FAILED and retry_count < retries:
-            return self._write(
-                cur,
-                row,
-                {
-                    "state": "SCHEDULED",
-                    "scheduled_time": now + row[_RETRY_DELAY],
-                    "retry_count": retry_count + 1,
-                    "lease_owner": None,
-                    "error": error,
-                    "message": f"retry {retry_count + 1} of {retries} after a failure",
-                },
-            )
-        if report.state not in (TaskRunState.COMPLETED, TaskRunState.FAILED):
-            raise IllegalTransition(state, report.state)
-        return self._write(
-            cur,
-            row,
-            {
-                "state": report.state.value,
-                "finished_at": now,
-                "lease_owner": None,
-                "result": report.result,
-                "result_ref": report.result_ref,
-                "error": error,
-            },
-        )
+        return await self.runner.transact(apply)
 
-    def _release_rows(
-        self, cur: Cursor, rows: Iterable[Sequence[Any]], reason: str, now: float
-    ) -> Outcome:
+    def _release(self, cur: Cursor, reason: str, now: float) -> Outcome:
+        """Requeue, redeliver or crash the leased rows just selected on ``cur``."""
         changed = []
-        for raw in rows:
-            row = list(raw)
-            state = TaskRunState(row[_STATE])
-            if state is TaskRunState.PENDING:
-                # It never started: back to the queue, not counted as a redelivery.
-                changes: dict[str, Any] = {"state": "SCHEDULED", "lease_owner": None}
-            elif state is TaskRunState.CANCELLING:
-                changes = {
-                    "state": "CANCELLED",
-                    "finished_at": now,
-                    "lease_owner": None,
-                    "message": reason,
-                }
-            else:
-                limit = row[_MAX_REDELIVERIES]
-                if limit is None:
-                    limit = self.default_max_redeliveries
-                redeliveries = row[_REDELIVERIES]
-                if redeliveries < limit:
-                    changes = {
-                        "state": "SCHEDULED",
-                        "lease_owner": None,
-                        "redeliveries": redeliveries + 1,
-                        "message": f"redelivered: {reason}",
-                    }
-                else:
-                    changes = {
-                        "state": "CRASHED",
-                        "lease_owner": None,
-                        "message": f"{reason}; it had been redelivered {redeliveries} times,"
-                        f" the limit is {limit}",
-                    }
-            changed.append(self._write(cur, row, changes))
+        for raw in cur.fetchall():
+            row = _Row._make(raw)
+            changes = _rules.on_lost_lease(
+                state=TaskRunState(row.state),
+                redeliveries=row.redeliveries,
+                max_redeliveries=row.max_redeliveries,
+                default_max_redeliveries=self.default_max_redeliveries,
+                reason=reason,
+                now=now,
+            )
+            changed.append(_row_to_run(self._write(cur, row, changes)))
         return Outcome(changed=tuple(changed))
 
-    def release_owner(self, cur: Cursor, owner: str, now: float) -> Outcome:
-        cur.execute(self.q(f"SELECT {_COLUMNS} FROM task_runs WHERE lease_owner = ?"), (owner,))
-        return self._release_rows(cur, cur.fetchall(), "the worker's connection was lost", now)
+    async def release_owner(self, owner: str, now: float) -> Outcome:
+        """``owner``'s connection is gone: requeue, redeliver or crash its runs."""
 
-    def release_all(self, cur: Cursor, now: float) -> Outcome:
-        cur.execute(f"SELECT {_COLUMNS} FROM task_runs WHERE lease_owner IS NOT NULL")
-        return self._release_rows(cur, cur.fetchall(), "the server restarted", now)
+        def release(cur: Cursor) -> Outcome:
+            cur.execute(
+                self._q(f"SELECT {_COLUMNS} FROM task_runs WHERE lease_owner = ?"), (owner,)
+            )
+            return self._release(cur, "the worker's connection was lost", now)
 
-    def cancel_run(self, cur: Cursor, run_id: uuid.UUID, now: float) -> tuple[TaskRun, str | None]:
-        rows = self._read_rows(cur, [str(run_id)])
-        row = rows.get(str(run_id))
-        if row is None:
-            raise StoreError(f"no run {run_id}")
-        state = TaskRunState(row[_STATE])
-        owner = row[_OWNER]
-        message = "cancelled by the caller"
-        if state is TaskRunState.CANCELLING:
+        return await self.runner.transact(release)
+
+    async def release_all(self, now: float) -> Outcome:
+        """At start-up: every lease belongs to a connection of a previous process."""
+
+        def release(cur: Cursor) -> Outcome:
+            cur.execute(f"SELECT {_COLUMNS} FROM task_runs WHERE lease_owner IS NOT NULL")
+            return self._release(cur, "the server restarted", now)
+
+        return await self.runner.transact(release)
+
+    async def cancel_run(self, run_id: uuid.UUID, now: float) -> tuple[TaskRun, str | None]:
+        """Cancel a run; return it and the connection that holds its lease, if any.
+
+        Raises :class:`StoreError` for an unknown run and :class:`IllegalTransition`
+        for one that has already ended.
+        """
+
+        def cancel(cur: Cursor) -> tuple[TaskRun, str | None]:
+            row = self._read_rows(cur, [str(run_id)]).get(str(run_id))
+            if row is None:
+                raise StoreError(f"no run {run_id}")
+            owner = row.lease_owner
+            changes = _rules.on_cancel(state=TaskRunState(row.state), now=now)
+            if changes is not None:
+                row = self._write(cur, row, changes)
             return _row_to_run(row), owner
-        if state is TaskRunState.RUNNING:
-            # The lease holder is told; it reports CANCELLED (or the lease is lost).
-            return self._write(cur, row, {"state": "CANCELLING", "message": message}), owner
-        changes = {
-            "state": "CANCELLED",
-            "finished_at": now,
-            "lease_owner": None,
-            "message": message,
-        }
-        return self._write(cur, row, changes), owner
+
+        return await self.runner.transact(cancel)
 
     # --- blobs --------------------------------------------------------------------
 
-    def put_blob(self, cur: Cursor, data: bytes, now: float) -> str:
+    async def put_blob(self, data: bytes, now: float) -> str:
+        """Store a payload; return its reference."""
         ref = str(uuid.uuid4())
-        cur.execute(
-            self.q("INSERT INTO blobs (id, data, created_at) VALUES (?, ?, ?)"), (ref, data, now)
-        )
-        return ref
+        sql = self._q("INSERT INTO blobs (id, data, created_at) VALUES (?, ?, ?)")
 
-    def get_blob(self, cur: Cursor, ref: str) -> bytes | None:
-        cur.execute(self.q("SELECT data FROM blobs WHERE id = ?"), (ref,))
+        def put(cur: Cursor) -> str:
+            cur.execute(sql, (ref, data, now))
+            return ref
+
+        return await self.runner.transact(put)
+
+    async def get_blob(self, ref: str) -> bytes | None:
+        """Return a stored payload, or None."""
+        return await self.runner.transact(lambda cur: self._get_blob(cur, ref))
+
+    def _get_blob(self, cur: Cursor, ref: str) -> bytes | None:
+        cur.execute(self._q("SELECT data FROM blobs WHERE id = ?"), (ref,))
         row = cur.fetchone()
         return None if row is None else bytes(row[0])
