@@ -3,9 +3,11 @@ server handler joined by an in-process transport, on trio's autojump clock."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
@@ -242,6 +244,7 @@ async def test_stop_task_worker_hands_its_run_back(
     quitter = await submit(srv, quit_worker)
     with trio.fail_after(60):
         await worker.start()  # returns by itself
+    assert worker.stopping  # the task's StopTaskWorker stopped the worker
     run = await run_of(srv, quitter)
     assert (run.state, run.redeliveries) == (S.SCHEDULED, 0)
     assert "StopTaskWorker: done here" in (run.message or "")
@@ -347,3 +350,42 @@ async def test_queued_runs_are_untouched_by_worker_events(
     await worker.stop()
     run = await run_of(srv, queued)
     assert (run.state, run.attempt, run.redeliveries) == (S.SCHEDULED, 0, 0)
+
+
+@task
+def stubborn(name: str) -> str:
+    """A sync task that never checks for cancellation."""
+    time.sleep(0.2)  # real time, in its thread; the test's clock is virtual
+    observed.append(f"{name} returned")
+    return name
+
+
+async def test_a_stopping_worker_does_not_reconnect(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
+) -> None:
+    """Connection lost while stopping, with a sync run still in flight: the server
+    requeued that run already, so the worker waits for its thread without dialling
+    the server again (it used to spin on reconnect attempts until the thread ended)."""
+    attempts = 0
+
+    @contextlib.asynccontextmanager
+    async def counting() -> AsyncIterator[Any]:
+        nonlocal attempts
+        attempts += 1
+        async with srv.connect() as ws:
+            yield ws
+
+    worker = TaskWorker(
+        stubborn, api_url="http://in-process", handle_signals=False, connect=counting
+    )
+    await nursery.start(worker.start)
+    run_id = await submit(srv, stubborn, "s")
+    await run_when(srv, run_id, lambda r: r.state is S.RUNNING)
+    worker.handle_sigterm(15, None)
+    await trio.testing.wait_all_tasks_blocked()
+    srv.cut_connections()
+    await worker.stop()  # virtual time races ahead while the thread sleeps: no fail_after
+    assert attempts == 1
+    assert observed == ["s returned"]
+    run = await run_of(srv, run_id)
+    assert (run.state, run.redeliveries) == (S.SCHEDULED, 1)  # requeued by the server

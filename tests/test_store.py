@@ -276,3 +276,20 @@ async def test_cancelling_run_whose_worker_vanishes_is_cancelled(
     await memory_store.cancel_run(run_id, 3.0)
     outcome = await memory_store.release_owner("c1", 4.0)
     assert outcome.changed[0].state is S.CANCELLED
+
+
+async def test_a_row_stored_under_older_rules_stays_readable(memory_store: SQLiteStore) -> None:
+    """Snapshots are not re-validated: an option older servers accepted must not
+    make reading, listing or claiming the run raise."""
+    (run_id,) = await memory_store.create_runs([create()], now=1.0)
+    await memory_store.runner.transact(
+        lambda cur: cur.execute(
+            "UPDATE task_runs SET retry_delay_seconds = ?, timeout_seconds = ?",
+            (float("inf"), float("nan")),
+        )
+    )
+    (run,) = await memory_store.read_runs([run_id])
+    assert run.retry_delay_seconds == float("inf")
+    assert [r.id for r in await memory_store.list_runs(None, None, 10, 0)] == [run_id]
+    (claimed,) = await memory_store.claim_runs(["m:f"], 1, "conn", 2.0)
+    assert claimed.id == run_id and claimed.state is S.PENDING

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio_websocket
@@ -394,3 +395,40 @@ async def test_result_raises_crashed_and_cancelled() -> None:
             client.load_result(run(TaskRunState.CANCELLED))
         with pytest.raises(TimeoutError, match="still RUNNING"):
             client.load_result(run(TaskRunState.RUNNING))
+
+
+async def test_a_refusal_after_subscribing_raises_protocol_error(
+    nursery: trio.Nursery, server: TaskServer
+) -> None:
+    """The close reaches start() as a ProtocolError, not wrapped in the nurseries'
+    exception groups."""
+    real = websocket_connector(str(server.url))
+
+    @attrs.define
+    class Garbling:
+        ws: Any
+        sent: int = 0
+
+        async def send_message(self, message: str) -> None:
+            self.sent += 1
+            await self.ws.send_message(message if self.sent == 1 else "not json")
+
+        async def get_message(self) -> str | bytes:
+            return await self.ws.get_message()  # type: ignore[no-any-return]
+
+        async def ping(self) -> None:
+            await self.ws.ping()
+
+    @contextlib.asynccontextmanager
+    async def garbling() -> AsyncIterator[WebSocket]:
+        async with real() as ws:
+            yield Garbling(ws)
+
+    async def submit() -> None:
+        async with open_client(server.url):
+            await add.delay(1)  # the worker's "started" report is the frame garbled
+
+    worker = TaskWorker(add, api_url=server.url, handle_signals=False, connect=garbling)
+    nursery.start_soon(submit)
+    with trio.fail_after(20), pytest.raises(ProtocolError, match="1008 invalid message"):
+        await worker.start()

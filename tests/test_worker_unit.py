@@ -384,3 +384,34 @@ async def test_a_large_result_is_stored_as_a_blob() -> None:
     assert isinstance(report, Finished) and report.state is TaskRunState.COMPLETED
     assert (report.result, report.result_ref) == (None, "b1")
     assert loads_payload(stored[0]) == b"z" * 100_000
+
+
+async def test_a_run_lost_while_waiting_for_a_slot_never_starts() -> None:
+    gate = trio.Event()
+
+    @task
+    async def hold() -> None:
+        await gate.wait()
+
+    runs, reports = spawner(hold, add, limit=1)
+    waiting = make_run(add, 1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runs.run)
+        nursery.start_soon(runs.execute, make_run(hold))  # takes the only slot
+        await trio.testing.wait_all_tasks_blocked()
+        runs.deliver(1, waiting)
+        await trio.testing.wait_all_tasks_blocked()  # it waits for the slot
+        runs.connection_lost(1)
+        gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        runs.begin_stop(0.0)
+    assert not [m for m in reports.sent if getattr(m, "id", None) == waiting.id]
+    assert runs.finished == {hold.key: 1}
+
+
+async def test_a_run_delivered_during_a_stop_goes_straight_back() -> None:
+    runs, reports = spawner(add)
+    runs.begin_stop(30.0)
+    run = make_run(add, 1)
+    runs.deliver(1, run)
+    assert reports.sent == [Released(id=run.id, attempt=1, reason="the worker is stopping")]

@@ -26,7 +26,7 @@ from typing import Any
 import trio
 
 from ._definition import module_name_for_path
-from ._exceptions import TaskWorkerError
+from ._exceptions import TaskWorkerError, leaves
 from ._task import Task
 from ._version import __version__
 
@@ -265,17 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         known, rest = group.split((CLIError, TaskWorkerError, OSError))
         if known is None or rest is not None:
             raise
-        for leaf in _leaves(known):
+        for leaf in leaves(known):
             print(f"trio-taskworker: error: {leaf}", file=sys.stderr)
         return 1
     return 0
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for exc in group.exceptions:
-        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return leaves
 
 
 def entry() -> None:

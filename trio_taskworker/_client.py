@@ -45,7 +45,9 @@ __all__ = [
     "api_url_from_env",
     "current_client",
     "fits_inline",
+    "load_payload",
     "open_client",
+    "store_payload",
     "sync_client",
 ]
 
@@ -344,14 +346,6 @@ class TaskWorkerClient:
         """Store a payload blob; return its reference."""
         return await self._drive(_op_put_blob(data))
 
-    async def store_payload(self, data: bytes) -> StoredPayload:
-        """Keep ``data`` inline if it is small, else store it as a blob."""
-        return await self._drive(_op_store_payload(data))
-
-    async def load_payload(self, inline: bytes | None, ref: str | None) -> bytes | None:
-        """Read a payload back from its inline bytes or its blob reference."""
-        return await self._drive(_op_load_payload(inline, ref))
-
     async def get_blob(self, ref: str) -> bytes:
         """Read a stored payload blob."""
         return await self._drive(_op_get_blob(ref))
@@ -359,6 +353,39 @@ class TaskWorkerClient:
     async def health(self) -> dict[str, Any]:
         """Return the server's ``/health`` document."""
         return await self._drive(_op_health())
+
+
+def _offline(op: Operation[T]) -> T:
+    """Finish an operation that needs no request, with no client at hand."""
+    try:
+        call = next(op)
+    except StopIteration as stop:
+        value: T = stop.value
+        return value
+    op.close()
+    raise ServerUnavailable(f"{call.method} {call.path} needs the server, and there is no client")
+
+
+async def store_payload(client: TaskWorkerClient | None, data: bytes) -> StoredPayload:
+    """Keep ``data`` inline if it is small, else store it as a blob through ``client``.
+
+    Raises :class:`ServerUnavailable` when a blob is needed and the server
+    cannot be reached (or there is no client), and :class:`ServerError` when
+    it refuses the blob.
+    """
+    op = _op_store_payload(data)
+    return _offline(op) if client is None else await client._drive(op)
+
+
+async def load_payload(
+    client: TaskWorkerClient | None, inline: bytes | None, ref: str | None
+) -> bytes | None:
+    """A payload's bytes from its inline form or its blob (None if it has neither).
+
+    Raises as :func:`store_payload` does; a missing blob is a :class:`ServerError`.
+    """
+    op = _op_load_payload(inline, ref)
+    return _offline(op) if client is None else await client._drive(op)
 
 
 _current: contextvars.ContextVar[TaskWorkerClient | None] = contextvars.ContextVar(

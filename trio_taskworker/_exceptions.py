@@ -24,6 +24,8 @@ This module imports no I/O library.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 __all__ = [
     "ConfigurationError",
     "ProtocolError",
@@ -37,7 +39,25 @@ __all__ = [
     "TaskRunNotFound",
     "TaskRunTimedOut",
     "TaskWorkerError",
+    "leaves",
 ]
+
+E = TypeVar("E", bound=BaseException)
+
+
+def leaves(group: BaseExceptionGroup[E]) -> list[E]:
+    """Every exception in ``group``, however deeply nested groups hold it, in order.
+
+    Errors raised inside nurseries arrive wrapped, once per nursery they cross;
+    this flattens them without losing any.
+    """
+    found: list[E] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found.extend(leaves(exc))
+        else:
+            found.append(exc)
+    return found
 
 
 class TaskWorkerError(Exception):

@@ -21,6 +21,7 @@ from ._exceptions import ConfigurationError
 from ._states import TaskRunState
 
 __all__ = [
+    "MAX_COUNT",
     "MAX_RUNS_PER_REQUEST",
     "MAX_WAIT_SECONDS",
     "OPTION_NAMES",
@@ -52,14 +53,18 @@ __all__ = [
 MAX_RUNS_PER_REQUEST = 10_000
 #: The longest a wait request may ask the server to hold it open, in seconds.
 MAX_WAIT_SECONDS = 300.0
+#: The most ``retries`` or ``max_redeliveries`` a task may ask for (a 32-bit column).
+MAX_COUNT = 2**31 - 1
 
 
 # --- validators: each raises ConfigurationError naming the option ------------------
 
 
 def _count(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigurationError(f"{attribute.name} must be an int, 0 or more, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise ConfigurationError(
+            f"{attribute.name} must be an int from 0 to {MAX_COUNT}, got {value!r}"
+        )
 
 
 def _optional_count(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -159,7 +164,13 @@ class ErrorInfo:
     traceback: str = ""
 
 
-@attrs.frozen(kw_only=True)
+def _unchecked(cls: type, fields: list[attrs.Attribute[Any]]) -> list[attrs.Attribute[Any]]:
+    # A snapshot repeats what the server stored: options were checked when the
+    # run was created, and a row stored under older rules must still be readable.
+    return [field.evolve(validator=None) for field in fields]
+
+
+@attrs.frozen(kw_only=True, field_transformer=_unchecked)
 class TaskRun(TaskOptions):
     """A snapshot of one run, as the server last recorded it, with its options.
 

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+import attrs
 import cattrs
 import cloudpickle
 from cattrs.strategies import configure_tagged_union
@@ -114,6 +115,16 @@ converter.register_structure_hook(str, _structure_str)
 converter.register_structure_hook(TaskRunState, lambda value, _: TaskRunState(value))
 converter.register_structure_hook(ReturnWhen, lambda value, _: ReturnWhen(value))
 converter.register_structure_hook(int, _structure_int)
+
+
+def _structure_strings(value: object, _: type) -> tuple[str, ...]:
+    # cattrs would iterate a string (or a dict's keys) into a tuple of them.
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of strings, got {type(value).__name__}")
+    return tuple(_structure_str(item, str) for item in value)
+
+
+converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_strings)
 converter.register_structure_hook(float, _structure_float)
 
 _WORKER_TAGS = {
@@ -155,9 +166,11 @@ def _describe(exc: Exception) -> str:
 
 def structure(data: Any, cls: type[T]) -> T:
     """Build ``cls`` from JSON-ready data; raise :class:`InvalidPayload` with a reason."""
+    if attrs.has(cls) and not isinstance(data, dict):
+        raise InvalidPayload(f"expected a JSON object, got {type(data).__name__}")
     try:
         return converter.structure(data, cls)
-    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
+    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise InvalidPayload(_describe(exc)) from None
 
 

@@ -16,7 +16,11 @@ that fired says why, with no flags to keep in step: the caller's cancel ends
 the run CANCELLED, a lost connection hands it back silently (the server has
 requeued it already), the timeout FAILS it with :class:`TaskRunTimedOut`, and
 the stop's deadline cancels it out of the stop scope, which hands it back.
-A sync task that returns after its run was cancelled has its value dropped.
+When several fire together, trio hands ``Cancelled`` to the outermost, so the
+order of the nesting is the order of precedence; a stop that meets a caller's
+cancel reports the run handed back, and the server's cancel-wins rule still
+ends it CANCELLED. A sync task that returns after its run was cancelled has its
+value dropped. Once the task's value is in, storing it is shielded from the stop.
 
 Reports (started, finished, released, and a credit per freed slot) leave
 through the ``report`` callable, tagged with the connection the run came on.
@@ -39,7 +43,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._client import StoredPayload, TaskWorkerClient, fits_inline
+from ._client import TaskWorkerClient, fits_inline, load_payload, store_payload
 from ._definition import TaskDefinition
 from ._exceptions import (
     ConfigurationError,
@@ -164,7 +168,11 @@ class Spawner:
         """Queue a run leased on connection ``generation``.
 
         Raises :class:`ProtocolError` if the server sent more runs than credits.
+        While stopping, the run goes straight back.
         """
+        if self.stopping:
+            self._skip(run, generation)
+            return
         try:
             self._send.send_nowait((generation, run))
         except trio.WouldBlock:
@@ -230,6 +238,10 @@ class Spawner:
                         if generation <= self._lost_up_to:
                             continue  # its connection is gone, so the server requeued it
                         await self._limiter.acquire_on_behalf_of((run.id, run.attempt))
+                        if generation <= self._lost_up_to:
+                            # Lost while it waited for a slot.
+                            self._limiter.release_on_behalf_of((run.id, run.attempt))
+                            continue
                         if run.id in self._cancelled_before_start or self.stopping:
                             self._limiter.release_on_behalf_of((run.id, run.attempt))
                             self._skip(run, generation)
@@ -262,7 +274,7 @@ class Spawner:
             self.report(Started(id=run.id, attempt=run.attempt), generation)
             report = await self._execute(run, generation)
         except trio.Cancelled:
-            log.info("run %s cancelled by the worker's stop: handed back", run.id)
+            log.info("run %s cancelled as the worker stops: handed back", run.id)
             raise
         finally:
             self.report(report, generation)
@@ -300,9 +312,9 @@ class Spawner:
         run = entry.run
         timeout = task.options.timeout_seconds
         try:
-            args, kwargs = await self._read_parameters(task, run)
             with entry.cancelled, entry.lost:
                 with trio.move_on_after(math.inf if timeout is None else timeout) as timer:
+                    args, kwargs = await self._read_parameters(task, run)
                     value = await self._invoke(task, args, kwargs)
         except StopTaskWorker as exc:
             log.info("run %s raised StopTaskWorker: stopping the worker", run.id)
@@ -325,11 +337,15 @@ class Spawner:
         if timer.cancel_called:
             return _failed(run, TaskRunTimedOut(f"the run exceeded its timeout of {timeout} s"))
         try:
-            return await self._completed(run, value)
+            # The value is in: a stop's deadline no longer cuts the run short
+            # (the upload of a large result is bounded by the client's timeouts).
+            with trio.CancelScope(shield=True):
+                finished = await self._completed(run, value)
         except _Unreachable as exc:
             return _hand_back(run, str(exc))
         except Exception as exc:  # the result cannot be pickled, or the server refused it
             return _failed(run, exc)
+        return finished
 
     async def _invoke(
         self, task: TaskDefinition[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -345,24 +361,20 @@ class Spawner:
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if not should_try_to_read_parameters(task, run):
             return (), {}
-        data = run.parameters
-        if data is None:
-            data = await self._load(run.parameters_ref)
+        try:
+            data = await load_payload(self.client, run.parameters, run.parameters_ref)
+        except ServerUnavailable as exc:
+            raise _Unreachable(f"cannot read its parameters: {exc}") from exc
+        assert data is not None  # should_try_to_read_parameters saw one form or the other
         args, kwargs = loads_payload(data)
         return tuple(args), dict(kwargs)
 
-    async def _load(self, ref: str | None) -> bytes:
-        if self.client is None:
-            raise _Unreachable("its parameters are a blob, and the worker is not connected")
-        try:
-            data = await self.client.load_payload(None, ref)
-        except ServerUnavailable as exc:
-            raise _Unreachable(f"cannot read its parameters: {exc}") from exc
-        assert data is not None
-        return data
-
     async def _completed(self, run: TaskRun, value: Any) -> Finished:
-        stored = await self._store(dumps_payload(value))
+        data = dumps_payload(value)
+        try:
+            stored = await store_payload(self.client, data)
+        except ServerUnavailable as exc:
+            raise _Unreachable(f"cannot store its result: {exc}") from exc
         log.info("run %s (%s) completed", run.id, run.task_key)
         return Finished(
             id=run.id,
@@ -371,16 +383,6 @@ class Spawner:
             result=stored.inline,
             result_ref=stored.ref,
         )
-
-    async def _store(self, data: bytes) -> StoredPayload:
-        if self.client is None:
-            if fits_inline(data):
-                return StoredPayload(data, None)
-            raise _Unreachable("its result needs a blob, and the worker is not connected")
-        try:
-            return await self.client.store_payload(data)
-        except ServerUnavailable as exc:
-            raise _Unreachable(f"cannot store its result: {exc}") from exc
 
 
 class _Unreachable(Exception):

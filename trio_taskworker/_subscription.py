@@ -35,7 +35,7 @@ import attrs
 import trio
 import trio_websocket
 
-from ._exceptions import ConfigurationError, ProtocolError
+from ._exceptions import ConfigurationError, ProtocolError, leaves
 from ._models import (
     Cancel,
     Credit,
@@ -202,11 +202,17 @@ class Subscription:
         self._outbox.put(self.generation if generation is None else generation, message)
 
     def drain(self) -> None:
-        """Ask for no more runs; keep reconnecting only while runs are in flight."""
+        """Ask the server for no more runs; end the subscription with this connection.
+
+        Reports keep flowing while the current connection lasts. Once it is
+        gone the subscription does not reconnect: the server has released its
+        leases and requeued its runs, so nothing is left to report on it.
+        """
         if not self.draining:
             self.draining = True
             self.post(Drain(seq=0))
-        self._give_up_if_idle()
+        if not self.connected and self._reconnect_scope is not None:
+            self._reconnect_scope.cancel()
 
     async def flush(self) -> None:
         """Wait (a bounded time) until the server has applied every report.
@@ -226,31 +232,31 @@ class Subscription:
                 await self._drained.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Stay subscribed, reconnecting with backoff, until cancelled.
+        """Stay subscribed, reconnecting with backoff, until drained or cancelled.
 
         ``task_status.started()`` once the first subscription is accepted (or
-        the loop ends first). Returns when draining with no runs in flight and
-        no connection, or when the server refused the worker for good: then
-        :attr:`fatal` holds a :class:`ProtocolError` or ConfigurationError.
+        the loop ends first). Returns when a connection ends while draining,
+        or when the server refused the worker for good: then :attr:`fatal`
+        holds a :class:`ProtocolError` or a :class:`ConfigurationError`.
         """
         self._ready = task_status
         failures = 0
         outage_logged = False
-        while not (self.draining and not self.sink.in_flight):
+        while not self.draining:
             lost: BaseException | None = None
             with trio.CancelScope() as self._reconnect_scope:
-                if self.draining:
-                    self._reconnect_scope.cancel()
                 try:
                     await self._connect_once()
                 except* (ProtocolError, ConfigurationError) as group:
-                    self.fatal = _one(group)
+                    self.fatal = _first(group)
                 except* trio_websocket.ConnectionRejected as group:
                     lost = self._rejected(group)
                 except* _TRANSPORT_ERRORS as group:
-                    lost = _one(group)
+                    lost = _first(group)
             if self.fatal is not None:
                 log.error("worker %s stops: %s", self.client_id, self.fatal)
+                break
+            if self.draining:
                 break
             if lost is None:
                 failures = 0
@@ -262,14 +268,15 @@ class Subscription:
             failures += 1
             delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(failures, 16)))
             with trio.CancelScope() as self._reconnect_scope:
-                self._give_up_if_idle()
                 await trio.sleep(delay)
         self._mark_ready()
 
     # --- the connection loop ------------------------------------------------------------
 
-    def _rejected(self, group: BaseExceptionGroup[trio_websocket.ConnectionRejected]) -> Any:
-        rejected = _one(group)
+    def _rejected(
+        self, group: BaseExceptionGroup[trio_websocket.ConnectionRejected]
+    ) -> BaseException | None:
+        rejected = _first(group)
         assert isinstance(rejected, trio_websocket.ConnectionRejected)
         status = rejected.status_code or 0
         if 400 <= status < 500:
@@ -277,15 +284,6 @@ class Subscription:
             self.fatal = ProtocolError(f"the server refused the subscription: HTTP {status}")
             return None
         return rejected
-
-    def _give_up_if_idle(self) -> None:
-        if (
-            self._reconnect_scope is not None
-            and self.draining
-            and not self.connected
-            and not self.sink.in_flight
-        ):
-            self._reconnect_scope.cancel()
 
     def _mark_ready(self) -> None:
         ready, self._ready = self._ready, trio.TASK_STATUS_IGNORED
@@ -362,14 +360,15 @@ class Subscription:
                 await ws.ping()
 
 
-def _one(group: BaseExceptionGroup[Any]) -> BaseException:
-    """The error a connection attempt ended with.
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error a connection ended with: the first leaf of ``group``.
 
-    The connection's nursery can hold two errors at once (the reader's and a
-    sibling's, as the socket dies under both). They share one cause here, so
-    the first stands for the group; the others are logged, not lost.
+    Errors arrive wrapped once per nursery they crossed (the connection's, the
+    websocket's), and sometimes two at once: the socket dies under the reader
+    and a sibling together. They share one cause, so the first stands for it;
+    the others are logged at DEBUG, not lost.
     """
-    first, *others = group.exceptions
+    first, *others = leaves(group)
     for other in others:
         log.debug("also raised as the connection ended: %r", other)
     return first

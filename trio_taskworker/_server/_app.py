@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+from .._exceptions import leaves
 from .._models import (
     Cancel,
     CreatedRuns,
@@ -343,20 +344,13 @@ _CLOSE_PRECEDENCE = (CLOSE_POLICY, CLOSE_LEASE_EXPIRED, CLOSE_GOING_AWAY)
 def _most_telling(group: BaseExceptionGroup[_Closed]) -> _Closed:
     """The :class:`_Closed` of ``group`` to send, by :data:`_CLOSE_PRECEDENCE`;
     the others are logged, not lost."""
-    leaves = _leaves(group)
+    closes = leaves(group)
     rank = {code: i for i, code in enumerate(_CLOSE_PRECEDENCE)}
-    chosen = min(leaves, key=lambda c: rank.get(c.code, len(rank)))
-    for other in leaves:
+    chosen = min(closes, key=lambda c: rank.get(c.code, len(rank)))
+    for other in closes:
         if other is not chosen:
             log.info("subscription also closing (not sent): %s", other.reason)
     return chosen
-
-
-def _leaves(group: BaseExceptionGroup[_Closed]) -> list[_Closed]:
-    leaves: list[_Closed] = []
-    for exc in group.exceptions:
-        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return leaves
 
 
 @attrs.define(eq=False)
