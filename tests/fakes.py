@@ -1,6 +1,6 @@
 """An in-process transport between a real worker and the real server handler.
 
-The worker's subscription and the server's ``_Subscription`` talk over memory
+The worker's subscription and the server's ``SubscriptionHandler`` talk over memory
 channels instead of a socket, so whole scenarios run on trio's autojump clock:
 deterministic, and no time passes for real.
 """
@@ -17,7 +17,7 @@ import trio
 import trio_websocket
 
 from trio_taskworker._server import SQLiteStore
-from trio_taskworker._server._app import AppState, _Subscription
+from trio_taskworker._server._app import AppState, SubscriptionHandler
 from trio_taskworker._server._dispatch import Dispatcher, Waiters
 
 EPOCH = time.time()
@@ -30,7 +30,7 @@ def now() -> float:
 
 @attrs.define(eq=False)
 class _ServerEnd:
-    """What ``_Subscription`` uses of Starlette's WebSocket."""
+    """What ``SubscriptionHandler`` uses of Starlette's WebSocket."""
 
     incoming: trio.MemoryReceiveChannel[dict[str, Any]]
     outgoing: trio.MemorySendChannel[tuple[Any, ...]]
@@ -112,7 +112,7 @@ class InProcessServer:
         to_server_send, to_server_receive = trio.open_memory_channel[dict[str, Any]](1000)
         to_worker_send, to_worker_receive = trio.open_memory_channel[tuple[Any, ...]](1000)
         server_end = _ServerEnd(to_server_receive, to_worker_send)
-        self.nursery.start_soon(_Subscription(self.state, server_end).run)  # type: ignore[arg-type]
+        self.nursery.start_soon(SubscriptionHandler(self.state, server_end).run)  # type: ignore[arg-type]
         with trio.CancelScope() as cut:
             self._cuts.append(cut)
             try:

@@ -66,8 +66,8 @@ async def test_openapi_served_and_covers_every_route(
     assert response.status_code == 200
     served = response.json()
     assert served == openapi_document()
-    assert server._state is not None
-    app = build_app(server._state)
+    assert server.state is not None
+    app = build_app(server.state)
     routes = {
         (r.path, m.lower()) for r in app.routes if isinstance(r, Route) for m in r.methods or ()
     } - {(p, "head") for p in served["paths"]}
@@ -204,7 +204,7 @@ async def test_wait_returns_when_the_server_stops(nursery: trio.Nursery, tmp_pat
 
         async with trio.open_nursery() as inner:
             inner.start_soon(wait)
-            await wait_until(lambda: bool(srv._state and srv._state.waiters.watched))
+            await wait_until(lambda: bool(srv.state and srv.state.waiters.watched))
             await srv.stop()
         assert answers[0].status_code == 200
         assert answers[0].json()["state"] == "SCHEDULED"

@@ -13,7 +13,7 @@ from trio_taskworker import TaskRunState
 from trio_taskworker._models import Deliver, Subscribed, TaskRunCreate
 from trio_taskworker._serialization import decode_server_frame
 from trio_taskworker._server import SQLiteStore
-from trio_taskworker._server._app import AppState, _Subscription
+from trio_taskworker._server._app import AppState, SubscriptionHandler
 from trio_taskworker._server._dispatch import Dispatcher, Waiters
 
 EPOCH = 1_700_000_000.0
@@ -65,7 +65,7 @@ async def test_silent_worker_loses_its_leases(
 ) -> None:
     (run_id,) = await app_state.store.create_runs([TaskRunCreate(task_key="k")], now())
     ws = FakeWebSocket()
-    nursery.start_soon(_Subscription(app_state, ws).run)  # type: ignore[arg-type]
+    nursery.start_soon(SubscriptionHandler(app_state, ws).run)  # type: ignore[arg-type]
     await ws.send_frame([SUBSCRIBE])
     (subscribed,) = await ws.from_server.receive()
     assert isinstance(subscribed, Subscribed) and subscribed.lease_seconds == 30.0
@@ -92,6 +92,6 @@ async def test_no_subscribe_in_time_is_closed(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, app_state: AppState
 ) -> None:
     ws = FakeWebSocket()
-    nursery.start_soon(_Subscription(app_state, ws).run)  # type: ignore[arg-type]
+    nursery.start_soon(SubscriptionHandler(app_state, ws).run)  # type: ignore[arg-type]
     closed = await ws.from_server.receive()
     assert closed[:2] == ("closed", 1008) and "no subscribe message in time" in closed[2]

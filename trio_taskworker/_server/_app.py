@@ -65,7 +65,7 @@ from ._routes import (
 )
 from ._store import Outcome, Store, StoreError
 
-__all__ = ["AppState", "build_app"]
+__all__ = ["AppState", "SubscriptionHandler", "build_app"]
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def build_app(state: AppState) -> Starlette:
     :data:`~._routes.ENDPOINTS` and the ``/subscribe`` websocket."""
 
     async def subscribe(websocket: WebSocket) -> None:
-        await _Subscription(state, websocket).run()
+        await SubscriptionHandler(state, websocket).run()
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -354,8 +354,13 @@ def _most_telling(group: BaseExceptionGroup[_Closed]) -> _Closed:
 
 
 @attrs.define(eq=False)
-class _Subscription:
-    """One worker's websocket: a reader, a sender, and a watch on server shutdown."""
+class SubscriptionHandler:
+    """One worker's websocket: a reader, a sender, and a watch on server shutdown.
+
+    ``websocket`` is Starlette's, or anything with its ``accept``, ``receive``,
+    ``send_text`` and ``close`` (tests join it to a real worker over memory
+    channels).
+    """
 
     state: AppState
     websocket: WebSocket

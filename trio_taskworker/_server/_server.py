@@ -114,6 +114,11 @@ class TaskServer:
                 task_status.started(self.url)
             background.cancel_scope.cancel()
 
+    @property
+    def state(self) -> AppState | None:
+        """What the routes share (store, dispatcher, waiters) while it runs; else None."""
+        return self._state
+
     async def stop(self) -> None:
         """Shut down gracefully; returns once shutdown has begun.
 
