@@ -94,6 +94,37 @@ async def latency(client, task, n: int) -> dict[str, object]:  # type: ignore[no
     }
 
 
+async def plain_path(n: int, latency_runs: int) -> dict[str, object]:
+    """What the README teaches, with no client opened: map, then await each result."""
+    began = time.perf_counter()
+    futures = await noop_async.map(range(n))
+    values = [await f.result(timeout=600) for f in futures]
+    seconds = time.perf_counter() - began
+    assert values == list(range(n))
+    to_start: list[float] = []
+    round_trip: list[float] = []
+    for i in range(latency_runs):
+        began = time.perf_counter()
+        fut = await noop_async.delay(i)
+        assert await fut.result(timeout=60) == i
+        round_trip.append(time.perf_counter() - began)
+        run = await fut.wait()
+        assert run.started_at is not None
+        to_start.append((run.started_at - run.created_at).total_seconds())
+    return {
+        "end_to_end": {
+            "runs": n,
+            "seconds": round(seconds, 3),
+            "runs_per_second": round(n / seconds, 1),
+        },
+        "latency": {
+            "runs": latency_runs,
+            "submit_to_start": percentiles(to_start),
+            "delay_to_result_round_trip": percentiles(round_trip),
+        },
+    }
+
+
 async def bench(n: int, latency_runs: int) -> dict[str, object]:
     async with open_client() as client:
         # Warm up connections and the worker's imports.
@@ -120,6 +151,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10_000)
     parser.add_argument("--latency-runs", type=int, default=300)
     parser.add_argument("--limit", default="100")
+    parser.add_argument("--plain-runs", type=int, default=5_000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="trio-taskworker-bench-") as data:
         env = dict(os.environ)
@@ -136,6 +168,8 @@ def main() -> int:
         )  # fmt: skip
         try:
             results = trio.run(bench, args.runs, args.latency_runs)
+            # A fresh trio run with nothing opened, as a new user writes it.
+            results["plain_path_async"] = trio.run(plain_path, args.plain_runs, args.latency_runs)
         finally:
             for proc in (worker, server):
                 proc.send_signal(signal.SIGTERM)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import pickle
 import signal
 import subprocess
@@ -268,3 +269,37 @@ def test_server_port_in_use_exits_1_with_one_line(tmp_path: Path, procs: list[Pr
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("trio-taskworker: error")]
     assert len(errors) == 1 and "Address already in use" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+PLAIN_SUBMITTER = """
+import trio
+from tests import e2e_tasks as t
+
+async def main():
+    futs = await t.add.map(range(50), [1] * 50)
+    print([await f.result(timeout=30) for f in futs] == [i + 1 for i in range(50)])
+    print(await (await t.mul.delay(6, 7)).result(timeout=30))
+
+trio.run(main)
+print(t.add.delay_sync(20, 22).result_sync(timeout=30))
+print(t.add.delay_sync(1, 2).result_sync(timeout=30))
+"""
+
+
+def test_a_plain_script_opens_nothing_and_leaves_nothing_open(
+    server_proc: Proc, procs: list[Proc], tmp_path: Path
+) -> None:
+    """The path the README teaches, in its own process: no open_client, warnings
+    as errors (an unclosed connection would be a ResourceWarning)."""
+    worker(server_proc, procs, tmp_path, f"{TASKS_FILE}:add", f"{TASKS_FILE}:mul")
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-W", "error", "-c", PLAIN_SUBMITTER],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, "TRIO_TASKWORKER_API_URL": server_proc.url},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "42", "42", "3"]
+    assert "ResourceWarning" not in done.stderr, done.stderr

@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import logging
 import os
+import ssl
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Generator, Sequence
 from typing import Any, TypeVar
 
 import attrs
 import httpx
+import trio
 
 from ._exceptions import (
     ServerError,
@@ -43,15 +48,18 @@ __all__ = [
     "SyncClient",
     "TaskWorkerClient",
     "api_url_from_env",
-    "current_client",
+    "client_for",
     "fits_inline",
     "load_payload",
     "open_client",
+    "shared_client",
     "store_payload",
     "sync_client",
 ]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 DEFAULT_API_URL = "http://127.0.0.1:4200"
 #: Payloads up to this size travel inline with the run; larger ones become blobs.
@@ -393,17 +401,29 @@ _current: contextvars.ContextVar[TaskWorkerClient | None] = contextvars.ContextV
 )
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    # httpx builds a TLS context for every client it makes (about 30 ms: it
+    # loads the CA bundle), even for http://. One per process is enough.
+    return httpx.create_ssl_context()
+
+
+def _async_http(url: str) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    return httpx.AsyncClient(base_url=url, limits=limits, verify=_tls())
+
+
 @contextlib.asynccontextmanager
 async def open_client(api_url: str | None = None) -> AsyncIterator[TaskWorkerClient]:
     """Open a pooled client, and make it the one that ``delay``/``result`` use inside.
 
     Without ``api_url`` it reads ``TRIO_TASKWORKER_API_URL``. Closing the block
-    closes the connection pool. Outside such a block each call opens its own
-    short-lived client, which is correct but slower.
+    closes the connection pool. Outside such a block, calls share one pooled
+    client per server for the whole trio run (see :func:`shared_client`), so
+    opening one is only needed to choose when its connections close.
     """
     url = (api_url or api_url_from_env()).rstrip("/")
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=url, limits=limits) as http:
+    async with _async_http(url) as http:
         client = TaskWorkerClient(url, http)
         token = _current.set(client)
         try:
@@ -412,15 +432,50 @@ async def open_client(api_url: str | None = None) -> AsyncIterator[TaskWorkerCli
             _current.reset(token)
 
 
-@contextlib.asynccontextmanager
-async def current_client(api_url: str | None = None) -> AsyncIterator[TaskWorkerClient]:
-    """Yield the client of the enclosing :func:`open_client` (if its URL fits) or a new one."""
+_shared: trio.lowlevel.RunVar[dict[str, TaskWorkerClient]] = trio.lowlevel.RunVar(
+    "trio_taskworker_shared_clients"
+)
+
+
+def shared_client(api_url: str | None = None) -> TaskWorkerClient:
+    """This trio run's pooled client for ``api_url`` (default: from the environment).
+
+    Made on first use; a system task owns it and closes its connections when
+    the trio run ends, so callers never open or close anything.
+    """
+    url = (api_url or api_url_from_env()).rstrip("/")
+    try:
+        clients = _shared.get()
+    except LookupError:
+        clients = {}
+        _shared.set(clients)
+    client = clients.get(url)
+    if client is None:
+        client = clients[url] = TaskWorkerClient(url, _async_http(url))
+        trio.lowlevel.spawn_system_task(
+            _close_when_the_run_ends, client, name=f"trio_taskworker client for {url}"
+        )
+    return client
+
+
+async def _close_when_the_run_ends(client: TaskWorkerClient) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + _CONNECT_TIMEOUT
+            try:
+                await client._http.aclose()
+            except Exception:  # an error here would crash the whole trio run
+                log.debug("closing the shared client failed", exc_info=True)
+
+
+def client_for(api_url: str | None = None) -> TaskWorkerClient:
+    """The client of the enclosing :func:`open_client` if its URL fits, else the shared one."""
     client = _current.get()
     if client is not None and (api_url is None or api_url.rstrip("/") == client.api_url):
-        yield client
-        return
-    async with open_client(api_url) as fresh:
-        yield fresh
+        return client
+    return shared_client(api_url)
 
 
 def _strip_slash(url: str) -> str:
@@ -431,15 +486,15 @@ def _strip_slash(url: str) -> str:
 class SyncClient:
     """A blocking client for code that does not run trio (a Flask view, a script).
 
-    Use it as a context manager; ``Task.delay_sync`` and
-    ``TaskRunFuture.result_sync`` open one for you.
+    Use it as a context manager. ``Task.delay_sync`` and
+    ``TaskRunFuture.result_sync`` share one per thread (see :func:`sync_client`).
     """
 
     api_url: str = attrs.field(factory=api_url_from_env, converter=_strip_slash)
     _http: httpx.Client = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._http = httpx.Client(base_url=self.api_url)
+        self._http = httpx.Client(base_url=self.api_url, verify=_tls())
 
     def __enter__(self) -> SyncClient:
         return self
@@ -485,8 +540,33 @@ class SyncClient:
         return self._drive(_op_result(run))
 
 
-@contextlib.contextmanager
-def sync_client(api_url: str | None = None) -> Iterator[SyncClient]:
-    """A short-lived :class:`SyncClient` for ``api_url`` (default: from the environment)."""
-    with SyncClient(api_url or api_url_from_env()) as client:
-        yield client
+class _SyncClients(dict[str, "SyncClient"]):
+    """One thread's shared blocking clients; closed with the thread's locals."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pid = os.getpid()
+
+    def __del__(self) -> None:
+        if self.pid == os.getpid():  # a forked child must not close its parent's sockets
+            for client in self.values():
+                client.close()
+
+
+_sync_local = threading.local()
+
+
+def sync_client(api_url: str | None = None) -> SyncClient:
+    """This thread's pooled :class:`SyncClient` for ``api_url``, made on first use.
+
+    Shared by ``delay_sync``, ``result_sync`` and friends, so consecutive calls
+    reuse one connection; it closes when the thread ends (or the process exits).
+    """
+    url = (api_url or api_url_from_env()).rstrip("/")
+    clients: _SyncClients | None = getattr(_sync_local, "clients", None)
+    if clients is None or clients.pid != os.getpid():
+        clients = _sync_local.clients = _SyncClients()
+    client = clients.get(url)
+    if client is None:
+        client = clients[url] = SyncClient(url)
+    return client

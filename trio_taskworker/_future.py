@@ -7,7 +7,7 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
-from ._client import current_client, sync_client
+from ._client import client_for, sync_client
 from ._models import TaskRun
 
 __all__ = ["TaskRunFuture"]
@@ -22,7 +22,8 @@ class TaskRunFuture(Generic[R]):
     It holds no connection, so it can be stored, pickled, and awaited in
     another trio run or another process. Each method talks to the server
     through the client of an enclosing :func:`open_client` block when there
-    is one for the same URL, and through a short-lived client otherwise.
+    is one for the same URL, and through the trio run's (or, for the ``*_sync``
+    methods, the thread's) shared pooled client otherwise.
     """
 
     task_run_id: uuid.UUID
@@ -35,8 +36,7 @@ class TaskRunFuture(Generic[R]):
         polling loop). After ``timeout`` seconds it returns the snapshot as it
         is then, which may not have ended: check ``run.state.is_terminal``.
         """
-        async with current_client(self.api_url) as client:
-            return await client.wait_run(self.task_run_id, timeout)
+        return await client_for(self.api_url).wait_run(self.task_run_id, timeout)
 
     async def result(self, timeout: float | None = None) -> R:
         """Wait for the run to end and return the task's return value.
@@ -46,10 +46,10 @@ class TaskRunFuture(Generic[R]):
         rebuilt, :class:`TaskRunCancelled` or :class:`TaskRunCrashed` for those
         states, and ``TimeoutError`` when ``timeout`` passes first.
         """
-        async with current_client(self.api_url) as client:
-            run = await client.wait_run(self.task_run_id, timeout)
-            value: R = await client.load_result(run)
-            return value
+        client = client_for(self.api_url)
+        run = await client.wait_run(self.task_run_id, timeout)
+        value: R = await client.load_result(run)
+        return value
 
     async def cancel(self) -> TaskRun:
         """Cancel the run and return its snapshot.
@@ -62,25 +62,22 @@ class TaskRunFuture(Generic[R]):
         and its result is thrown away). A run that has already ended is returned
         as it is. Afterwards :meth:`result` raises :class:`TaskRunCancelled`.
         """
-        async with current_client(self.api_url) as client:
-            return await client.cancel_run(self.task_run_id)
+        return await client_for(self.api_url).cancel_run(self.task_run_id)
 
     def cancel_sync(self) -> TaskRun:
         """:meth:`cancel` for plain synchronous code."""
-        with sync_client(self.api_url) as client:
-            return client.cancel_run(self.task_run_id)
+        return sync_client(self.api_url).cancel_run(self.task_run_id)
 
     def wait_sync(self, timeout: float | None = None) -> TaskRun:
         """:meth:`wait` for plain synchronous code (no trio needed)."""
-        with sync_client(self.api_url) as client:
-            return client.wait_run(self.task_run_id, timeout)
+        return sync_client(self.api_url).wait_run(self.task_run_id, timeout)
 
     def result_sync(self, timeout: float | None = None) -> R:
         """:meth:`result` for plain synchronous code (no trio needed)."""
-        with sync_client(self.api_url) as client:
-            run = client.wait_run(self.task_run_id, timeout)
-            value: R = client.load_result(run)
-            return value
+        client = sync_client(self.api_url)
+        run = client.wait_run(self.task_run_id, timeout)
+        value: R = client.load_result(run)
+        return value
 
 
 async def gather_results(
@@ -97,6 +94,6 @@ async def gather_results(
     urls = {f.api_url for f in futures}
     if len(urls) != 1:
         raise ValueError("gather_results() needs futures from one server")
-    async with current_client(urls.pop()) as client:
-        runs = await client.wait_runs([f.task_run_id for f in futures], timeout)
-        return [await client.load_result(run) for run in runs]
+    client = client_for(urls.pop())
+    runs = await client.wait_runs([f.task_run_id for f in futures], timeout)
+    return [await client.load_result(run) for run in runs]

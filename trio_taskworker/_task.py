@@ -12,7 +12,7 @@ import datetime
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar, overload
 
-from ._client import current_client, sync_client
+from ._client import client_for, sync_client
 from ._definition import TaskDefinition, evolve_options
 from ._future import TaskRunFuture
 from ._models import TaskOptions
@@ -51,9 +51,9 @@ class Task(TaskDefinition[P, R]):
     ) -> TaskRunFuture[R]:
         """Queue one run; with ``scheduled_time`` it is not started before then."""
         create, payload = self.run_create(args, kwargs or {}, scheduled_time)
-        async with current_client() as client:
-            (run_id,) = await client.submit([(create, payload)])
-            return TaskRunFuture(run_id, client.api_url)
+        client = client_for()
+        (run_id,) = await client.submit([(create, payload)])
+        return TaskRunFuture(run_id, client.api_url)
 
     async def map(
         self, *iterables: Iterable[Any], **kw_iterables: Iterable[Any]
@@ -66,9 +66,9 @@ class Task(TaskDefinition[P, R]):
         anything is sent, so one bad element sends nothing.
         """
         calls = self.map_creates(iterables, kw_iterables)
-        async with current_client() as client:
-            ids = await client.submit(calls)
-            return [TaskRunFuture(run_id, client.api_url) for run_id in ids]
+        client = client_for()
+        ids = await client.submit(calls)
+        return [TaskRunFuture(run_id, client.api_url) for run_id in ids]
 
     # --- submitting (sync) --------------------------------------------------------
 
@@ -85,18 +85,18 @@ class Task(TaskDefinition[P, R]):
     ) -> TaskRunFuture[R]:
         """Like :meth:`apply_async`, for plain synchronous code."""
         create, payload = self.run_create(args, kwargs or {}, scheduled_time)
-        with sync_client() as client:
-            (run_id,) = client.submit([(create, payload)])
-            return TaskRunFuture(run_id, client.api_url)
+        client = sync_client()
+        (run_id,) = client.submit([(create, payload)])
+        return TaskRunFuture(run_id, client.api_url)
 
     def map_sync(
         self, *iterables: Iterable[Any], **kw_iterables: Iterable[Any]
     ) -> list[TaskRunFuture[R]]:
         """Like :meth:`map`, for plain synchronous code."""
         calls = self.map_creates(iterables, kw_iterables)
-        with sync_client() as client:
-            ids = client.submit(calls)
-            return [TaskRunFuture(run_id, client.api_url) for run_id in ids]
+        client = sync_client()
+        ids = client.submit(calls)
+        return [TaskRunFuture(run_id, client.api_url) for run_id in ids]
 
 
 @overload
