@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import itertools
 import logging
 import os
 import ssl
@@ -37,7 +38,15 @@ from ._exceptions import (
     TaskRunFailed,
     TaskRunNotFound,
 )
-from ._models import CreatedRuns, RunList, TaskRun, TaskRunCreate, TaskRunCreateBatch, WaitRequest
+from ._models import (
+    CreatedRuns,
+    ReturnWhen,
+    RunList,
+    TaskRun,
+    TaskRunCreate,
+    TaskRunCreateBatch,
+    WaitRequest,
+)
 from ._serialization import from_json, loads_payload, to_json
 from ._states import TaskRunState
 
@@ -181,7 +190,70 @@ def _remaining(deadline: float | None) -> float:
     return max(0.0, min(LONG_POLL_SECONDS, deadline - time.monotonic()))
 
 
-def _op_wait_run(run_id: uuid.UUID, timeout: float | None) -> Operation[TaskRun]:
+#: How many of its other unfinished runs a client asks about while it waits for one.
+COMPANIONS = 32
+#: The most ended runs a client keeps for callers who have not asked yet, and their
+#: payload bytes: past either, the oldest are forgotten (and read again if asked for).
+ENDED_CACHE_RUNS = 10_000
+ENDED_CACHE_BYTES = 64 * 1024 * 1024
+
+
+@attrs.define(eq=False)
+class _Tracker:
+    """The runs a client submitted and has not seen end, and ended runs not yet asked for.
+
+    A wait for one of its runs also asks the server about the next ones it
+    submitted (one ``POST /runs/wait``, answered when any of them ends), and
+    keeps the ones that ended. A caller who awaits many results one by one
+    then mostly finds them here, without a round trip each. Pure bookkeeping,
+    bounded: it does no I/O.
+    """
+
+    watched: dict[uuid.UUID, None] = attrs.field(factory=dict)
+    ended: dict[uuid.UUID, TaskRun] = attrs.field(factory=dict)
+    ended_bytes: int = 0
+
+    def submitted(self, ids: Sequence[uuid.UUID]) -> None:
+        for run_id in ids:
+            self.watched[run_id] = None
+        while len(self.watched) > ENDED_CACHE_RUNS * 10:
+            del self.watched[next(iter(self.watched))]
+
+    def companions(self, run_id: uuid.UUID) -> tuple[uuid.UUID, ...]:
+        others = (i for i in self.watched if i != run_id)
+        return (run_id, *itertools.islice(others, COMPANIONS - 1))
+
+    def saw(self, runs: Sequence[TaskRun]) -> None:
+        for run in runs:
+            self.watched.pop(run.id, None)
+            if run.id not in self.ended:
+                self.ended[run.id] = run
+                self.ended_bytes += _size(run)
+        while self.ended and (
+            len(self.ended) > ENDED_CACHE_RUNS or self.ended_bytes > ENDED_CACHE_BYTES
+        ):
+            self.ended_bytes -= _size(self.ended.pop(next(iter(self.ended))))
+
+    def take(self, run_id: uuid.UUID) -> TaskRun | None:
+        run = self.ended.pop(run_id, None)
+        if run is not None:
+            self.ended_bytes -= _size(run)
+        return run
+
+
+def _size(run: TaskRun) -> int:
+    return len(run.result or b"")
+
+
+def _op_wait_run(
+    run_id: uuid.UUID, timeout: float | None, tracker: _Tracker | None = None
+) -> Operation[TaskRun]:
+    if tracker is not None:
+        ended = tracker.take(run_id)
+        if ended is not None:
+            return ended
+        if run_id in tracker.watched:
+            return (yield from _op_wait_with_companions(run_id, timeout, tracker))
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         wait = _remaining(deadline)
@@ -195,6 +267,31 @@ def _op_wait_run(run_id: uuid.UUID, timeout: float | None) -> Operation[TaskRun]
         run = from_json(response.content, TaskRun)
         if run.state.is_terminal or (deadline is not None and time.monotonic() >= deadline):
             return run
+
+
+def _op_wait_with_companions(
+    run_id: uuid.UUID, timeout: float | None, tracker: _Tracker
+) -> Operation[TaskRun]:
+    """Wait for a run this client submitted (so it exists), learning of its siblings."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        wait = _remaining(deadline)
+        request = WaitRequest(
+            ids=tracker.companions(run_id), timeout=wait, return_when=ReturnWhen.FIRST_ENDED
+        )
+        response = yield _Call(
+            method="POST",
+            path="/runs/wait",
+            content=to_json(request),
+            read_timeout=wait + _CONNECT_TIMEOUT,
+        )
+        _raise_for_status(response)
+        tracker.saw(from_json(response.content, RunList).runs)
+        ended = tracker.take(run_id)
+        if ended is not None:
+            return ended
+        if deadline is not None and time.monotonic() >= deadline:
+            return (yield from _op_read_run(run_id))
 
 
 def _op_wait_runs(ids: Sequence[uuid.UUID], timeout: float | None) -> Operation[list[TaskRun]]:
@@ -295,6 +392,7 @@ class TaskWorkerClient:
 
     api_url: str
     _http: httpx.AsyncClient
+    _tracker: _Tracker = attrs.field(init=False, factory=_Tracker)
 
     async def _drive(self, op: Operation[T]) -> T:
         try:
@@ -315,7 +413,9 @@ class TaskWorkerClient:
         Returns the new runs' ids in order. Large parameters are stored as
         blobs first (see :meth:`store_payload`).
         """
-        return await self._drive(_op_submit(calls))
+        ids = await self._drive(_op_submit(calls))
+        self._tracker.submitted(ids)
+        return ids
 
     async def read_run(self, run_id: uuid.UUID) -> TaskRun:
         """Return the run's current snapshot; raise :class:`TaskRunNotFound` if unknown."""
@@ -334,7 +434,7 @@ class TaskWorkerClient:
 
     async def wait_run(self, run_id: uuid.UUID, timeout: float | None = None) -> TaskRun:
         """Long-poll until the run ends; after ``timeout`` return it as it is."""
-        return await self._drive(_op_wait_run(run_id, timeout))
+        return await self._drive(_op_wait_run(run_id, timeout, self._tracker))
 
     async def wait_runs(
         self, ids: Sequence[uuid.UUID], timeout: float | None = None
@@ -492,6 +592,7 @@ class SyncClient:
 
     api_url: str = attrs.field(factory=api_url_from_env, converter=_strip_slash)
     _http: httpx.Client = attrs.field(init=False)
+    _tracker: _Tracker = attrs.field(init=False, factory=_Tracker)
 
     def __attrs_post_init__(self) -> None:
         self._http = httpx.Client(base_url=self.api_url, verify=_tls())
@@ -521,7 +622,9 @@ class SyncClient:
 
     def submit(self, calls: Sequence[tuple[TaskRunCreate, bytes]]) -> list[uuid.UUID]:
         """See :meth:`TaskWorkerClient.submit`."""
-        return self._drive(_op_submit(calls))
+        ids = self._drive(_op_submit(calls))
+        self._tracker.submitted(ids)
+        return ids
 
     def read_run(self, run_id: uuid.UUID) -> TaskRun:
         """See :meth:`TaskWorkerClient.read_run`."""
@@ -529,7 +632,7 @@ class SyncClient:
 
     def wait_run(self, run_id: uuid.UUID, timeout: float | None = None) -> TaskRun:
         """See :meth:`TaskWorkerClient.wait_run`."""
-        return self._drive(_op_wait_run(run_id, timeout))
+        return self._drive(_op_wait_run(run_id, timeout, self._tracker))
 
     def cancel_run(self, run_id: uuid.UUID) -> TaskRun:
         """See :meth:`TaskWorkerClient.cancel_run`."""
