@@ -279,6 +279,7 @@ async def main():
     futs = await t.add.map(range(50), [1] * 50)
     print([await f.result(timeout=30) for f in futs] == [i + 1 for i in range(50)])
     print(await (await t.mul.delay(6, 7)).result(timeout=30))
+    print(await (await t.add.map([1, 2], [3, 4])).result(timeout=30))
 
 trio.run(main)
 print(t.add.delay_sync(20, 22).result_sync(timeout=30))
@@ -301,5 +302,5 @@ def test_a_plain_script_opens_nothing_and_leaves_nothing_open(
         env={**os.environ, "TRIO_TASKWORKER_API_URL": server_proc.url},
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", "42", "42", "3"]
+    assert done.stdout.splitlines() == ["True", "42", "[4, 6]", "42", "3"]
     assert "ResourceWarning" not in done.stderr, done.stderr

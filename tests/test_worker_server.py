@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import trio_websocket
 from trio_taskworker import (
     ProtocolError,
     StopTaskWorker,
+    TaskRunFutureList,
     TaskRunState,
     TaskServer,
     TaskWorker,
@@ -432,3 +434,25 @@ async def test_a_refusal_after_subscribing_raises_protocol_error(
     nursery.start_soon(submit)
     with trio.fail_after(20), pytest.raises(ProtocolError, match="1008 invalid message"):
         await worker.start()
+
+
+async def test_map_futures_are_awaited_as_a_whole(
+    nursery: trio.Nursery, server: TaskServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await start_worker(nursery, str(server.url), add)
+    async with open_client(server.url):
+        futs = await add.map([1, 2, 3])
+        assert isinstance(futs, TaskRunFutureList) and len(futs) == 3
+        assert await futs.result(timeout=20) == [2, 3, 4]
+        assert [run.state for run in await futs.wait(timeout=20)] == [TaskRunState.COMPLETED] * 3
+        assert pickle.loads(pickle.dumps(futs)) == futs
+        assert await TaskRunFutureList[int]().result() == []
+    url = str(server.url)
+
+    def in_plain_code() -> list[int]:
+        futures = add.map_sync([10, 20])
+        assert [r.state for r in futures.wait_sync(timeout=20)] == [TaskRunState.COMPLETED] * 2
+        return futures.result_sync(timeout=20)
+
+    monkeypatch.setenv("TRIO_TASKWORKER_API_URL", url)
+    assert await trio.to_thread.run_sync(in_plain_code) == [11, 21]

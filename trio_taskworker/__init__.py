@@ -20,7 +20,7 @@ from ._exceptions import (
     TaskRunTimedOut,
     TaskWorkerError,
 )
-from ._future import TaskRunFuture, gather_results
+from ._future import TaskRunFuture, TaskRunFutureList, gather_results
 from ._models import ErrorInfo, TaskOptions, TaskRun
 from ._server import TaskServer
 from ._states import TaskRunState
@@ -44,6 +44,7 @@ __all__ = [
     "TaskRunCrashed",
     "TaskRunFailed",
     "TaskRunFuture",
+    "TaskRunFutureList",
     "TaskRunNotFound",
     "TaskRunState",
     "TaskRunTimedOut",

@@ -634,6 +634,10 @@ class SyncClient:
         """See :meth:`TaskWorkerClient.wait_run`."""
         return self._drive(_op_wait_run(run_id, timeout, self._tracker))
 
+    def wait_runs(self, ids: Sequence[uuid.UUID], timeout: float | None = None) -> list[TaskRun]:
+        """See :meth:`TaskWorkerClient.wait_runs`."""
+        return self._drive(_op_wait_runs(ids, timeout))
+
     def cancel_run(self, run_id: uuid.UUID) -> TaskRun:
         """See :meth:`TaskWorkerClient.cancel_run`."""
         return self._drive(_op_cancel(run_id))

@@ -10,7 +10,7 @@ import attrs
 from ._client import client_for, sync_client
 from ._models import TaskRun
 
-__all__ = ["TaskRunFuture"]
+__all__ = ["TaskRunFuture", "TaskRunFutureList", "gather_results"]
 
 R = TypeVar("R")
 
@@ -97,3 +97,47 @@ async def gather_results(
     client = client_for(urls.pop())
     runs = await client.wait_runs([f.task_run_id for f in futures], timeout)
     return [await client.load_result(run) for run in runs]
+
+
+class TaskRunFutureList(list[TaskRunFuture[R]], Generic[R]):
+    """The futures that ``Task.map`` returns: a plain list, also awaitable as a whole.
+
+    ``await futures.result()`` is :func:`gather_results` over the list. All its
+    futures come from one server.
+    """
+
+    async def result(self, timeout: float | None = None) -> list[R]:
+        """Every run's value, in order; raises as :meth:`TaskRunFuture.result` does.
+
+        ``TimeoutError`` if they have not all ended after ``timeout`` seconds.
+        """
+        return await gather_results(list(self), timeout)
+
+    async def wait(self, timeout: float | None = None) -> list[TaskRun]:
+        """Wait for every run to end and return their snapshots, in order.
+
+        ``TimeoutError`` if they have not all ended after ``timeout`` seconds.
+        """
+        if not self:
+            return []
+        return await client_for(self._api_url()).wait_runs(self._ids(), timeout)
+
+    def result_sync(self, timeout: float | None = None) -> list[R]:
+        """:meth:`result` for plain synchronous code."""
+        client = sync_client(self._api_url())
+        return [client.load_result(run) for run in self.wait_sync(timeout)]
+
+    def wait_sync(self, timeout: float | None = None) -> list[TaskRun]:
+        """:meth:`wait` for plain synchronous code."""
+        if not self:
+            return []
+        return sync_client(self._api_url()).wait_runs(self._ids(), timeout)
+
+    def _ids(self) -> list[uuid.UUID]:
+        return [future.task_run_id for future in self]
+
+    def _api_url(self) -> str | None:
+        urls = {future.api_url for future in self}
+        if len(urls) > 1:
+            raise ValueError("the futures of one list must come from one server")
+        return urls.pop() if urls else None

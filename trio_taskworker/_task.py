@@ -14,7 +14,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 from ._client import client_for, sync_client
 from ._definition import TaskDefinition, evolve_options
-from ._future import TaskRunFuture
+from ._future import TaskRunFuture, TaskRunFutureList
 from ._models import TaskOptions
 
 __all__ = ["Task", "task"]
@@ -57,18 +57,19 @@ class Task(TaskDefinition[P, R]):
 
     async def map(
         self, *iterables: Iterable[Any], **kw_iterables: Iterable[Any]
-    ) -> list[TaskRunFuture[R]]:
+    ) -> TaskRunFutureList[R]:
         """Queue one run per zipped element of the iterables, in one request.
 
         ``add.map([1, 2], [10, 20])`` queues ``add(1, 10)`` and ``add(2, 20)``;
         keyword iterables are zipped in the same way. All iterables must have
         the same length (``ValueError`` otherwise). Every call is bound before
-        anything is sent, so one bad element sends nothing.
+        anything is sent, so one bad element sends nothing. Returns a
+        :class:`TaskRunFutureList`: ``await (await add.map(xs)).result()``.
         """
         calls = self.map_creates(iterables, kw_iterables)
         client = client_for()
         ids = await client.submit(calls)
-        return [TaskRunFuture(run_id, client.api_url) for run_id in ids]
+        return TaskRunFutureList(TaskRunFuture(run_id, client.api_url) for run_id in ids)
 
     # --- submitting (sync) --------------------------------------------------------
 
@@ -91,12 +92,12 @@ class Task(TaskDefinition[P, R]):
 
     def map_sync(
         self, *iterables: Iterable[Any], **kw_iterables: Iterable[Any]
-    ) -> list[TaskRunFuture[R]]:
+    ) -> TaskRunFutureList[R]:
         """Like :meth:`map`, for plain synchronous code."""
         calls = self.map_creates(iterables, kw_iterables)
         client = sync_client()
         ids = client.submit(calls)
-        return [TaskRunFuture(run_id, client.api_url) for run_id in ids]
+        return TaskRunFutureList(TaskRunFuture(run_id, client.api_url) for run_id in ids)
 
 
 @overload
