@@ -217,6 +217,16 @@ async def test_a_refused_operation_does_not_undo_its_batch(memory_store: SQLiteS
         nursery.start_soon(good)
     assert isinstance(results["bad"], StoreError)
     assert (await memory_store.counts())["SCHEDULED"] == 1
+    # The other order: the good operation ran first, and the ids it returns are
+    # the ones committed.
+    results.clear()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(good)
+        nursery.start_soon(bad)
+    assert isinstance(results["bad"], StoreError)
+    assert (await memory_store.counts())["SCHEDULED"] == 2
+    ids = results["good"]
+    assert isinstance(ids, list) and len(await memory_store.read_runs(ids)) == 1
 
 
 async def test_file_store_survives_reopening(tmp_path: Path) -> None:

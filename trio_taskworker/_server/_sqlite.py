@@ -2,11 +2,13 @@
 
 Every transaction handed to :class:`SQLiteRunner` is queued to a single
 writer task. It takes all the operations waiting at that moment and runs
-them in one transaction, each inside its own savepoint so that one refused
-operation does not undo the others, then commits once and wakes their
-callers. While a batch commits, the next one gathers. This is what lets the
-server take thousands of small changes a second (see STACK-NOTES: one writer
-with group commit beats a transaction per change about tenfold).
+them in one transaction, then commits once and wakes their callers. When an
+operation fails, the batch is undone and run again with a savepoint around
+each operation, so that one refused operation does not undo the others (a
+savepoint per operation on every batch cost more than the rare retry). While
+a batch commits, the next one gathers. This is what lets the server take
+thousands of small changes a second (see STACK-NOTES: one writer with group
+commit beats a transaction per change about tenfold).
 
 The database runs in WAL mode with ``synchronous=NORMAL``: a committed
 transaction survives the server process being killed; only a power loss
@@ -93,6 +95,9 @@ class SQLiteRunner:
             task_status.started()
             while True:
                 batch = [await self._receive.receive()]
+                # Let the tasks that are ready run first: the operations they
+                # queue join this transaction instead of paying a commit each.
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 while len(batch) < MAX_BATCH:
                     try:
                         batch.append(self._receive.receive_nowait())
@@ -126,14 +131,11 @@ class SQLiteRunner:
     def _execute(conn: sqlite3.Connection, batch: list[_Op]) -> None:
         cur = conn.cursor()
         try:
-            cur.execute("BEGIN IMMEDIATE")
-            for op in batch:
-                cur.execute("SAVEPOINT op")
-                op.result = outcome.capture(op.fn, cur)
-                if isinstance(op.result, outcome.Error):
-                    cur.execute("ROLLBACK TO op")
-                cur.execute("RELEASE op")
-            cur.execute("COMMIT")
+            if not _run_batch(cur, batch, savepoints=False):
+                # One operation failed: undo the batch and run it again with a
+                # savepoint around each operation, so the failure undoes only its own.
+                cur.execute("ROLLBACK")
+                _run_batch(cur, batch, savepoints=True)
         except sqlite3.Error as exc:
             log.exception("SQLite transaction failed; %d operations refused", len(batch))
             if conn.in_transaction:
@@ -173,3 +175,21 @@ class SQLiteStore(Store):
         self, path: str | Path, default_max_redeliveries: int = 3, threaded: bool = True
     ) -> None:
         self.__attrs_init__(SQLiteRunner(path, threaded), default_max_redeliveries)
+
+
+def _run_batch(cur: sqlite3.Cursor, batch: list[_Op], *, savepoints: bool) -> bool:
+    """Run the batch in one transaction and commit it; False (uncommitted) when an
+    operation fails and there are no savepoints to undo just that one."""
+    cur.execute("BEGIN IMMEDIATE")
+    for op in batch:
+        if savepoints:
+            cur.execute("SAVEPOINT op")
+        op.result = outcome.capture(op.fn, cur)
+        if isinstance(op.result, outcome.Error):
+            if not savepoints:
+                return False
+            cur.execute("ROLLBACK TO op")
+        if savepoints:
+            cur.execute("RELEASE op")
+    cur.execute("COMMIT")
+    return True

@@ -194,6 +194,17 @@ def _option_columns(options: TaskOptions) -> Iterable[Any]:
     return values.values()
 
 
+def _change(row: _Row, changes: Changes) -> tuple[_Row, dict[str, Any]]:
+    """Check the transition; return the row as changed and the column values to write."""
+    state = changes["state"]
+    check_transition(TaskRunState(row.state), state)
+    values = {**changes, "state": state.value}
+    if "error" in values:
+        error = values["error"]
+        values["error"] = None if error is None else json.dumps(converter.unstructure(error))
+    return row._replace(**values), values
+
+
 def _row_to_run(row: _Row) -> TaskRun:
     options = {name: getattr(row, name) for name in OPTION_NAMES}
     tags = row.tags
@@ -412,18 +423,16 @@ class Store:
 
     def _write(self, cur: Cursor, row: _Row, changes: Changes) -> _Row:
         """Check the transition, update the row in the database, return it as updated."""
-        state = changes["state"]
-        check_transition(TaskRunState(row.state), state)
-        values = {**changes, "state": state.value}
-        if "error" in values:
-            error = values["error"]
-            values["error"] = None if error is None else json.dumps(converter.unstructure(error))
+        updated, values = _change(row, changes)
+        self._update(cur, row.id, values)
+        return updated
+
+    def _update(self, cur: Cursor, run_id: str, values: dict[str, Any]) -> None:
         assignments = ", ".join(f"{name} = ?" for name in values)
         cur.execute(
             self._q(f"UPDATE task_runs SET {assignments} WHERE id = ?"),
-            [*values.values(), row.id],
+            [*values.values(), run_id],
         )
-        return row._replace(**values)
 
     async def apply_reports(self, owner: str, reports: Sequence[Report], now: float) -> Outcome:
         """Apply a worker's reports in order, refusing those that do not hold the lease."""
@@ -433,6 +442,9 @@ class Store:
             # Each report sees the row as the reports before it left it; each run
             # changed is returned once, as it ends up.
             changed: dict[str, _Row] = {}
+            # Columns to write per run: a run's reports in one batch (often
+            # "started" and "finished" together) cost one UPDATE.
+            dirty: dict[str, dict[str, Any]] = {}
             rejected: list[tuple[uuid.UUID, str]] = []
             for report in reports:
                 row = rows.get(str(report.id))
@@ -454,9 +466,14 @@ class Store:
                         retry_delay_seconds=row.retry_delay_seconds,
                         now=now,
                     )
-                    rows[row.id] = changed[row.id] = self._write(cur, row, changes)
+                    updated, values = _change(row, changes)
                 except IllegalTransition as exc:
                     rejected.append((report.id, str(exc)))
+                    continue
+                rows[row.id] = changed[row.id] = updated
+                dirty.setdefault(row.id, {}).update(values)
+            for run_id, values in dirty.items():
+                self._update(cur, run_id, values)
             return Outcome(
                 changed=tuple(_row_to_run(row) for row in changed.values()),
                 rejected=tuple(rejected),
