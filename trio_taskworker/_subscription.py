@@ -342,6 +342,9 @@ class Subscription:
     async def _sender(self, ws: WebSocket, generation: int) -> None:
         while True:
             await self._outbox.has_mail.wait()
+            # Let the runs that are about to report do so first: one frame then
+            # carries them all, and the server applies them in one transaction.
+            await trio.lowlevel.cancel_shielded_checkpoint()
             messages = self._outbox.take(generation)
             if messages:
                 await ws.send_message(encode_frame(messages))
