@@ -282,11 +282,10 @@ class _Handlers:
             with trio.move_on_after(wait.timeout):
                 while not _satisfied(wait.return_when, len(ended), len(wanted)):
                     await watch.event.wait()
-                    watch.event = trio.Event()
-                    ended.update(watch.ended)
+                    ended.update(watch.take())  # only what is new: no re-copying
                     if state.stopping.is_set():
                         break
-            ended.update(watch.ended)
+            ended.update(watch.take())
         return _json(RunList(runs=tuple(ended.values())))
 
     async def cancel_run(self, request: Request) -> Response:

@@ -145,6 +145,12 @@ class Watch:
     event: trio.Event = attrs.field(factory=trio.Event)
     ended: dict[uuid.UUID, TaskRun] = attrs.field(factory=dict)
 
+    def take(self) -> dict[uuid.UUID, TaskRun]:
+        """The runs that ended since the last call, and a fresh event for the next."""
+        taken, self.ended = self.ended, {}
+        self.event = trio.Event()
+        return taken
+
 
 @attrs.define(eq=False)
 class Waiters:
