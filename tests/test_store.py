@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -303,3 +304,33 @@ async def test_a_row_stored_under_older_rules_stays_readable(memory_store: SQLit
     assert [r.id for r in await memory_store.list_runs(None, None, 10, 0)] == [run_id]
     (claimed,) = await memory_store.claim_runs(["m:f"], 1, "conn", 2.0)
     assert claimed.id == run_id and claimed.state is S.PENDING
+
+
+async def test_an_operation_that_raises_is_undone_alone(memory_store: SQLiteStore) -> None:
+    """The writer runs a batch without savepoints; when one operation raises, the
+    batch is undone and run again with a savepoint around each operation."""
+    (existing,) = await memory_store.create_runs([create()], 1.0)
+    results: dict[str, object] = {}
+
+    def write_then_fail(cur: Any) -> None:
+        cur.execute("UPDATE task_runs SET task_name = 'changed'")
+        raise ValueError("refused after writing")
+
+    async def bad() -> None:
+        try:
+            await memory_store.runner.transact(write_then_fail)
+        except ValueError as exc:
+            results["bad"] = exc
+
+    async def good() -> None:
+        results["good"] = await memory_store.create_runs([create("m:g")], 2.0)
+
+    async with trio.open_nursery() as nursery:  # both join one batch
+        nursery.start_soon(good)
+        nursery.start_soon(bad)
+        nursery.start_soon(good)
+    assert isinstance(results["bad"], ValueError)
+    runs = await memory_store.list_runs(None, None, 10, 0)
+    assert len(runs) == 3  # both good operations committed, each once
+    assert all(r.task_name != "changed" for r in runs)  # the failed write was undone
+    assert existing in {r.id for r in runs}

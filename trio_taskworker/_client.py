@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import itertools
 import logging
 import os
 import ssl
@@ -38,15 +37,7 @@ from ._exceptions import (
     TaskRunFailed,
     TaskRunNotFound,
 )
-from ._models import (
-    CreatedRuns,
-    ReturnWhen,
-    RunList,
-    TaskRun,
-    TaskRunCreate,
-    TaskRunCreateBatch,
-    WaitRequest,
-)
+from ._models import CreatedRuns, RunList, TaskRun, TaskRunCreate, TaskRunCreateBatch, WaitRequest
 from ._serialization import from_json, loads_payload, to_json
 from ._states import TaskRunState
 
@@ -61,6 +52,7 @@ __all__ = [
     "fits_inline",
     "load_payload",
     "open_client",
+    "pooled_http",
     "shared_client",
     "store_payload",
     "sync_client",
@@ -190,70 +182,7 @@ def _remaining(deadline: float | None) -> float:
     return max(0.0, min(LONG_POLL_SECONDS, deadline - time.monotonic()))
 
 
-#: How many of its other unfinished runs a client asks about while it waits for one.
-COMPANIONS = 32
-#: The most ended runs a client keeps for callers who have not asked yet, and their
-#: payload bytes: past either, the oldest are forgotten (and read again if asked for).
-ENDED_CACHE_RUNS = 10_000
-ENDED_CACHE_BYTES = 64 * 1024 * 1024
-
-
-@attrs.define(eq=False)
-class _Tracker:
-    """The runs a client submitted and has not seen end, and ended runs not yet asked for.
-
-    A wait for one of its runs also asks the server about the next ones it
-    submitted (one ``POST /runs/wait``, answered when any of them ends), and
-    keeps the ones that ended. A caller who awaits many results one by one
-    then mostly finds them here, without a round trip each. Pure bookkeeping,
-    bounded: it does no I/O.
-    """
-
-    watched: dict[uuid.UUID, None] = attrs.field(factory=dict)
-    ended: dict[uuid.UUID, TaskRun] = attrs.field(factory=dict)
-    ended_bytes: int = 0
-
-    def submitted(self, ids: Sequence[uuid.UUID]) -> None:
-        for run_id in ids:
-            self.watched[run_id] = None
-        while len(self.watched) > ENDED_CACHE_RUNS * 10:
-            del self.watched[next(iter(self.watched))]
-
-    def companions(self, run_id: uuid.UUID) -> tuple[uuid.UUID, ...]:
-        others = (i for i in self.watched if i != run_id)
-        return (run_id, *itertools.islice(others, COMPANIONS - 1))
-
-    def saw(self, runs: Sequence[TaskRun]) -> None:
-        for run in runs:
-            self.watched.pop(run.id, None)
-            if run.id not in self.ended:
-                self.ended[run.id] = run
-                self.ended_bytes += _size(run)
-        while self.ended and (
-            len(self.ended) > ENDED_CACHE_RUNS or self.ended_bytes > ENDED_CACHE_BYTES
-        ):
-            self.ended_bytes -= _size(self.ended.pop(next(iter(self.ended))))
-
-    def take(self, run_id: uuid.UUID) -> TaskRun | None:
-        run = self.ended.pop(run_id, None)
-        if run is not None:
-            self.ended_bytes -= _size(run)
-        return run
-
-
-def _size(run: TaskRun) -> int:
-    return len(run.result or b"")
-
-
-def _op_wait_run(
-    run_id: uuid.UUID, timeout: float | None, tracker: _Tracker | None = None
-) -> Operation[TaskRun]:
-    if tracker is not None:
-        ended = tracker.take(run_id)
-        if ended is not None:
-            return ended
-        if run_id in tracker.watched:
-            return (yield from _op_wait_with_companions(run_id, timeout, tracker))
+def _op_wait_run(run_id: uuid.UUID, timeout: float | None) -> Operation[TaskRun]:
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         wait = _remaining(deadline)
@@ -267,31 +196,6 @@ def _op_wait_run(
         run = from_json(response.content, TaskRun)
         if run.state.is_terminal or (deadline is not None and time.monotonic() >= deadline):
             return run
-
-
-def _op_wait_with_companions(
-    run_id: uuid.UUID, timeout: float | None, tracker: _Tracker
-) -> Operation[TaskRun]:
-    """Wait for a run this client submitted (so it exists), learning of its siblings."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        wait = _remaining(deadline)
-        request = WaitRequest(
-            ids=tracker.companions(run_id), timeout=wait, return_when=ReturnWhen.FIRST_ENDED
-        )
-        response = yield _Call(
-            method="POST",
-            path="/runs/wait",
-            content=to_json(request),
-            read_timeout=wait + _CONNECT_TIMEOUT,
-        )
-        _raise_for_status(response)
-        tracker.saw(from_json(response.content, RunList).runs)
-        ended = tracker.take(run_id)
-        if ended is not None:
-            return ended
-        if deadline is not None and time.monotonic() >= deadline:
-            return (yield from _op_read_run(run_id))
 
 
 def _op_wait_runs(ids: Sequence[uuid.UUID], timeout: float | None) -> Operation[list[TaskRun]]:
@@ -392,7 +296,6 @@ class TaskWorkerClient:
 
     api_url: str
     _http: httpx.AsyncClient
-    _tracker: _Tracker = attrs.field(init=False, factory=_Tracker)
 
     async def _drive(self, op: Operation[T]) -> T:
         try:
@@ -413,9 +316,7 @@ class TaskWorkerClient:
         Returns the new runs' ids in order. Large parameters are stored as
         blobs first (see :meth:`store_payload`).
         """
-        ids = await self._drive(_op_submit(calls))
-        self._tracker.submitted(ids)
-        return ids
+        return await self._drive(_op_submit(calls))
 
     async def read_run(self, run_id: uuid.UUID) -> TaskRun:
         """Return the run's current snapshot; raise :class:`TaskRunNotFound` if unknown."""
@@ -434,7 +335,7 @@ class TaskWorkerClient:
 
     async def wait_run(self, run_id: uuid.UUID, timeout: float | None = None) -> TaskRun:
         """Long-poll until the run ends; after ``timeout`` return it as it is."""
-        return await self._drive(_op_wait_run(run_id, timeout, self._tracker))
+        return await self._drive(_op_wait_run(run_id, timeout))
 
     async def wait_runs(
         self, ids: Sequence[uuid.UUID], timeout: float | None = None
@@ -508,8 +409,11 @@ def _tls() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
-def _async_http(url: str) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+def pooled_http(url: str) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` for ``url``: the shared TLS context, no connection cap."""
+    # No cap on connections: every long-poll holds one for up to 30 s, and a
+    # hundred callers awaiting results must not starve one that submits.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     return httpx.AsyncClient(base_url=url, limits=limits, verify=_tls())
 
 
@@ -523,7 +427,7 @@ async def open_client(api_url: str | None = None) -> AsyncIterator[TaskWorkerCli
     opening one is only needed to choose when its connections close.
     """
     url = (api_url or api_url_from_env()).rstrip("/")
-    async with _async_http(url) as http:
+    async with pooled_http(url) as http:
         client = TaskWorkerClient(url, http)
         token = _current.set(client)
         try:
@@ -551,7 +455,7 @@ def shared_client(api_url: str | None = None) -> TaskWorkerClient:
         _shared.set(clients)
     client = clients.get(url)
     if client is None:
-        client = clients[url] = TaskWorkerClient(url, _async_http(url))
+        client = clients[url] = TaskWorkerClient(url, pooled_http(url))
         trio.lowlevel.spawn_system_task(
             _close_when_the_run_ends, client, name=f"trio_taskworker client for {url}"
         )
@@ -592,7 +496,6 @@ class SyncClient:
 
     api_url: str = attrs.field(factory=api_url_from_env, converter=_strip_slash)
     _http: httpx.Client = attrs.field(init=False)
-    _tracker: _Tracker = attrs.field(init=False, factory=_Tracker)
 
     def __attrs_post_init__(self) -> None:
         self._http = httpx.Client(base_url=self.api_url, verify=_tls())
@@ -622,9 +525,7 @@ class SyncClient:
 
     def submit(self, calls: Sequence[tuple[TaskRunCreate, bytes]]) -> list[uuid.UUID]:
         """See :meth:`TaskWorkerClient.submit`."""
-        ids = self._drive(_op_submit(calls))
-        self._tracker.submitted(ids)
-        return ids
+        return self._drive(_op_submit(calls))
 
     def read_run(self, run_id: uuid.UUID) -> TaskRun:
         """See :meth:`TaskWorkerClient.read_run`."""
@@ -632,7 +533,7 @@ class SyncClient:
 
     def wait_run(self, run_id: uuid.UUID, timeout: float | None = None) -> TaskRun:
         """See :meth:`TaskWorkerClient.wait_run`."""
-        return self._drive(_op_wait_run(run_id, timeout, self._tracker))
+        return self._drive(_op_wait_run(run_id, timeout))
 
     def wait_runs(self, ids: Sequence[uuid.UUID], timeout: float | None = None) -> list[TaskRun]:
         """See :meth:`TaskWorkerClient.wait_runs`."""
@@ -667,7 +568,8 @@ def sync_client(api_url: str | None = None) -> SyncClient:
     """This thread's pooled :class:`SyncClient` for ``api_url``, made on first use.
 
     Shared by ``delay_sync``, ``result_sync`` and friends, so consecutive calls
-    reuse one connection; it closes when the thread ends (or the process exits).
+    reuse one connection; it closes when the thread ends (a thread still alive
+    at exit leaves its connections to the operating system).
     """
     url = (api_url or api_url_from_env()).rstrip("/")
     clients: _SyncClients | None = getattr(_sync_local, "clients", None)

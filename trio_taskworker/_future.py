@@ -124,6 +124,8 @@ class TaskRunFutureList(list[TaskRunFuture[R]], Generic[R]):
 
     def result_sync(self, timeout: float | None = None) -> list[R]:
         """:meth:`result` for plain synchronous code."""
+        if not self:
+            return []
         client = sync_client(self._api_url())
         return [client.load_result(run) for run in self.wait_sync(timeout)]
 
@@ -139,5 +141,5 @@ class TaskRunFutureList(list[TaskRunFuture[R]], Generic[R]):
     def _api_url(self) -> str | None:
         urls = {future.api_url for future in self}
         if len(urls) > 1:
-            raise ValueError("the futures of one list must come from one server")
+            raise ValueError("a TaskRunFutureList needs futures from one server")
         return urls.pop() if urls else None

@@ -26,10 +26,9 @@ import uuid
 from types import FrameType
 from typing import Any
 
-import httpx
 import trio
 
-from ._client import TaskWorkerClient, api_url_from_env
+from ._client import TaskWorkerClient, api_url_from_env, pooled_http
 from ._definition import TaskDefinition
 from ._exceptions import ConfigurationError
 from ._models import Released, TaskRun, WorkerMessage
@@ -179,7 +178,7 @@ class TaskWorker:
             self.api_url,
         )
         try:
-            async with httpx.AsyncClient(base_url=self.api_url) as http:
+            async with pooled_http(self.api_url) as http:
                 self._spawner.client = TaskWorkerClient(self.api_url, http)
                 async with trio.open_nursery() as nursery:
                     if (

@@ -144,7 +144,12 @@ class SQLiteRunner:
                 op.result = outcome.Error(exc)
 
     async def transact(self, fn: Callable[[Cursor], T]) -> T:
-        """Run ``fn`` in the next batch, in a savepoint of its own; return or raise as it did.
+        """Run ``fn`` in the next batch; return or raise as it did.
+
+        When an operation of the batch raises, the batch is undone and run again
+        with a savepoint around each operation, so ``fn`` may run twice: it must
+        change nothing but the database (ids it makes are returned from the run
+        that committed).
 
         Raises :class:`StoreError` once the writer has stopped, and the
         ``sqlite3.Error`` that made a whole batch fail.

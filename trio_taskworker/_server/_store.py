@@ -34,6 +34,15 @@ __all__ = ["Cursor", "Outcome", "Report", "Runner", "Store", "StoreError"]
 T = TypeVar("T")
 
 
+@attrs.frozen
+class _Refused:
+    """An operation that refused before it wrote anything. Returned rather than
+    raised, so the runner need not undo and re-run the batch around it (a client
+    cancelling runs that have ended must not double the writer's work)."""
+
+    error: Exception
+
+
 class StoreError(Exception):
     """A request the store refuses (unknown blob reference, bad page size...)."""
 
@@ -80,7 +89,9 @@ class Runner(Protocol):
     async def transact(self, fn: Callable[[Cursor], T]) -> T:
         """Run ``fn`` inside a transaction; return its value or raise its error.
 
-        A function that raises leaves no change behind. Once handed over, the
+        A function that raises leaves no change behind, and may have been run
+        more than once: it must change nothing outside the database. An
+        expected refusal is better returned than raised. Once handed over, the
         function runs even if the caller is cancelled, so that a caller is never
         told a change failed that in fact committed. Raises :class:`StoreError`
         once the runner is closed.
@@ -271,6 +282,13 @@ class Store:
 
     # --- runs ---------------------------------------------------------------------
 
+    async def _transact(self, fn: Callable[[Cursor], T | _Refused]) -> T:
+        """``runner.transact``, raising the error of an operation that refused."""
+        result = await self.runner.transact(fn)
+        if isinstance(result, _Refused):
+            raise result.error
+        return result
+
     async def create_runs(self, creates: Sequence[TaskRunCreate], now: float) -> list[uuid.UUID]:
         """Create all runs in one transaction; return their ids in order.
 
@@ -278,12 +296,14 @@ class Store:
         no stored blob.
         """
 
-        def create(cur: Cursor) -> list[uuid.UUID]:
+        def create(cur: Cursor) -> list[uuid.UUID] | _Refused:
             ids = []
             rows = []
             for c in creates:
                 if c.parameters_ref is not None and self._get_blob(cur, c.parameters_ref) is None:
-                    raise StoreError(f"no stored blob {c.parameters_ref!r} for parameters_ref")
+                    return _Refused(
+                        StoreError(f"no stored blob {c.parameters_ref!r} for parameters_ref")
+                    )
                 run_id = uuid.uuid4()
                 ids.append(run_id)
                 self._seq += 1
@@ -298,7 +318,7 @@ class Store:
             cur.executemany(self._q(_INSERT), rows)
             return ids
 
-        return await self.runner.transact(create)
+        return await self._transact(create)
 
     async def read_runs(self, ids: Sequence[uuid.UUID]) -> list[TaskRun]:
         """Return the runs that exist among ``ids`` (any order), with payloads."""
@@ -524,17 +544,20 @@ class Store:
         for one that has already ended.
         """
 
-        def cancel(cur: Cursor) -> tuple[TaskRun, str | None]:
+        def cancel(cur: Cursor) -> tuple[TaskRun, str | None] | _Refused:
             row = self._read_rows(cur, [str(run_id)]).get(str(run_id))
             if row is None:
-                raise StoreError(f"no run {run_id}")
+                return _Refused(StoreError(f"no run {run_id}"))
             owner = row.lease_owner
-            changes = _rules.on_cancel(state=TaskRunState(row.state), now=now)
+            try:
+                changes = _rules.on_cancel(state=TaskRunState(row.state), now=now)
+            except IllegalTransition as exc:  # it has ended already
+                return _Refused(exc)
             if changes is not None:
                 row = self._write(cur, row, changes)
             return _row_to_run(row), owner
 
-        return await self.runner.transact(cancel)
+        return await self._transact(cancel)
 
     # --- blobs --------------------------------------------------------------------
 
