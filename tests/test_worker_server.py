@@ -456,3 +456,21 @@ async def test_map_futures_are_awaited_as_a_whole(
 
     monkeypatch.setenv("TRIO_TASKWORKER_API_URL", url)
     assert await trio.to_thread.run_sync(in_plain_code) == [11, 21]
+
+
+@task
+async def length(data: bytes) -> int:
+    return len(data)
+
+
+async def test_deliveries_larger_than_a_mebibyte_reach_the_worker(
+    nursery: trio.Nursery, server: TaskServer
+) -> None:
+    """Forty runs with 50 kB inline parameters make a delivery frame of about 2.7 MB,
+    past trio-websocket's default 1 MiB message limit."""
+    worker = TaskWorker(length, api_url=server.url, handle_signals=False, limit=40)
+    async with open_client(server.url):
+        futs = await length.map([bytes(50_000)] * 40)
+        await nursery.start(worker.start)
+        assert await futs.result(timeout=20) == [50_000] * 40
+        assert {run.attempt for run in await futs.wait()} == {1}

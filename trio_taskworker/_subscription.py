@@ -35,6 +35,7 @@ import attrs
 import trio
 import trio_websocket
 
+from ._client import INLINE_PAYLOAD_LIMIT
 from ._exceptions import ConfigurationError, ProtocolError, leaves
 from ._models import (
     Cancel,
@@ -51,7 +52,14 @@ from ._models import (
 )
 from ._serialization import InvalidPayload, decode_server_frame, encode_frame
 
-__all__ = ["Connect", "RunSink", "Subscription", "WebSocket", "websocket_connector"]
+__all__ = [
+    "Connect",
+    "RunSink",
+    "Subscription",
+    "WebSocket",
+    "max_frame_bytes",
+    "websocket_connector",
+]
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +117,23 @@ class RunSink(Protocol):
         """Connection ``generation`` is gone and the server takes its leases back."""
 
 
-def websocket_connector(api_url: str) -> Connect:
-    """The default ``connect``: a trio-websocket connection to ``{api_url}/subscribe``."""
+def max_frame_bytes(window: int) -> int:
+    """The largest frame the server may send a worker that holds ``window`` credits.
+
+    A delivery carries at most that many runs, each with parameters of at most
+    :data:`INLINE_PAYLOAD_LIMIT` bytes inline (base64 in JSON) and its other
+    fields; a mebibyte more leaves room for the rest of the frame.
+    """
+    per_run = INLINE_PAYLOAD_LIMIT * 4 // 3 + 64 * 1024
+    return window * per_run + 1024 * 1024
+
+
+def websocket_connector(api_url: str, *, max_message_size: int = 1024 * 1024) -> Connect:
+    """The default ``connect``: a trio-websocket connection to ``{api_url}/subscribe``.
+
+    Frames larger than ``max_message_size`` close the connection (1009); the
+    worker passes :func:`max_frame_bytes` of its window.
+    """
     url = urlsplit(api_url)
     if url.scheme == "https":
         raise ConfigurationError("https is not supported yet; use http on 127.0.0.1")
@@ -130,7 +153,12 @@ def websocket_connector(api_url: str) -> Connect:
             async with trio.open_nursery() as nursery:
                 with trio.fail_after(CONNECT_TIMEOUT):
                     ws = await trio_websocket.wrap_client_stream(
-                        nursery, stream, host, resource, message_queue_size=64
+                        nursery,
+                        stream,
+                        host,
+                        resource,
+                        message_queue_size=64,
+                        max_message_size=max_message_size,
                     )
                 yield ws
                 nursery.cancel_scope.cancel()

@@ -35,7 +35,7 @@ from ._models import Released, TaskRun, WorkerMessage
 from ._spawner import Spawner, should_try_to_read_parameters
 from ._states import TaskRunState
 from ._status import StatusServer
-from ._subscription import Connect, Subscription, websocket_connector
+from ._subscription import Connect, Subscription, max_frame_bytes, websocket_connector
 
 __all__ = ["TaskWorker", "serve", "should_try_to_read_parameters"]
 
@@ -90,7 +90,10 @@ class TaskWorker:
             by_key, limit, report=self._report, request_stop=self._stop_from_a_run
         )
         self._subscription = Subscription(
-            connect=connect or websocket_connector(self.api_url),
+            connect=connect
+            or websocket_connector(
+                self.api_url, max_message_size=max_frame_bytes(self._spawner.window)
+            ),
             sink=self._spawner,
             keys=tuple(sorted(by_key)),
             client_id=self.client_id,
