@@ -130,27 +130,23 @@ async def latency(task, n: int) -> dict[str, object]:  # type: ignore[no-untyped
     }
 
 
-async def plain_loop(task, n: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+async def one_by_one(futures: list[Any]) -> list[Any]:
+    """What the README teaches: await each future's result in turn."""
+    return [await f.result(timeout=600) for f in futures]
+
+
+async def all_at_once(futures: list[Any]) -> list[Any]:
+    """The batch path: one long-poll per thousand runs."""
+    return await gather_results(futures, timeout=600)
+
+
+async def end_to_end(task, n: int, wait) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """Submit ``n`` runs with ``map``, then ``wait`` for their values."""
     watch = CpuWatch(WATCH)
     began = time.perf_counter()
     futures = await task.map(range(n))
     submitted = time.perf_counter()
-    values = [await f.result(timeout=600) for f in futures]
-    finished = time.perf_counter()
-    assert values == list(range(n))
-    return {
-        **rate(n, finished - began),
-        "submit_seconds": round(submitted - began, 3),
-        "cpu_percent_of_a_core": watch.percent(),
-    }
-
-
-async def batch(task, n: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    watch = CpuWatch(WATCH)
-    began = time.perf_counter()
-    futures = await task.map(range(n))
-    submitted = time.perf_counter()
-    values = await gather_results(futures, timeout=600)
+    values = await wait(futures)
     finished = time.perf_counter()
     assert values == list(range(n))
     return {
@@ -163,7 +159,10 @@ async def batch(task, n: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
 async def plain_path(kind: str, n: int, latency_runs: int) -> dict[str, object]:
     """A fresh trio run with nothing opened, as a new user writes it."""
     noop, stamp = PAIRS[kind]
-    return {"end_to_end": await plain_loop(noop, n), "latency": await latency(stamp, latency_runs)}
+    return {
+        "end_to_end": await end_to_end(noop, n, one_by_one),
+        "latency": await latency(stamp, latency_runs),
+    }
 
 
 async def in_open_client(n: int, latency_runs: int) -> dict[str, Any]:
@@ -173,10 +172,10 @@ async def in_open_client(n: int, latency_runs: int) -> dict[str, Any]:
             await gather_results(await noop.map(range(200)))
         rows: dict[str, Any] = {"batch_path": {}, "open_client_plain": {}}
         for kind, (noop, _) in PAIRS.items():
-            rows["batch_path"][kind] = {"end_to_end": await batch(noop, n)}
+            rows["batch_path"][kind] = {"end_to_end": await end_to_end(noop, n, all_at_once)}
         for kind, (noop, stamp) in PAIRS.items():
             rows["open_client_plain"][kind] = {
-                "end_to_end": await plain_loop(noop, n),
+                "end_to_end": await end_to_end(noop, n, one_by_one),
                 "latency": await latency(stamp, latency_runs),
             }
         return rows
@@ -192,7 +191,7 @@ async def map_submission(n: int) -> dict[str, float]:
 async def batch_async(n: int, latency_runs: int) -> dict[str, Any]:
     async with open_client():
         return {
-            "end_to_end": await batch(noop_async, n),
+            "end_to_end": await end_to_end(noop_async, n, all_at_once),
             "latency": await latency(stamp_async, latency_runs),
         }
 
