@@ -22,7 +22,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Generator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -48,6 +48,7 @@ __all__ = [
     "SyncClient",
     "TaskWorkerClient",
     "api_url_from_env",
+    "bound_client",
     "client_for",
     "fits_inline",
     "load_payload",
@@ -56,6 +57,7 @@ __all__ = [
     "shared_client",
     "store_payload",
     "sync_client",
+    "using_client",
 ]
 
 T = TypeVar("T")
@@ -176,16 +178,21 @@ def _op_list_runs(
     return list(from_json(response.content, RunList).runs)
 
 
-def _remaining(deadline: float | None) -> float:
+#: A driver's clock, in seconds: ``trio.current_time`` for the trio client (so a
+#: wait follows a test's virtual clock), ``time.monotonic`` for the blocking one.
+Clock = Callable[[], float]
+
+
+def _remaining(deadline: float | None, clock: Clock) -> float:
     if deadline is None:
         return LONG_POLL_SECONDS
-    return max(0.0, min(LONG_POLL_SECONDS, deadline - time.monotonic()))
+    return max(0.0, min(LONG_POLL_SECONDS, deadline - clock()))
 
 
-def _op_wait_run(run_id: uuid.UUID, timeout: float | None) -> Operation[TaskRun]:
-    deadline = None if timeout is None else time.monotonic() + timeout
+def _op_wait_run(run_id: uuid.UUID, timeout: float | None, clock: Clock) -> Operation[TaskRun]:
+    deadline = None if timeout is None else clock() + timeout
     while True:
-        wait = _remaining(deadline)
+        wait = _remaining(deadline, clock)
         response = yield _Call(
             method="GET",
             path=f"/runs/{run_id}/wait",
@@ -194,17 +201,19 @@ def _op_wait_run(run_id: uuid.UUID, timeout: float | None) -> Operation[TaskRun]
         )
         _raise_for_status(response)
         run = from_json(response.content, TaskRun)
-        if run.state.is_terminal or (deadline is not None and time.monotonic() >= deadline):
+        if run.state.is_terminal or (deadline is not None and clock() >= deadline):
             return run
 
 
-def _op_wait_runs(ids: Sequence[uuid.UUID], timeout: float | None) -> Operation[list[TaskRun]]:
+def _op_wait_runs(
+    ids: Sequence[uuid.UUID], timeout: float | None, clock: Clock
+) -> Operation[list[TaskRun]]:
     """Wait until every run in ``ids`` has ended; return them in the order given."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = None if timeout is None else clock() + timeout
     done: dict[uuid.UUID, TaskRun] = {}
     pending = list(dict.fromkeys(ids))
     while pending:
-        wait = _remaining(deadline)
+        wait = _remaining(deadline, clock)
         # Chunks keep each request body and answer a sensible size.
         chunk = tuple(pending[:1000])
         response = yield _Call(
@@ -217,7 +226,7 @@ def _op_wait_runs(ids: Sequence[uuid.UUID], timeout: float | None) -> Operation[
         for run in from_json(response.content, RunList).runs:
             done[run.id] = run
         pending = [i for i in pending if i not in done]
-        if pending and deadline is not None and time.monotonic() >= deadline:
+        if pending and deadline is not None and clock() >= deadline:
             raise TimeoutError(f"{len(pending)} of {len(ids)} runs had not ended in time")
     return [done[i] for i in ids]
 
@@ -335,13 +344,13 @@ class TaskWorkerClient:
 
     async def wait_run(self, run_id: uuid.UUID, timeout: float | None = None) -> TaskRun:
         """Long-poll until the run ends; after ``timeout`` return it as it is."""
-        return await self._drive(_op_wait_run(run_id, timeout))
+        return await self._drive(_op_wait_run(run_id, timeout, trio.current_time))
 
     async def wait_runs(
         self, ids: Sequence[uuid.UUID], timeout: float | None = None
     ) -> list[TaskRun]:
         """Wait for all of ``ids`` to end; raise ``TimeoutError`` after ``timeout``."""
-        return await self._drive(_op_wait_runs(ids, timeout))
+        return await self._drive(_op_wait_runs(ids, timeout, trio.current_time))
 
     async def cancel_run(self, run_id: uuid.UUID) -> TaskRun:
         """Cancel a run (see :meth:`TaskRunFuture.cancel`)."""
@@ -428,12 +437,30 @@ async def open_client(api_url: str | None = None) -> AsyncIterator[TaskWorkerCli
     """
     url = (api_url or api_url_from_env()).rstrip("/")
     async with pooled_http(url) as http:
-        client = TaskWorkerClient(url, http)
-        token = _current.set(client)
-        try:
+        with using_client(TaskWorkerClient(url, http)) as client:
             yield client
-        finally:
-            _current.reset(token)
+
+
+@contextlib.contextmanager
+def using_client(client: TaskWorkerClient) -> Iterator[TaskWorkerClient]:
+    """Make ``client`` the one that ``delay``/``result`` (and workers) use inside the block.
+
+    :func:`open_client` is this around a new pooled client; the in-memory
+    test cluster binds a client over an in-process transport the same way.
+    """
+    token = _current.set(client)
+    try:
+        yield client
+    finally:
+        _current.reset(token)
+
+
+def bound_client(api_url: str) -> TaskWorkerClient | None:
+    """The client bound by an enclosing :func:`using_client` for ``api_url``, if any."""
+    client = _current.get()
+    if client is not None and client.api_url == api_url.rstrip("/"):
+        return client
+    return None
 
 
 _shared: trio.lowlevel.RunVar[dict[str, TaskWorkerClient]] = trio.lowlevel.RunVar(
@@ -533,11 +560,11 @@ class SyncClient:
 
     def wait_run(self, run_id: uuid.UUID, timeout: float | None = None) -> TaskRun:
         """See :meth:`TaskWorkerClient.wait_run`."""
-        return self._drive(_op_wait_run(run_id, timeout))
+        return self._drive(_op_wait_run(run_id, timeout, time.monotonic))
 
     def wait_runs(self, ids: Sequence[uuid.UUID], timeout: float | None = None) -> list[TaskRun]:
         """See :meth:`TaskWorkerClient.wait_runs`."""
-        return self._drive(_op_wait_runs(ids, timeout))
+        return self._drive(_op_wait_runs(ids, timeout, time.monotonic))
 
     def cancel_run(self, run_id: uuid.UUID) -> TaskRun:
         """See :meth:`TaskWorkerClient.cancel_run`."""

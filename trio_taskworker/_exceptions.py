@@ -13,7 +13,11 @@ Every error the library raises on its own account derives from one root::
     ├── TaskRunTimedOut             a run hit its ``timeout_seconds`` (also a TimeoutError)
     ├── TaskRunCancelled            the run ended CANCELLED
     ├── TaskRunCrashed              the run ended CRASHED
+    ├── MissingContextError         get_run_context() outside a run (also a RuntimeError)
     └── StopTaskWorker              raised inside a task to stop the worker serving it
+
+    RemoteTraceback                 the worker-side traceback, set as a re-raised
+                                    exception's ``__cause__`` (not raised alone)
 
 A FAILED run normally re-raises the task's own exception from
 :meth:`TaskRunFuture.result`; :class:`TaskRunFailed` only stands in when that
@@ -28,7 +32,9 @@ from typing import TypeVar
 
 __all__ = [
     "ConfigurationError",
+    "MissingContextError",
     "ProtocolError",
+    "RemoteTraceback",
     "SerializationError",
     "ServerError",
     "ServerUnavailable",
@@ -124,6 +130,27 @@ class TaskRunCancelled(TaskWorkerError):
 
 class TaskRunCrashed(TaskWorkerError):
     """The run ended in the CRASHED state: the infrastructure, not the task, failed."""
+
+
+class MissingContextError(TaskWorkerError, RuntimeError):
+    """:func:`get_run_context` was called outside a run that a worker executes."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback of a FAILED run as the worker saw it.
+
+    When :meth:`TaskRunFuture.result` re-raises a task's exception, this is its
+    ``__cause__``, so the printed traceback shows the worker-side frames below
+    "The above exception was the direct cause...", as ``concurrent.futures``
+    does for exceptions from another process. ``traceback`` is the text.
+    """
+
+    def __init__(self, traceback: str) -> None:
+        super().__init__(traceback)
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.traceback.rstrip()}\n"""'
 
 
 class StopTaskWorker(TaskWorkerError):

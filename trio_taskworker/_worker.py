@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from ._client import TaskWorkerClient, api_url_from_env, pooled_http
+from ._client import TaskWorkerClient, api_url_from_env, bound_client, pooled_http
 from ._definition import TaskDefinition
 from ._exceptions import ConfigurationError
 from ._models import Released, TaskRun, WorkerMessage
@@ -181,8 +181,12 @@ class TaskWorker:
             self.api_url,
         )
         try:
-            async with pooled_http(self.api_url) as http:
-                self._spawner.client = TaskWorkerClient(self.api_url, http)
+            async with contextlib.AsyncExitStack() as stack:
+                client = bound_client(self.api_url)
+                if client is None:
+                    http = await stack.enter_async_context(pooled_http(self.api_url))
+                    client = TaskWorkerClient(self.api_url, http)
+                self._spawner.client = client
                 async with trio.open_nursery() as nursery:
                     if (
                         self.handle_signals
