@@ -115,7 +115,7 @@ def test_a_failure_with_retries_left_is_rescheduled_later() -> None:
         "retry_count": 2,
         "lease_owner": None,
         "error": ERROR,
-        "message": "retry 2 of 3 after a failure",
+        "message": "retry 2 of 3 after a failure, in 30 s",
     }
     assert "result" not in changes  # the pickled exception is kept only when it ends
 
@@ -130,6 +130,29 @@ def test_a_failure_with_no_retries_left_fails_the_run() -> None:
         "result": b"e",
         "result_ref": None,
         "error": ERROR,
+    }
+
+
+def test_the_workers_retry_delay_overrides_the_option() -> None:
+    report = finished(S.FAILED, error=ERROR, retry_delay_seconds=4.5)
+    changes = report_on(S.RUNNING, report, retries=3, retry_count=0)
+    assert changes["state"] is S.SCHEDULED and changes["scheduled_time"] == 14.5
+    assert changes["message"] == "retry 1 of 3 after a failure, in 4.5 s"
+
+
+def test_a_failure_the_worker_will_not_retry_ends_failed_with_its_reason() -> None:
+    reason = "not retried: retry_condition_fn returned False"
+    report = finished(S.FAILED, error=ERROR, retry=False, message=reason)
+    changes = report_on(S.RUNNING, report, retries=3, retry_count=0)
+    assert changes["state"] is S.FAILED and changes["message"] == reason
+    assert "retry_count" not in changes
+
+
+def test_a_run_the_worker_ends_cancelled_keeps_the_workers_reason() -> None:
+    report = finished(S.CANCELLED, message="the task raised StopTaskWorker: bye")
+    assert report_on(S.RUNNING, report, retries=3) == {
+        **CANCELLED,
+        "message": "the task raised StopTaskWorker: bye",
     }
 
 

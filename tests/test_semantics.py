@@ -233,7 +233,7 @@ async def test_second_signal_ends_the_grace(
     assert observed == ["h cancelled", "h finally"]
 
 
-async def test_stop_task_worker_hands_its_run_back(
+async def test_stop_task_worker_ends_its_run_and_no_other_worker_takes_it(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
 ) -> None:
     worker = TaskWorker(
@@ -246,9 +246,14 @@ async def test_stop_task_worker_hands_its_run_back(
         await worker.start()  # returns by itself
     assert worker.stopping  # the task's StopTaskWorker stopped the worker
     run = await run_of(srv, quitter)
-    assert (run.state, run.redeliveries) == (S.SCHEDULED, 0)
-    assert "StopTaskWorker: done here" in (run.message or "")
+    assert (run.state, run.attempt, run.redeliveries) == (S.CANCELLED, 1, 0)
+    assert "StopTaskWorker (done here)" in (run.message or "")
     assert (await run_of(srv, other)).state is S.COMPLETED  # the others get the grace
+    # Not a poison pill: the next worker serving the task is not stopped by it.
+    second = await start(nursery, srv, quit_worker)
+    await trio.sleep(60)
+    assert not second.stopping
+    assert (await run_of(srv, quitter)).attempt == 1
 
 
 # --- lost connection, lease ----------------------------------------------------------

@@ -200,7 +200,7 @@ async def test_stop_task_worker_from_a_task(nursery: trio.Nursery, server: TaskS
         with trio.fail_after(20):
             await worker.start()  # returns by itself
         run = await fut.wait(timeout=0)
-        assert run.state is TaskRunState.SCHEDULED
+        assert run.state is TaskRunState.CANCELLED
         assert "StopTaskWorker" in (run.message or "")
 
 
@@ -211,7 +211,7 @@ async def test_serve_returns_normally_on_stop_task_worker(server: TaskServer) ->
         fut = await quitter.delay()
         with trio.fail_after(20):
             await serve(quitter, limit=1, status_server_port=0, api_url=server.url)
-        assert (await fut.wait(timeout=0)).state is TaskRunState.SCHEDULED
+        assert (await fut.wait(timeout=0)).state is TaskRunState.CANCELLED
 
 
 async def test_cancel_queued_and_running_runs(nursery: trio.Nursery, server: TaskServer) -> None:

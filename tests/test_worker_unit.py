@@ -203,13 +203,15 @@ async def test_sync_task_timeout_honours_check_cancelled(
     assert finished.error.type.endswith("TaskRunTimedOut")  # type: ignore[union-attr]
 
 
-async def test_stop_task_worker_hands_the_run_back() -> None:
-    assert await TaskWorker(stopper).execute_task_run(make_run(stopper)) is TaskRunState.SCHEDULED
+async def test_stop_task_worker_ends_its_run_cancelled() -> None:
+    assert await TaskWorker(stopper).execute_task_run(make_run(stopper)) is TaskRunState.CANCELLED
     runs, reports = spawner(stopper)
     await runs.execute(make_run(stopper))
     assert reports.stops == 1  # the worker was asked to stop
-    released = [m for m in reports.sent if isinstance(m, Released)]
-    assert len(released) == 1 and "StopTaskWorker: enough" in released[0].reason
+    assert not [m for m in reports.sent if isinstance(m, Released)]  # never handed back
+    (finished,) = [m for m in reports.sent if isinstance(m, Finished)]
+    assert finished.state is TaskRunState.CANCELLED
+    assert "StopTaskWorker (enough)" in (finished.message or "")
 
 
 async def test_limit_bounds_concurrency(autojump_clock: trio.testing.MockClock) -> None:

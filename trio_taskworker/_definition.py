@@ -21,11 +21,19 @@ from typing import Any, Generic, ParamSpec, Self, TypeVar
 
 import attrs
 
+from ._context import TaskRunContext
 from ._exceptions import ConfigurationError
 from ._models import TaskOptions, TaskRunCreate, option_values
+from ._policy import LocalOptions, split_options
 from ._serialization import dumps_payload
 
-__all__ = ["TaskDefinition", "evolve_options", "module_name_for_path"]
+__all__ = [
+    "TaskDefinition",
+    "evolve_local",
+    "evolve_options",
+    "module_name_for_path",
+    "unmapped",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -65,8 +73,31 @@ def evolve_options(options: TaskOptions, changes: dict[str, Any]) -> TaskOptions
     try:
         return attrs.evolve(options, **changes)
     except TypeError as exc:
-        known = ", ".join(option_values(options))
+        known = ", ".join([*option_values(options), *_LOCAL_NAMES])
         raise ConfigurationError(f"{exc}; the task options are: {known}") from None
+
+
+_LOCAL_NAMES = sorted(f.name for f in attrs.fields(LocalOptions) if f.name != "retry_delays")
+
+
+def evolve_local(
+    options: TaskOptions, local: LocalOptions, changes: dict[str, Any]
+) -> tuple[TaskOptions, LocalOptions]:
+    """Both kinds of options with ``changes`` (see :func:`split_options`)."""
+    wire, local_changes = split_options(changes)
+    return evolve_options(options, wire), attrs.evolve(local, **local_changes)
+
+
+@attrs.frozen
+class unmapped:
+    """Wrap an argument of ``Task.map`` to pass it whole to every run, not element-wise.
+
+    ``add.map([1, 2], unmapped([10, 20]))`` queues ``add(1, [10, 20])`` and
+    ``add(2, [10, 20])``. Strings, bytes and values that are not iterable are
+    passed whole without it.
+    """
+
+    value: Any
 
 
 class TaskDefinition(Generic[P, R]):
@@ -83,6 +114,7 @@ class TaskDefinition(Generic[P, R]):
         name: str | None = None,
         key: str | None = None,
         options: TaskOptions | None = None,
+        local: LocalOptions | None = None,
         **changes: Any,
     ) -> None:
         if not callable(fn):
@@ -90,19 +122,26 @@ class TaskDefinition(Generic[P, R]):
         self.fn = fn
         self.name: str = name or str(getattr(fn, "__name__", "task"))
         self.key: str = key or f"{_module_name(fn)}:{getattr(fn, '__qualname__', self.name)}"
-        self.options: TaskOptions = evolve_options(options or TaskOptions(), changes)
+        self.options: TaskOptions
+        #: The options that are functions or lists, kept in this process.
+        self.local: LocalOptions
+        self.options, self.local = evolve_local(
+            options or TaskOptions(), local or LocalOptions(), changes
+        )
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = inspect.signature(fn)
         functools.update_wrapper(self, fn)
 
     def with_options(self, **changes: Any) -> Self:
-        """A copy of this task whose runs carry these options instead (same key).
+        """A copy of this task with these options instead (same key).
 
-        Takes the fields of :class:`TaskOptions`; raises :class:`ConfigurationError`
-        for an unknown option or a bad value.
+        Takes the fields of :class:`TaskOptions` and the local options (see
+        :func:`task`); raises :class:`ConfigurationError` for an unknown
+        option or a bad value. ``name`` changes the display name.
         """
-        options = evolve_options(self.options, changes)
-        return type(self)(self.fn, name=self.name, key=self.key, options=options)
+        name = changes.pop("name", self.name)
+        options, local = evolve_local(self.options, self.local, changes)
+        return type(self)(self.fn, name=name, key=self.key, options=options, local=local)
 
     def __repr__(self) -> str:
         return f"<Task {self.name!r} key={self.key!r}>"
@@ -112,14 +151,20 @@ class TaskDefinition(Generic[P, R]):
 
     # --- building runs ------------------------------------------------------------
 
-    def _bind(
-        self, args: Sequence[Any], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def _bind(self, args: Sequence[Any], kwargs: dict[str, Any]) -> inspect.BoundArguments:
         try:
-            bound = self.signature.bind(*args, **kwargs)
+            return self.signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise TypeError(f"{self.name}(): {exc}") from None
-        return bound.args, bound.kwargs
+
+    def parameters_of(self, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's arguments by parameter name, defaults filled in.
+
+        Raises ``TypeError`` when they do not fit the signature.
+        """
+        bound = self._bind(args, kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
 
     def run_create(
         self,
@@ -137,30 +182,69 @@ class TaskDefinition(Generic[P, R]):
             not isinstance(scheduled_time, datetime.datetime) or scheduled_time.tzinfo is None
         ):
             raise ValueError("scheduled_time must be a timezone-aware datetime")
-        bound_args, bound_kwargs = self._bind(args, kwargs)
-        payload = dumps_payload((bound_args, bound_kwargs))
+        bound = self._bind(args, kwargs)
+        payload = dumps_payload((bound.args, bound.kwargs))
+        name = cache_key = None
+        local = self.local
+        if local.task_run_name is not None or local.cache_key_fn is not None:
+            parameters = self.parameters_of(args, kwargs)
+            name = local.run_name(parameters)
+            cache_key = self._cache_key(parameters)
         create = TaskRunCreate(
             task_key=self.key,
             task_name=self.name,
             scheduled_time=scheduled_time,
+            name=name,
+            cache_key=cache_key,
+            cache_expiration=None if cache_key is None else local.cache_expiration,
             **option_values(self.options),
         )
         return create, payload
 
+    def _cache_key(self, parameters: dict[str, Any]) -> str | None:
+        fn = self.local.cache_key_fn
+        if fn is None:
+            return None
+        key = fn(TaskRunContext(task=self, task_run=None, parameters=parameters), parameters)
+        if key is not None and not isinstance(key, str):
+            raise ConfigurationError(f"cache_key_fn returned {key!r}, not a string or None")
+        return key
+
     def map_creates(
-        self, iterables: tuple[Iterable[Any], ...], kw_iterables: dict[str, Iterable[Any]]
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> list[tuple[TaskRunCreate, bytes]]:
-        """:meth:`run_create` for each zipped element of the iterables (see ``Task.map``)."""
-        names = list(kw_iterables)
-        columns = [list(it) for it in iterables] + [list(kw_iterables[n]) for n in names]
-        if not columns:
-            raise ValueError("map() needs at least one iterable")
-        if len({len(c) for c in columns}) != 1:
-            raise ValueError(f"map() iterables differ in length: {[len(c) for c in columns]}")
-        npos = len(iterables)
+        """:meth:`run_create` for each zipped element of the mapped arguments (see ``Task.map``).
+
+        An iterable argument is mapped; one wrapped in :class:`unmapped`, a
+        string, bytes or a value that is not iterable goes whole to every run.
+        """
+        names = list(kwargs)
+        columns = [_column(value) for value in (*args, *kwargs.values())]
+        lengths = {len(c) for c in columns if c is not None}
+        if not lengths:
+            raise ValueError("map() needs at least one iterable argument to map over")
+        if len(lengths) != 1:
+            mapped = [len(c) for c in columns if c is not None]
+            raise ValueError(f"map() iterables differ in length: {mapped}")
+        (count,) = lengths
+        npos = len(args)
         calls = []
-        for row in zip(*columns, strict=True):
+        for i in range(count):
+            row = [_whole(value) if c is None else c[i] for value, c in zip(
+                (*args, *kwargs.values()), columns, strict=True
+            )]  # fmt: skip
             calls.append(
                 self.run_create(row[:npos], dict(zip(names, row[npos:], strict=True)), None)
             )
         return calls
+
+
+def _column(value: Any) -> list[Any] | None:
+    """A mapped argument's elements, or None when it goes whole to every run."""
+    if isinstance(value, unmapped | str | bytes | bytearray) or not isinstance(value, Iterable):
+        return None
+    return list(value)
+
+
+def _whole(value: Any) -> Any:
+    return value.value if isinstance(value, unmapped) else value

@@ -23,6 +23,7 @@ from ._states import TaskRunState
 __all__ = [
     "MAX_COUNT",
     "MAX_RUNS_PER_REQUEST",
+    "MAX_SECONDS",
     "MAX_WAIT_SECONDS",
     "OPTION_NAMES",
     "Cancel",
@@ -55,6 +56,9 @@ MAX_RUNS_PER_REQUEST = 10_000
 MAX_WAIT_SECONDS = 300.0
 #: The most ``retries`` or ``max_redeliveries`` a task may ask for (a 32-bit column).
 MAX_COUNT = 2**31 - 1
+#: The longest delay or timeout in seconds (about 100 years): a time this far
+#: ahead still fits a datetime after any arithmetic the server does with it.
+MAX_SECONDS = 100 * 365 * 24 * 3600.0
 
 
 # --- validators: each raises ConfigurationError naming the option ------------------
@@ -86,6 +90,10 @@ def _seconds(*, positive: bool, optional: bool) -> Any:
             raise ConfigurationError(f"{attribute.name} must be a finite number, got {value!r}")
         if value < 0 or (positive and value == 0):
             raise ConfigurationError(f"{attribute.name} must be {bound}, got {value!r}")
+        if value > MAX_SECONDS:
+            raise ConfigurationError(
+                f"{attribute.name} must be at most {MAX_SECONDS:.0f} s (100 years), got {value!r}"
+            )
 
     return check
 
@@ -198,6 +206,14 @@ class TaskRun(TaskOptions):
     result_ref: str | None = None
     error: ErrorInfo | None = None
     message: str | None = None
+    name: str | None = None
+    cache_key: str | None = None
+    cache_expiration: float | None = None
+
+
+def _optional_text(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ConfigurationError(f"{attribute.name} must be a string, got {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -205,7 +221,10 @@ class TaskRunCreate(TaskOptions):
     """One run to create, with its options. ``scheduled_time`` must carry a timezone.
 
     The parameters travel inline (``parameters``) or as a stored blob
-    (``parameters_ref``), never both.
+    (``parameters_ref``), never both. ``name`` is the run's display name.
+    With a ``cache_key``, the server completes the run at once with the
+    result of a COMPLETED run of the same task and key, if one ended less than
+    its ``cache_expiration`` seconds ago (None: it never expires).
     """
 
     task_key: str = attrs.field(validator=_non_empty)
@@ -213,6 +232,11 @@ class TaskRunCreate(TaskOptions):
     parameters: bytes | None = None
     parameters_ref: str | None = None
     scheduled_time: datetime.datetime | None = None
+    name: str | None = attrs.field(default=None, validator=_optional_text)
+    cache_key: str | None = attrs.field(default=None, validator=_optional_text)
+    cache_expiration: float | None = attrs.field(
+        default=None, converter=_to_float, validator=_seconds(positive=False, optional=True)
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.parameters is not None and self.parameters_ref is not None:
@@ -300,7 +324,14 @@ class Started:
 
 @attrs.frozen(kw_only=True)
 class Finished:
-    """The run ended on the worker: ``state`` is COMPLETED, FAILED or CANCELLED."""
+    """The run ended on the worker: ``state`` is COMPLETED, FAILED or CANCELLED.
+
+    For a FAILED run with retries left, the worker decides: ``retry=False``
+    ends it FAILED now (the task's ``retry_condition_fn`` said no), and
+    ``retry_delay_seconds`` is how long it waits before the next attempt
+    (None: the run's ``retry_delay_seconds`` option). ``message`` says why,
+    when the state alone does not.
+    """
 
     id: uuid.UUID
     attempt: int
@@ -308,6 +339,11 @@ class Finished:
     result: bytes | None = None
     result_ref: str | None = None
     error: ErrorInfo | None = None
+    message: str | None = None
+    retry: bool = True
+    retry_delay_seconds: float | None = attrs.field(
+        default=None, converter=_to_float, validator=_seconds(positive=False, optional=True)
+    )
 
 
 @attrs.frozen(kw_only=True)

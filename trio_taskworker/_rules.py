@@ -64,24 +64,33 @@ def on_report(
     """
     if isinstance(report, Started):
         return {"state": _S.RUNNING, "started_at": now}
-    if state is _S.CANCELLING or (isinstance(report, Finished) and report.state is _S.CANCELLED):
+    if state is _S.CANCELLING:
         # Whatever the worker says of a run the caller cancels, the cancel wins
         # (a sync task may return, or a stopping worker hand it back).
         return {"state": _S.CANCELLED, "finished_at": now, "lease_owner": None}
     if isinstance(report, Released):
         return {"state": _S.SCHEDULED, "lease_owner": None, "message": report.reason}
-    if report.state is _S.FAILED and retry_count < retries:
+    if report.state is _S.CANCELLED:
+        # The worker ended it (a task that raised StopTaskWorker): it says why.
+        changes: Changes = {"state": _S.CANCELLED, "finished_at": now, "lease_owner": None}
+        if report.message is not None:
+            changes["message"] = report.message
+        return changes
+    if report.state is _S.FAILED and retry_count < retries and report.retry:
+        delay = retry_delay_seconds
+        if report.retry_delay_seconds is not None:
+            delay = report.retry_delay_seconds
         return {
             "state": _S.SCHEDULED,
-            "scheduled_time": now + retry_delay_seconds,
+            "scheduled_time": now + delay,
             "retry_count": retry_count + 1,
             "lease_owner": None,
             "error": report.error,
-            "message": f"retry {retry_count + 1} of {retries} after a failure",
+            "message": f"retry {retry_count + 1} of {retries} after a failure, in {delay:g} s",
         }
     if report.state not in (_S.COMPLETED, _S.FAILED):
         raise IllegalTransition(state, report.state)
-    return {
+    changes = {
         "state": report.state,
         "finished_at": now,
         "lease_owner": None,
@@ -89,6 +98,9 @@ def on_report(
         "result_ref": report.result_ref,
         "error": report.error,
     }
+    if report.message is not None:
+        changes["message"] = report.message
+    return changes
 
 
 def on_lost_lease(

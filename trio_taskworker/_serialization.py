@@ -98,6 +98,12 @@ def _structure_int(value: object, _: type) -> int:
     return value
 
 
+def _structure_bool(value: object, _: type) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {type(value).__name__}")
+    return value
+
+
 def _structure_float(value: object, _: type) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise ValueError(f"expected a number, got {type(value).__name__}")
@@ -115,6 +121,7 @@ converter.register_structure_hook(str, _structure_str)
 converter.register_structure_hook(TaskRunState, lambda value, _: TaskRunState(value))
 converter.register_structure_hook(ReturnWhen, lambda value, _: ReturnWhen(value))
 converter.register_structure_hook(int, _structure_int)
+converter.register_structure_hook(bool, _structure_bool)
 
 
 def _structure_strings(value: object, _: type) -> tuple[str, ...]:

@@ -32,6 +32,7 @@ import contextlib
 import contextvars
 import datetime
 import functools
+import inspect
 import logging
 import math
 import traceback
@@ -44,6 +45,7 @@ import attrs
 import trio
 
 from ._client import TaskWorkerClient, fits_inline, load_payload, store_payload
+from ._context import TaskRunContext, run_context
 from ._definition import TaskDefinition
 from ._exceptions import (
     ConfigurationError,
@@ -54,6 +56,7 @@ from ._exceptions import (
     TaskRunTimedOut,
 )
 from ._models import Credit, ErrorInfo, Finished, Released, Started, TaskRun, WorkerMessage
+from ._policy import Hook, State
 from ._serialization import dumps_payload, loads_payload
 from ._states import TaskRunState
 
@@ -315,15 +318,25 @@ class Spawner:
             with entry.cancelled, entry.lost:
                 with trio.move_on_after(math.inf if timeout is None else timeout) as timer:
                     args, kwargs = await self._read_parameters(task, run)
-                    value = await self._invoke(task, args, kwargs)
+                    context = TaskRunContext(
+                        task=task, task_run=run, parameters=task.parameters_of(args, kwargs)
+                    )
+                    with run_context(context):
+                        value = await self._invoke(task, args, kwargs)
         except StopTaskWorker as exc:
             log.info("run %s raised StopTaskWorker: stopping the worker", run.id)
             self.request_stop()
-            return Released(id=run.id, attempt=run.attempt, reason=f"StopTaskWorker: {exc}")
+            # It ends here: handed back, it would stop every worker that took it.
+            return Finished(
+                id=run.id,
+                attempt=run.attempt,
+                state=TaskRunState.CANCELLED,
+                message=f"the task raised StopTaskWorker ({exc}): the worker stopped",
+            )
         except _Unreachable as exc:
             return _hand_back(run, str(exc))
         except Exception as exc:
-            return _failed(run, exc)
+            return await self._failure(task, run, exc)
         # Checked in this order also when a sync task returned after the cancel:
         # its value is dropped.
         if entry.cancelled.cancel_called:
@@ -335,7 +348,8 @@ class Spawner:
         # Past a stop's deadline, this raises Cancelled and the stop scope hands it back.
         await trio.lowlevel.checkpoint_if_cancelled()
         if timer.cancel_called:
-            return _failed(run, TaskRunTimedOut(f"the run exceeded its timeout of {timeout} s"))
+            timed_out = TaskRunTimedOut(f"the run exceeded its timeout of {timeout} s")
+            return await self._failure(task, run, timed_out)
         try:
             # The value is in: a stop's deadline no longer cuts the run short
             # (the upload of a large result is bounded by the client's timeouts).
@@ -344,8 +358,68 @@ class Spawner:
         except _Unreachable as exc:
             return _hand_back(run, str(exc))
         except Exception as exc:  # the result cannot be pickled, or the server refused it
-            return _failed(run, exc)
+            return await self._failure(task, run, exc)
+        state = State(type=TaskRunState.COMPLETED, value=value)
+        await self._run_hooks("on_completion", task.local.on_completion, task, run, state)
         return finished
+
+    async def _failure(
+        self, task: TaskDefinition[Any, Any], run: TaskRun, exc: Exception
+    ) -> Finished:
+        """The report for a failed attempt: whether and when to retry, and the hooks.
+
+        With retries left, the task's ``retry_condition_fn`` may refuse the
+        retry, and its retry delays (list, function, jitter) set the wait. A
+        run that fails for good runs the ``on_failure`` hooks first.
+        """
+        finished = _failed(run, exc)
+        state = State(type=TaskRunState.FAILED, message=str(exc), exception=exc)
+        if run.retry_count >= run.retries:
+            await self._run_hooks("on_failure", task.local.on_failure, task, run, state)
+            return finished
+        local = task.local
+        try:
+            retry = True
+            if local.retry_condition_fn is not None:
+                retry = bool(await _call_maybe_async(local.retry_condition_fn, task, run, state))
+            if retry:
+                delay = local.retry_delay(run.retry_count, run.retries, run.retry_delay_seconds)
+                return attrs.evolve(finished, retry_delay_seconds=delay)
+            reason = "not retried: retry_condition_fn returned False"
+        except Exception as error:
+            log.exception("run %s: deciding whether to retry failed", run.id)
+            reason = f"not retried: deciding whether to retry raised {error!r}"
+        await self._run_hooks("on_failure", local.on_failure, task, run, state)
+        return attrs.evolve(finished, retry=False, message=reason)
+
+    async def _run_hooks(
+        self,
+        kind: str,
+        hooks: tuple[Hook, ...],
+        task: TaskDefinition[Any, Any],
+        run: TaskRun,
+        state: State,
+    ) -> None:
+        """Run ``hooks(task, run, state)`` in order, before the run is reported.
+
+        A hook's error is logged and changes nothing. Hooks are shielded from
+        the caller's cancel and a lost connection (the run has ended), but a
+        stop's deadline cancels them, so a hook that hangs cannot hold a stop.
+        """
+        if not hooks:
+            return
+        ended = attrs.evolve(run, state=state.type)
+        with trio.CancelScope(shield=True), self._stoppable():
+            for hook in hooks:
+                try:
+                    if inspect.iscoroutinefunction(hook):
+                        await hook(task, ended, state)
+                    else:
+                        await trio.to_thread.run_sync(
+                            hook, task, ended, state, limiter=self._thread_limiter
+                        )
+                except Exception:
+                    log.exception("run %s: %s hook %r raised", run.id, kind, hook)
 
     async def _invoke(
         self, task: TaskDefinition[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -383,6 +457,13 @@ class Spawner:
             result=stored.inline,
             result_ref=stored.ref,
         )
+
+
+async def _call_maybe_async(fn: Callable[..., Any], *args: Any) -> Any:
+    value = fn(*args)
+    if inspect.isawaitable(value):
+        value = await value
+    return value
 
 
 class _Unreachable(Exception):

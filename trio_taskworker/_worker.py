@@ -20,17 +20,21 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import os
 import signal
+import socket
 import threading
 import uuid
-from types import FrameType
-from typing import Any
+from collections.abc import Awaitable, Generator
+from types import FrameType, TracebackType
+from typing import Any, Self
 
 import trio
 
 from ._client import TaskWorkerClient, api_url_from_env, bound_client, pooled_http
 from ._definition import TaskDefinition
 from ._exceptions import ConfigurationError
+from ._guard import in_trio_run
 from ._models import Released, TaskRun, WorkerMessage
 from ._spawner import Spawner, should_try_to_read_parameters
 from ._states import TaskRunState
@@ -53,6 +57,9 @@ class TaskWorker:
     ``connect`` opens the connection to the server (default: a websocket to
     ``{api_url}/subscribe``); pass another factory to run over another
     transport, as tests do with an in-process one.
+
+    ``async with TaskWorker(...) as worker:`` starts it in the background of
+    the enclosing trio task and stops it gracefully when the block exits.
     """
 
     def __init__(
@@ -85,7 +92,9 @@ class TaskWorker:
         self.api_url = (api_url or api_url_from_env()).rstrip("/")
         self.status_server_port = status_server_port
         self.handle_signals = handle_signals
-        self.client_id = f"worker-{uuid.uuid4().hex[:12]}"
+        #: Names this worker in the server's logs: host, process id and a suffix
+        #: that tells apart several workers in one process.
+        self.client_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._spawner = Spawner(
             by_key, limit, report=self._report, request_stop=self._stop_from_a_run
         )
@@ -103,6 +112,7 @@ class TaskWorker:
         self._started_at: datetime.datetime | None = None
         self._stopped = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
+        self._background: contextlib.AsyncExitStack | None = None
 
     # --- public state ---------------------------------------------------------------
 
@@ -110,6 +120,29 @@ class TaskWorker:
     def limit(self) -> int | None:
         """The most runs at once, or None for no limit."""
         return self._spawner.limit
+
+    @property
+    def task_keys(self) -> set[str]:
+        """The keys of the tasks this worker serves."""
+        return set(self.tasks)
+
+    @property
+    def started_at(self) -> datetime.datetime | None:
+        """When :meth:`start` was last called (UTC), or None if never."""
+        return self._started_at
+
+    @property
+    def in_flight_task_runs(self) -> dict[str, dict[uuid.UUID, datetime.datetime]]:
+        """The runs executing now: per task key, each run's id and when it started (UTC)."""
+        runs: dict[str, dict[uuid.UUID, datetime.datetime]] = {key: {} for key in self.tasks}
+        for entry in self._spawner.in_flight_runs():
+            runs.setdefault(entry.run.task_key, {})[entry.run.id] = entry.started_at
+        return runs
+
+    @property
+    def finished_task_runs(self) -> dict[str, int]:
+        """How many runs have ended here, per task key (whatever their outcome)."""
+        return {key: self._spawner.finished[key] for key in self.tasks}
 
     @property
     def started(self) -> bool:
@@ -133,11 +166,11 @@ class TaskWorker:
 
     def status(self) -> dict[str, Any]:
         """The snapshot served at ``GET /status``."""
-        in_flight: dict[str, list[dict[str, str]]] = {}
-        for entry in self._spawner.in_flight_runs():
-            in_flight.setdefault(entry.run.task_key, []).append(
-                {"id": str(entry.run.id), "started_at": entry.started_at.isoformat()}
-            )
+        in_flight = {
+            key: [{"id": str(i), "started_at": at.isoformat()} for i, at in runs.items()]
+            for key, runs in self.in_flight_task_runs.items()
+            if runs
+        }
         return {
             "client_id": self.client_id,
             "started_at": None if self._started_at is None else self._started_at.isoformat(),
@@ -147,11 +180,37 @@ class TaskWorker:
             "current": self.current_tasks,
             "available": self.available_tasks,
             "tasks": sorted(self.tasks),
-            "finished": dict(self._spawner.finished),
+            "finished": {key: n for key, n in self.finished_task_runs.items() if n},
             "in_flight": in_flight,
         }
 
     # --- lifecycle ------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        """Start the worker in the background; return once it is subscribed."""
+        stack = contextlib.AsyncExitStack()
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        try:
+            await nursery.start(self.start)
+        except BaseException:
+            await stack.__aexit__(None, None, None)
+            raise
+        self._background = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop gracefully (see :meth:`start`) and wait until it has stopped."""
+        stack, self._background = self._background, None
+        assert stack is not None, "__aexit__ without __aenter__"
+        self._begin_stop(self.shutdown_timeout)
+        # The nursery is not told of an error in the block, which would cancel
+        # the runs at once: the stop stays graceful, and the error then goes on.
+        await stack.__aexit__(None, None, None)
 
     async def start(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -287,18 +346,26 @@ class TaskWorker:
         return report.state
 
 
-async def serve(
+def serve(
     *tasks: TaskDefinition[Any, Any],
     limit: int | None = 10,
     status_server_port: int | None = None,
+    handle_signals: bool = True,
     shutdown_timeout: float = 30.0,
     api_url: str | None = None,
-) -> None:
-    """Serve ``tasks`` with a :class:`TaskWorker` until it is stopped; then return.
+) -> Awaitable[None]:
+    """Serve ``tasks`` with a :class:`TaskWorker` until it is stopped.
+
+    Inside a trio run, ``await serve(...)``. Called from plain synchronous
+    code (a script's ``if __name__ == "__main__":``), it runs trio itself and
+    blocks until the worker stops, as Prefect's ``serve`` does.
 
     With ``status_server_port`` it also serves ``GET /status`` on 127.0.0.1.
     SIGTERM or SIGINT stop it gracefully (a second signal at once), and so
-    does :class:`StopTaskWorker` raised by a task.
+    does :class:`StopTaskWorker` raised by a task. ``handle_signals=False``
+    installs no signal handler, for an application that handles signals
+    itself and stops the worker by cancelling it or through its own code.
+    Raises :class:`ConfigurationError` for bad arguments before anything runs.
     """
     worker = TaskWorker(
         *tasks,
@@ -306,5 +373,17 @@ async def serve(
         shutdown_timeout=shutdown_timeout,
         api_url=api_url,
         status_server_port=status_server_port,
+        handle_signals=handle_signals,
     )
-    await worker.start()
+    if in_trio_run():
+        return worker.start()
+    trio.run(worker.start)
+    return _Served()
+
+
+class _Served:
+    """What :func:`serve` returns once it has run trio itself: awaiting it does nothing."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield  # a generator that ends at once

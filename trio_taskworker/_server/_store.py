@@ -67,6 +67,8 @@ class Cursor(Protocol):
     def executemany(self, sql: str, params: Iterable[Sequence[Any]], /) -> Any: ...
     def fetchall(self) -> list[Any]: ...
     def fetchone(self) -> Any: ...
+    @property
+    def description(self) -> Any: ...
 
 
 class Runner(Protocol):
@@ -129,6 +131,9 @@ class _Row(NamedTuple):
     message: str | None
     lease_owner: str | None
     seq: int
+    name: str | None
+    cache_key: str | None
+    cache_expiration: float | None
 
 
 _COLUMNS = ", ".join(_Row._fields)
@@ -140,7 +145,7 @@ _LIGHT_COLUMNS = ", ".join(
 # The option columns come from the one declaration of the options.
 _INSERT_NAMES = (
     "id", "task_key", "task_name", "state", "created_at", "scheduled_time", "parameters",
-    "parameters_ref", "seq", *OPTION_NAMES,
+    "parameters_ref", "seq", "name", "cache_key", "cache_expiration", *OPTION_NAMES,
 )  # fmt: skip
 _INSERT = (
     f"INSERT INTO task_runs ({', '.join(_INSERT_NAMES)}, attempt, retry_count, redeliveries)"
@@ -172,18 +177,32 @@ SCHEMA = (
         error TEXT,
         message TEXT,
         lease_owner VARCHAR(64),
-        seq BIGINT NOT NULL
+        seq BIGINT NOT NULL,
+        name TEXT,
+        cache_key TEXT,
+        cache_expiration DOUBLE PRECISION
     )""",
     "CREATE INDEX IF NOT EXISTS ix_task_runs_queue"
     " ON task_runs (state, task_key, scheduled_time, seq)",
     "CREATE INDEX IF NOT EXISTS ix_task_runs_lease ON task_runs (lease_owner)",
     "CREATE INDEX IF NOT EXISTS ix_task_runs_seq ON task_runs (seq)",
+    "CREATE INDEX IF NOT EXISTS ix_task_runs_cache ON task_runs (task_key, cache_key)"
+    " WHERE cache_key IS NOT NULL",
     """CREATE TABLE IF NOT EXISTS blobs (
         id VARCHAR(36) PRIMARY KEY,
         data BYTEA NOT NULL,
         created_at DOUBLE PRECISION NOT NULL
     )""",
 )
+
+
+#: Columns added since the first release, with their types: a data directory
+#: made by an older version gains them on start (before the indexes are built).
+ADDED_COLUMNS = {
+    "name": "TEXT",
+    "cache_key": "TEXT",
+    "cache_expiration": "DOUBLE PRECISION",
+}
 
 
 def _in(values: Sequence[Any]) -> str:
@@ -239,6 +258,9 @@ def _row_to_run(row: _Row) -> TaskRun:
         result_ref=row.result_ref,
         error=None if error is None else converter.structure(json.loads(error), ErrorInfo),
         message=row.message,
+        name=row.name,
+        cache_key=row.cache_key,
+        cache_expiration=row.cache_expiration,
         **options,
     )
 
@@ -275,7 +297,14 @@ class Store:
         return sql if self._placeholder == "?" else sql.replace("?", self._placeholder)
 
     def _init_schema(self, cur: Cursor) -> None:
-        for statement in SCHEMA:
+        table, *rest = SCHEMA
+        cur.execute(table)
+        cur.execute("SELECT * FROM task_runs LIMIT 0")
+        present = {column[0] for column in cur.description}
+        for name, kind in ADDED_COLUMNS.items():
+            if name not in present:
+                cur.execute(f"ALTER TABLE task_runs ADD COLUMN {name} {kind}")
+        for statement in rest:
             cur.execute(statement)
         cur.execute("SELECT MAX(seq) FROM task_runs")
         self._seq = int(cur.fetchone()[0] or 0)
@@ -292,13 +321,16 @@ class Store:
     async def create_runs(self, creates: Sequence[TaskRunCreate], now: float) -> list[uuid.UUID]:
         """Create all runs in one transaction; return their ids in order.
 
-        Raises :class:`StoreError`, creating none, if a ``parameters_ref`` names
-        no stored blob.
+        A run with a ``cache_key`` that matches a COMPLETED run of its task
+        whose cache has not expired is created COMPLETED, with that run's
+        result and a message naming it. Raises :class:`StoreError`, creating
+        none, if a ``parameters_ref`` names no stored blob.
         """
 
         def create(cur: Cursor) -> list[uuid.UUID] | _Refused:
             ids = []
             rows = []
+            cached: list[tuple[str, _Row]] = []
             for c in creates:
                 if c.parameters_ref is not None and self._get_blob(cur, c.parameters_ref) is None:
                     return _Refused(
@@ -312,13 +344,44 @@ class Store:
                     (
                         str(run_id), c.task_key, c.task_name or c.task_key,
                         TaskRunState.SCHEDULED.value, now, scheduled, c.parameters,
-                        c.parameters_ref, self._seq, *_option_columns(c),
+                        c.parameters_ref, self._seq, c.name, c.cache_key, c.cache_expiration,
+                        *_option_columns(c),
                     )
                 )  # fmt: skip
+                if c.cache_key is not None:
+                    hit = self._cache_hit(cur, c.task_key, c.cache_key, now)
+                    if hit is not None:
+                        cached.append((str(run_id), hit))
             cur.executemany(self._q(_INSERT), rows)
+            for cached_id, hit in cached:
+                self._update(
+                    cur,
+                    cached_id,
+                    {
+                        "state": TaskRunState.COMPLETED.value,
+                        "finished_at": now,
+                        "result": hit.result,
+                        "result_ref": hit.result_ref,
+                        "message": f"cached: the result of run {hit.id}",
+                    },
+                )
             return ids
 
         return await self._transact(create)
+
+    def _cache_hit(self, cur: Cursor, task_key: str, cache_key: str, now: float) -> _Row | None:
+        """The newest COMPLETED run of ``task_key`` with ``cache_key`` that has not expired."""
+        cur.execute(
+            self._q(
+                f"SELECT {_COLUMNS} FROM task_runs WHERE task_key = ? AND cache_key = ?"
+                " AND state = 'COMPLETED'"
+                " AND (cache_expiration IS NULL OR finished_at + cache_expiration > ?)"
+                " ORDER BY finished_at DESC LIMIT 1"
+            ),
+            (task_key, cache_key, now),
+        )
+        raw = cur.fetchone()
+        return None if raw is None else _Row._make(raw)
 
     async def read_runs(self, ids: Sequence[uuid.UUID]) -> list[TaskRun]:
         """Return the runs that exist among ``ids`` (any order), with payloads."""
