@@ -30,6 +30,7 @@ import httpx
 import trio
 
 from ._exceptions import (
+    RemoteTraceback,
     ServerError,
     ServerUnavailable,
     TaskRunCancelled,
@@ -37,7 +38,15 @@ from ._exceptions import (
     TaskRunFailed,
     TaskRunNotFound,
 )
-from ._models import CreatedRuns, RunList, TaskRun, TaskRunCreate, TaskRunCreateBatch, WaitRequest
+from ._models import (
+    CreatedRuns,
+    ReturnWhen,
+    RunList,
+    TaskRun,
+    TaskRunCreate,
+    TaskRunCreateBatch,
+    WaitRequest,
+)
 from ._serialization import from_json, loads_payload, to_json
 from ._states import TaskRunState
 
@@ -205,29 +214,75 @@ def _op_wait_run(run_id: uuid.UUID, timeout: float | None, clock: Clock) -> Oper
             return run
 
 
-def _op_wait_runs(
-    ids: Sequence[uuid.UUID], timeout: float | None, clock: Clock
+#: Ids per ``POST /runs/wait`` request, so each body and answer stays a sensible size.
+_WAIT_CHUNK = 1000
+#: Waiting for the first of more runs than one request watches, how long one
+#: long-poll lasts before the other chunks are looked at again.
+_SWEEP_SECONDS = 1.0
+
+
+def _op_post_wait(
+    ids: Sequence[uuid.UUID], wait: float, return_when: ReturnWhen
 ) -> Operation[list[TaskRun]]:
-    """Wait until every run in ``ids`` has ended; return them in the order given."""
+    """One ``POST /runs/wait``: the runs among ``ids`` that have ended when it answers."""
+    response = yield _Call(
+        method="POST",
+        path="/runs/wait",
+        content=to_json(WaitRequest(ids=tuple(ids), timeout=wait, return_when=return_when)),
+        read_timeout=wait + _CONNECT_TIMEOUT,
+    )
+    _raise_for_status(response)
+    return list(from_json(response.content, RunList).runs)
+
+
+def _finish_order(run: TaskRun) -> tuple[bool, float]:
+    return (run.finished_at is None, run.finished_at.timestamp() if run.finished_at else 0.0)
+
+
+def _op_wait_ended(
+    ids: Sequence[uuid.UUID], timeout: float | None, clock: Clock, return_when: ReturnWhen
+) -> Operation[list[TaskRun]]:
+    """Wait until every run in ``ids`` has ended (``ALL_ENDED``) or one has
+    (``FIRST_ENDED``), or until ``timeout``; return the runs that have ended by
+    then, in the order they ended. None may have, when the time is up.
+    """
     deadline = None if timeout is None else clock() + timeout
-    done: dict[uuid.UUID, TaskRun] = {}
+    ended: dict[uuid.UUID, TaskRun] = {}
     pending = list(dict.fromkeys(ids))
     while pending:
         wait = _remaining(deadline, clock)
-        # Chunks keep each request body and answer a sensible size.
-        chunk = tuple(pending[:1000])
-        response = yield _Call(
-            method="POST",
-            path="/runs/wait",
-            content=to_json(WaitRequest(ids=chunk, timeout=wait)),
-            read_timeout=wait + _CONNECT_TIMEOUT,
-        )
-        _raise_for_status(response)
-        for run in from_json(response.content, RunList).runs:
-            done[run.id] = run
-        pending = [i for i in pending if i not in done]
-        if pending and deadline is not None and clock() >= deadline:
-            raise TimeoutError(f"{len(pending)} of {len(ids)} runs had not ended in time")
+        first, rest = pending[:_WAIT_CHUNK], pending[_WAIT_CHUNK:]
+        runs: list[TaskRun] = []
+        if return_when is ReturnWhen.FIRST_ENDED and rest:
+            # A request watches one chunk. Look at the others without waiting,
+            # then long-poll the first only briefly, so that an end in any chunk
+            # is seen within about _SWEEP_SECONDS.
+            for start in range(0, len(rest), _WAIT_CHUNK):
+                chunk = rest[start : start + _WAIT_CHUNK]
+                runs += yield from _op_post_wait(chunk, 0.0, return_when)
+            wait = 0.0 if runs else min(wait, _SWEEP_SECONDS)
+        runs += yield from _op_post_wait(first, wait, return_when)
+        ended.update((run.id, run) for run in runs)
+        pending = [i for i in pending if i not in ended]
+        if return_when is ReturnWhen.FIRST_ENDED and ended:
+            break
+        if deadline is not None and clock() >= deadline:
+            break
+    return sorted(ended.values(), key=_finish_order)
+
+
+def _op_wait_runs(
+    ids: Sequence[uuid.UUID], timeout: float | None, clock: Clock
+) -> Operation[list[TaskRun]]:
+    """Wait until every run in ``ids`` has ended; return them in the order given.
+
+    Raises ``TimeoutError`` if some have not ended after ``timeout`` seconds.
+    """
+    runs = yield from _op_wait_ended(ids, timeout, clock, ReturnWhen.ALL_ENDED)
+    done = {run.id: run for run in runs}
+    missing = len(set(ids) - done.keys())
+    if missing:
+        raise TimeoutError(f"{missing} of {len(ids)} runs had not ended in time")
     return [done[i] for i in ids]
 
 
@@ -253,14 +308,19 @@ def _op_result(run: TaskRun) -> Operation[Any]:
                 exc = loads_payload(data)
             except Exception:
                 exc = None
-        if isinstance(exc, BaseException):
-            raise exc
         error = run.error
-        raise TaskRunFailed(
-            error.type if error else "UnknownError",
-            error.message if error else (run.message or "the run failed"),
-            error.traceback if error else "",
-        )
+        # The worker-side frames, printed below "The above exception was the
+        # direct cause", as concurrent.futures does for a process pool.
+        cause = RemoteTraceback(error.traceback) if error and error.traceback else None
+        if not isinstance(exc, BaseException):
+            exc = TaskRunFailed(
+                error.type if error else "UnknownError",
+                error.message if error else (run.message or "the run failed"),
+                error.traceback if error else "",
+            )
+        if cause is None:
+            raise exc
+        raise exc from cause
     if run.state is TaskRunState.CANCELLED:
         raise TaskRunCancelled(f"run {run.id} was cancelled" + _suffix(run.message))
     if run.state is TaskRunState.CRASHED:
@@ -351,6 +411,21 @@ class TaskWorkerClient:
     ) -> list[TaskRun]:
         """Wait for all of ``ids`` to end; raise ``TimeoutError`` after ``timeout``."""
         return await self._drive(_op_wait_runs(ids, timeout, trio.current_time))
+
+    async def wait_ended(
+        self,
+        ids: Sequence[uuid.UUID],
+        timeout: float | None = None,
+        *,
+        return_when: ReturnWhen = ReturnWhen.FIRST_ENDED,
+    ) -> list[TaskRun]:
+        """Wait until one of ``ids`` has ended (or all, with ``ReturnWhen.ALL_ENDED``).
+
+        Returns the runs among ``ids`` that have ended by then, in the order
+        they ended. After ``timeout`` seconds it returns what has ended, which
+        may be nothing; it does not raise ``TimeoutError``.
+        """
+        return await self._drive(_op_wait_ended(ids, timeout, trio.current_time, return_when))
 
     async def cancel_run(self, run_id: uuid.UUID) -> TaskRun:
         """Cancel a run (see :meth:`TaskRunFuture.cancel`)."""
@@ -565,6 +640,16 @@ class SyncClient:
     def wait_runs(self, ids: Sequence[uuid.UUID], timeout: float | None = None) -> list[TaskRun]:
         """See :meth:`TaskWorkerClient.wait_runs`."""
         return self._drive(_op_wait_runs(ids, timeout, time.monotonic))
+
+    def wait_ended(
+        self,
+        ids: Sequence[uuid.UUID],
+        timeout: float | None = None,
+        *,
+        return_when: ReturnWhen = ReturnWhen.FIRST_ENDED,
+    ) -> list[TaskRun]:
+        """See :meth:`TaskWorkerClient.wait_ended`."""
+        return self._drive(_op_wait_ended(ids, timeout, time.monotonic, return_when))
 
     def cancel_run(self, run_id: uuid.UUID) -> TaskRun:
         """See :meth:`TaskWorkerClient.cancel_run`."""

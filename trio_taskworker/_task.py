@@ -15,6 +15,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 from ._client import client_for, sync_client
 from ._definition import TaskDefinition, evolve_options
 from ._future import TaskRunFuture, TaskRunFutureList
+from ._guard import needs_trio
 from ._models import TaskOptions
 
 __all__ = ["Task", "task"]
@@ -28,10 +29,13 @@ class Task(TaskDefinition[P, R]):
 
     Build one with :func:`task`. ``task(*args, **kwargs)`` calls the function
     directly (an async task returns its coroutine), and nothing is queued.
+    The async submitters raise ``RuntimeError`` at once outside a trio run,
+    naming their ``*_sync`` twin.
     """
 
     # --- submitting (async) -------------------------------------------------------
 
+    @needs_trio("delay_sync")
     async def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskRunFuture[R]:
         """Queue one run of this task with these arguments.
 
@@ -42,6 +46,7 @@ class Task(TaskDefinition[P, R]):
         """
         return await self.apply_async(args=args, kwargs=kwargs)
 
+    @needs_trio("apply_sync")
     async def apply_async(
         self,
         args: Sequence[Any] = (),
@@ -55,6 +60,7 @@ class Task(TaskDefinition[P, R]):
         (run_id,) = await client.submit([(create, payload)])
         return TaskRunFuture(run_id, client.api_url)
 
+    @needs_trio("map_sync")
     async def map(
         self, *iterables: Iterable[Any], **kw_iterables: Iterable[Any]
     ) -> TaskRunFutureList[R]:
