@@ -40,6 +40,9 @@ __all__ = [
 ]
 
 R = TypeVar("R")
+# A future only hands its value out, so a future of int is a future of object,
+# and futures of different tasks can be waited on together.
+R_co = TypeVar("R_co", covariant=True)
 
 #: :func:`wait` returns once any run has ended.
 FIRST_COMPLETED: Final = "FIRST_COMPLETED"
@@ -60,7 +63,7 @@ _ON_THE_WIRE: dict[str, ReturnWhen] = {
 
 
 @attrs.frozen
-class TaskRunFuture(Generic[R]):
+class TaskRunFuture(Generic[R_co]):
     """A handle on one run: its id and the server it was submitted to.
 
     It holds no connection, so it can be stored, pickled, and awaited in
@@ -85,7 +88,7 @@ class TaskRunFuture(Generic[R]):
         return await client_for(self.api_url).wait_run(self.task_run_id, timeout)
 
     @needs_trio("result_sync")
-    async def result(self, timeout: float | None = None) -> R:
+    async def result(self, timeout: float | None = None) -> R_co:
         """Wait for the run to end and return the task's return value.
 
         Raises the task's own exception (same type and message) when the run
@@ -97,7 +100,7 @@ class TaskRunFuture(Generic[R]):
         """
         client = client_for(self.api_url)
         run = await client.wait_run(self.task_run_id, timeout)
-        value: R = await client.load_result(run)
+        value: R_co = await client.load_result(run)
         return value
 
     @needs_trio("cancel_sync")
@@ -122,11 +125,11 @@ class TaskRunFuture(Generic[R]):
         """:meth:`wait` for plain synchronous code (no trio needed)."""
         return sync_client(self.api_url).wait_run(self.task_run_id, timeout)
 
-    def result_sync(self, timeout: float | None = None) -> R:
+    def result_sync(self, timeout: float | None = None) -> R_co:
         """:meth:`result` for plain synchronous code (no trio needed)."""
         client = sync_client(self.api_url)
         run = client.wait_run(self.task_run_id, timeout)
-        value: R = client.load_result(run)
+        value: R_co = client.load_result(run)
         return value
 
 
