@@ -292,3 +292,13 @@ def test_a_user_gets_the_fixture_from_the_installed_package(pytester: pytest.Pyt
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-v")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*test_retry_in_an_hour PASSED*"])
+
+
+def test_the_plugin_leaves_sessions_without_pytest_trio_alone(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_plain="def test_plain():\n    assert True\n")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "no:trio", "-W", "error"
+    )
+    result.assert_outcomes(passed=1)
+    listed = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:trio", "--fixtures")
+    listed.stdout.fnmatch_lines(["task_cluster -- *trio_taskworker*pytest_plugin.py*"])

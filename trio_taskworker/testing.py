@@ -152,9 +152,11 @@ class InProcessServer:
     that calls the server's HTTP handlers directly.
     """
 
+    #: Where the dispatcher and each connection's handler run.
     nursery: trio.Nursery
+    #: What the handlers share: the store, the dispatcher, the waiters.
     state: AppState
-    _cuts: list[trio.CancelScope] = attrs.field(factory=list)
+    _cuts: list[trio.CancelScope] = attrs.field(init=False, factory=list)
 
     @classmethod
     async def start(
@@ -241,8 +243,8 @@ class InProcessServer:
 class TaskCluster:
     """An in-memory server with its workers, made by :func:`open_test_cluster`.
 
-    Inside the block, ``delay``/``apply_async``/``map`` and every
-    ``TaskRunFuture`` method go to this cluster through :attr:`client`.
+    Inside the block, ``delay``/``apply_async``/``map`` and the async
+    ``TaskRunFuture`` methods go to this cluster through :attr:`client`.
     """
 
     #: The in-process server (its ``state`` holds the store and dispatcher).
