@@ -13,10 +13,11 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar, overload
 
 from ._client import client_for, sync_client
-from ._definition import TaskDefinition, evolve_options
+from ._definition import TaskDefinition, evolve_local
 from ._future import TaskRunFuture, TaskRunFutureList
 from ._guard import needs_trio
 from ._models import TaskOptions
+from ._policy import LocalOptions
 
 __all__ = ["Task", "task"]
 
@@ -138,9 +139,9 @@ def task(
     if fn is not None:
         return Task(fn, name=name, key=key, **options)
     # Checked now, so a bad option fails where the decorator is written.
-    checked = evolve_options(TaskOptions(), options)
+    checked, local = evolve_local(TaskOptions(), LocalOptions(), options)
 
     def decorate(f: Callable[P, R]) -> Task[P, R]:
-        return Task(f, name=name, key=key, options=checked)
+        return Task(f, name=name, key=key, options=checked, local=local)
 
     return decorate

@@ -1,0 +1,172 @@
+"""End to end, Prefect parity: a real server process, real worker processes
+(started with the CLI or as user scripts), a real SQLite file, 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+
+from trio_taskworker import TaskRunState, open_client
+
+from . import e2e_parity_tasks as t
+from .conftest import TESTS, Proc, start_server, start_worker
+from .helpers import wait_until
+
+pytestmark = pytest.mark.e2e
+
+TASKS = "tests.e2e_parity_tasks"
+
+
+@pytest.fixture
+def server_proc(tmp_path: Path, procs: list[Proc]) -> Proc:
+    proc = start_server(tmp_path / "data")
+    procs.append(proc)
+    return proc
+
+
+def worker(server: Proc, procs: list[Proc], tmp_path: Path, *args: str) -> Proc:
+    proc = start_worker(server.url, *args, log=tmp_path / f"worker{len(procs)}.log")
+    procs.append(proc)
+    return proc
+
+
+def script(server: Proc, procs: list[Proc], tmp_path: Path, name: str, body: str) -> Proc:
+    """Run a user's script (in the repo root, so ``tests.*`` imports) against the server."""
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    log = tmp_path / f"{name}.log"
+    env = dict(os.environ, TRIO_TASKWORKER_API_URL=server.url, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(TESTS.parent)
+    with open(log, "w") as out:
+        popen = subprocess.Popen(
+            [sys.executable, str(path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=TESTS.parent,
+        )
+    proc = Proc(popen, log, server.url)
+    procs.append(proc)
+    return proc
+
+
+async def test_stop_task_worker_ends_the_run_and_spares_the_next_worker(
+    server_proc: Proc, procs: list[Proc], tmp_path: Path
+) -> None:
+    first = worker(server_proc, procs, tmp_path, f"{TASKS}:quitter")
+    async with open_client(server_proc.url):
+        fut = await t.quitter.delay()
+        run = await fut.wait(timeout=30)
+        assert first.wait(30) == 0  # the worker stopped by itself, gracefully
+        assert run.state is TaskRunState.CANCELLED and run.attempt == 1
+        assert "StopTaskWorker (maintenance)" in (run.message or "")
+        # A second worker for the same task is not taken down by the same run.
+        second = worker(server_proc, procs, tmp_path, f"{TASKS}:quitter")
+        await wait_until(lambda: "serving" in second.output())
+        assert (await fut.wait(timeout=1)).attempt == 1
+        assert second.popen.poll() is None
+
+
+async def test_run_context_run_name_cache_and_retry_policy_in_real_processes(
+    server_proc: Proc, procs: list[Proc], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hook_file = tmp_path / "hook.txt"
+    monkeypatch.setenv("PARITY_HOOK_FILE", str(hook_file))
+    worker(server_proc, procs, tmp_path, f"{TASKS}:whoami", f"{TASKS}:cached_square",
+           f"{TASKS}:flaky")  # fmt: skip
+    counter = str(tmp_path / "calls")
+    async with open_client(server_proc.url):
+        fut = await t.whoami.delay("a")
+        seen = await fut.result(timeout=30)
+        assert seen["id"] == str(fut.task_run_id) and seen["attempt"] == 1
+        assert seen["parameters"] == {"label": "a", "extra": 3}
+        assert (await fut.wait()).name == "whoami-a"
+
+        first = await t.cached_square.delay(9, counter)
+        assert await first.result(timeout=30) == 81
+        again = await t.cached_square.delay(9, counter)
+        cached = await again.wait(timeout=0)  # complete on arrival: no worker involved
+        assert cached.state is TaskRunState.COMPLETED and cached.attempt == 0
+        assert cached.message == f"cached: the result of run {first.task_run_id}"
+        assert await again.result() == 81
+        assert (await trio.Path(counter).read_text()) == "1"  # executed once
+
+        failing = await t.flaky.delay(str(tmp_path / "flaky_calls"))
+        with pytest.raises(ValueError, match="call 3: not worth retrying"):
+            await failing.result(timeout=30)
+        run = await failing.wait()
+        # Two connection errors were retried; the ValueError was not.
+        assert (run.state, run.retry_count, run.attempt) == (TaskRunState.FAILED, 2, 3)
+        assert run.message == "not retried: retry_condition_fn returned False"
+        assert hook_file.read_text() == (
+            f"{run.id} FAILED ValueError('call 3: not worth retrying')"
+        )
+
+
+async def test_serve_called_from_a_plain_script_runs_trio_itself(
+    server_proc: Proc, procs: list[Proc], tmp_path: Path
+) -> None:
+    proc = script(server_proc, procs, tmp_path, "serve_script.py", f"""
+        from trio_taskworker import serve
+        from {TASKS} import whoami
+
+        if __name__ == "__main__":
+            serve(whoami, limit=2)  # no trio.run: it blocks, as Prefect's does
+            print("serve returned", flush=True)
+    """)  # fmt: skip
+    async with open_client(server_proc.url):
+        seen = await (await t.whoami.delay("from-a-script")).result(timeout=30)
+    assert seen["pid"] == proc.pid
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert "serve returned" in proc.output()
+
+
+async def test_serve_without_signal_handling_leaves_sigterm_to_the_app(
+    server_proc: Proc, procs: list[Proc], tmp_path: Path
+) -> None:
+    proc = script(server_proc, procs, tmp_path, "app.py", f"""
+        import functools
+        import signal
+
+        import trio
+
+        from trio_taskworker import serve
+        from {TASKS} import whoami
+
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                    nursery.start_soon(functools.partial(serve, whoami, handle_signals=False))
+                    count = 0
+                    async for _ in signals:
+                        count += 1
+                        print(f"app got SIGTERM {{count}}", flush=True)
+                        if count == 2:
+                            break
+                nursery.cancel_scope.cancel()  # the app decides when its worker goes
+            print("app exited", flush=True)
+
+
+        trio.run(main)
+    """)  # fmt: skip
+    async with open_client(server_proc.url):
+        seen = await (await t.whoami.delay("before")).result(timeout=30)
+        assert seen["pid"] == proc.pid
+        proc.signal(signal.SIGTERM)
+        await wait_until(lambda: "app got SIGTERM 1" in proc.output())
+        # The app got the signal, and its worker still serves.
+        seen = await (await t.whoami.delay("after")).result(timeout=30)
+        assert seen["pid"] == proc.pid
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert "app exited" in proc.output()
