@@ -31,7 +31,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package."""
-    session.install("-e", ".", *TYPES)
+    session.install("-e", ".[test]", *TYPES)  # the pytest plugin module imports pytest
     session.run("mypy")
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -126,8 +127,8 @@ async def test_limit_is_respected(server_proc: Proc, procs: list[Proc], tmp_path
 
 async def test_status_server(server_proc: Proc, procs: list[Proc], tmp_path: Path) -> None:
     port = free_port()
-    worker(server_proc, procs, tmp_path, f"{TASKS_FILE}:wait_for_file", "--limit", "3",
-           "--status-server-port", str(port))  # fmt: skip
+    worker_proc = worker(server_proc, procs, tmp_path, f"{TASKS_FILE}:wait_for_file", "--limit",
+                         "3", "--status-server-port", str(port))  # fmt: skip
     gate = tmp_path / "gate"
     async with open_client(server_proc.url), httpx.AsyncClient() as http:
         fut = await t.wait_for_file.delay(str(gate))
@@ -147,7 +148,8 @@ async def test_status_server(server_proc: Proc, procs: list[Proc], tmp_path: Pat
         assert body["tasks"] == [t.wait_for_file.key]
         in_flight = body["in_flight"][t.wait_for_file.key]  # type: ignore[index]
         assert in_flight[0]["id"] == str(fut.task_run_id)
-        assert str(body["client_id"]).startswith("worker-") and body["started_at"]
+        assert str(body["client_id"]).startswith(f"{socket.gethostname()}-{worker_proc.pid}-")
+        assert body["started_at"]
         gate.write_text("done")
         assert await fut.result(timeout=30) == "done"
         body = await status()

@@ -42,7 +42,10 @@ def test_version_matches_pyproject() -> None:
     assert trio_taskworker.__version__ == pyproject["project"]["version"]
 
 
-PURE_MODULES = ("_exceptions", "_states", "_models", "_serialization", "_rules", "_definition")
+PURE_MODULES = (
+    "_exceptions", "_states", "_models", "_serialization", "_rules", "_context", "_policy",
+    "_definition",
+)  # fmt: skip
 IO_LIBRARIES = {"trio", "httpx", "trio_websocket", "hypercorn", "starlette", "sqlite3", "psycopg"}
 
 
