@@ -20,6 +20,7 @@ from trio_taskworker import (
     gather_results,
     task,
 )
+from trio_taskworker._client import client_for
 from trio_taskworker.testing import TEST_CLUSTER_URL, TaskCluster, open_test_cluster
 
 pytest_plugins = ["pytester"]
@@ -206,24 +207,28 @@ async def test_an_error_in_the_block_comes_out_unwrapped() -> None:
 
 async def test_outside_the_block_nothing_is_bound() -> None:
     before = os.environ.get("TRIO_TASKWORKER_API_URL")
-    async with open_test_cluster(add):
-        assert os.environ["TRIO_TASKWORKER_API_URL"] == TEST_CLUSTER_URL
+    async with open_test_cluster(add) as cluster:
+        assert client_for() is cluster.client
         fut = await add.delay(1)
-    assert os.environ.get("TRIO_TASKWORKER_API_URL") == before
+    assert client_for() is not cluster.client
+    assert os.environ.get("TRIO_TASKWORKER_API_URL") == before  # the process's is untouched
     with pytest.raises(ServerUnavailable, match=re.escape(TEST_CLUSTER_URL)):
         await fut.result()
 
 
-async def test_sync_twins_cannot_reach_a_real_server() -> None:
+async def test_sync_twins_refuse_to_block_the_clusters_thread() -> None:
     async with open_test_cluster(add):
-        # Blocking calls would stall the trio thread the cluster runs on; they go
-        # to an unresolvable URL instead of a server the developer happens to run.
-        with pytest.raises(ServerUnavailable, match=re.escape(TEST_CLUSTER_URL)):
+        # A blocking call would stall the trio thread the cluster runs on.
+        with pytest.raises(RuntimeError, match="this thread runs trio"):
             add.delay_sync(1)
         fut = await add.delay(1)
-        with pytest.raises(ServerUnavailable, match=re.escape(TEST_CLUSTER_URL)):
+        with pytest.raises(RuntimeError, match="await the async method"):
             fut.result_sync()
         assert await fut.result() == 2
+        # From another thread, a twin goes to the URL it is given: the cluster's
+        # is not a real address, so nothing leaves the process.
+        with pytest.raises(ServerUnavailable, match=re.escape(TEST_CLUSTER_URL)):
+            await trio.to_thread.run_sync(fut.result_sync)
 
 
 async def test_real_clock_works_too() -> None:

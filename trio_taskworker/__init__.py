@@ -6,9 +6,13 @@ capacity limit; ``await future.result()`` brings the value back.
 """
 
 from ._client import SyncClient, TaskWorkerClient, open_client
+from ._context import TaskRunContext, get_run_context
+from ._definition import unmapped
 from ._exceptions import (
     ConfigurationError,
+    MissingContextError,
     ProtocolError,
+    RemoteTraceback,
     SerializationError,
     ServerError,
     ServerUnavailable,
@@ -35,6 +39,7 @@ from ._future import (
     wait_sync,
 )
 from ._models import ErrorInfo, TaskOptions, TaskRun
+from ._policy import State, exponential_backoff
 from ._server import TaskServer
 from ._states import TaskRunState
 from ._task import Task, task
@@ -50,16 +55,20 @@ __all__ = [  # noqa: RUF022
     "ErrorInfo",
     "FIRST_COMPLETED",
     "FIRST_EXCEPTION",
+    "MissingContextError",
     "ProtocolError",
+    "RemoteTraceback",
     "SerializationError",
     "ServerError",
     "ServerUnavailable",
+    "State",
     "StopTaskWorker",
     "SyncClient",
     "Task",
     "TaskOptions",
     "TaskRun",
     "TaskRunCancelled",
+    "TaskRunContext",
     "TaskRunCrashed",
     "TaskRunFailed",
     "TaskRunFuture",
@@ -74,12 +83,15 @@ __all__ = [  # noqa: RUF022
     "__version__",
     "as_completed",
     "as_completed_sync",
+    "exponential_backoff",
     "gather_results",
     "gather_results_sync",
+    "get_run_context",
     "open_client",
     "serve",
     "should_try_to_read_parameters",
     "task",
+    "unmapped",
     "wait",
     "wait_sync",
 ]

@@ -38,6 +38,7 @@ from ._exceptions import (
     TaskRunFailed,
     TaskRunNotFound,
 )
+from ._guard import in_trio_run
 from ._models import (
     CreatedRuns,
     ReturnWhen,
@@ -682,7 +683,17 @@ def sync_client(api_url: str | None = None) -> SyncClient:
     Shared by ``delay_sync``, ``result_sync`` and friends, so consecutive calls
     reuse one connection; it closes when the thread ends (a thread still alive
     at exit leaves its connections to the operating system).
+
+    Raises ``RuntimeError`` on a thread that runs trio: a blocking call there
+    would stall every task of the run (and a server in the same run could never
+    answer it). Await the async method instead, or call the twin from a worker
+    thread (``trio.to_thread.run_sync``).
     """
+    if in_trio_run():
+        raise RuntimeError(
+            "the *_sync calls block their thread, and this thread runs trio: await the"
+            " async method instead (delay, result, wait, cancel...)"
+        )
     url = (api_url or api_url_from_env()).rstrip("/")
     clients: _SyncClients | None = getattr(_sync_local, "clients", None)
     if clients is None or clients.pid != os.getpid():

@@ -14,10 +14,9 @@ Every error the library raises on its own account derives from one root::
     ├── TaskRunCancelled            the run ended CANCELLED
     ├── TaskRunCrashed              the run ended CRASHED
     ├── MissingContextError         get_run_context() outside a run (also a RuntimeError)
+    ├── RemoteTraceback             the worker-side traceback, set as a re-raised
+    │                               exception's ``__cause__`` (never raised alone)
     └── StopTaskWorker              raised inside a task to stop the worker serving it
-
-    RemoteTraceback                 the worker-side traceback, set as a re-raised
-                                    exception's ``__cause__`` (not raised alone)
 
 A FAILED run normally re-raises the task's own exception from
 :meth:`TaskRunFuture.result`; :class:`TaskRunFailed` only stands in when that
@@ -136,7 +135,7 @@ class MissingContextError(TaskWorkerError, RuntimeError):
     """:func:`get_run_context` was called outside a run that a worker executes."""
 
 
-class RemoteTraceback(Exception):
+class RemoteTraceback(TaskWorkerError):
     """The traceback of a FAILED run as the worker saw it.
 
     When :meth:`TaskRunFuture.result` re-raises a task's exception, this is its

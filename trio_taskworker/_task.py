@@ -68,9 +68,12 @@ class Task(TaskDefinition[P, R]):
         """Queue one run per zipped element of the iterables, in one request.
 
         ``add.map([1, 2], [10, 20])`` queues ``add(1, 10)`` and ``add(2, 20)``;
-        keyword iterables are zipped in the same way. All iterables must have
-        the same length (``ValueError`` otherwise). Every call is bound before
-        anything is sent, so one bad element sends nothing. Returns a
+        keyword iterables are zipped in the same way. An argument wrapped in
+        :class:`unmapped`, a string, bytes, or a value that is not iterable goes
+        whole to every run: ``add.map([1, 2], 10)`` queues ``add(1, 10)`` and
+        ``add(2, 10)``. The mapped iterables must have the same length
+        (``ValueError`` otherwise, and when none is mapped). Every call is bound
+        before anything is sent, so one bad element sends nothing. Returns a
         :class:`TaskRunFutureList`: ``await (await add.map(xs)).result()``.
         """
         calls = self.map_creates(iterables, kw_iterables)
@@ -132,7 +135,14 @@ def task(
     - ``name``: a display name (default: the function's name);
     - ``key``: the key workers and submitters match on (default ``module:qualname``);
     - any field of :class:`TaskOptions` (``retries``, ``retry_delay_seconds``,
-      ``timeout_seconds``, ``max_redeliveries``, ``tags``).
+      ``timeout_seconds``, ``max_redeliveries``, ``tags``): they travel with
+      each run and the server applies them;
+    - the local options, which stay in this process (Prefect's names and
+      meanings): ``retry_delay_seconds`` as a list or a function such as
+      :func:`exponential_backoff`, ``retry_jitter_factor``,
+      ``retry_condition_fn``, ``on_completion`` and ``on_failure`` (used by the
+      worker's definition of the task), ``cache_key_fn``, ``cache_expiration``
+      and ``task_run_name`` (used by the submitter's). See :class:`LocalOptions`.
 
     Raises :class:`ConfigurationError` for an unknown option or one out of range.
     """

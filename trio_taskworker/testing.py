@@ -22,9 +22,8 @@ wraps :func:`open_test_cluster`.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
@@ -56,7 +55,6 @@ __all__ = [
 #: instead of reaching a real server.
 TEST_CLUSTER_URL = "http://trio-taskworker-test-cluster.invalid"
 
-_ENV_URL = "TRIO_TASKWORKER_API_URL"
 #: How long a closing in-process server waits for its subscriptions to end.
 _CLOSE_GRACE = 2.0
 #: ``GET /runs`` answers at most this many runs per request.
@@ -328,25 +326,6 @@ class TaskCluster:
             await worker.stop()
 
 
-@contextlib.contextmanager
-def _env_url(url: str) -> Iterator[None]:
-    """Point ``TRIO_TASKWORKER_API_URL`` at ``url`` inside the block.
-
-    The ``*_sync`` twins and other processes read the environment, not the
-    bound client: this way they fail on an unresolvable URL rather than reach
-    a real server the developer happens to run.
-    """
-    before = os.environ.get(_ENV_URL)
-    os.environ[_ENV_URL] = url
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(_ENV_URL, None)
-        else:
-            os.environ[_ENV_URL] = before
-
-
 @contextlib.asynccontextmanager
 async def open_test_cluster(
     *tasks: TaskDefinition[Any, Any], limit: int | None = 10
@@ -364,8 +343,9 @@ async def open_test_cluster(
     and the block's exception propagates unchanged. An error inside the
     cluster itself (a worker that crashed) comes out as an exception group.
 
-    The blocking ``*_sync`` twins cannot reach the cluster: they raise
-    :class:`~trio_taskworker.ServerUnavailable` for :data:`TEST_CLUSTER_URL`.
+    The blocking ``*_sync`` twins cannot reach the cluster: called on its trio
+    thread they raise ``RuntimeError`` (a blocking call there would stall the
+    cluster that should answer it).
     """
     body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
@@ -374,7 +354,7 @@ async def open_test_cluster(
         server = await InProcessServer.start(nursery, store)
         async with server.open_http(TEST_CLUSTER_URL) as http:
             client = TaskWorkerClient(TEST_CLUSTER_URL, http)
-            with using_client(client), _env_url(TEST_CLUSTER_URL):
+            with using_client(client):
                 cluster = TaskCluster(server, client, nursery)
                 if tasks:
                     await cluster.start_worker(*tasks, limit=limit)
