@@ -66,3 +66,12 @@ def flaky(counter: str) -> int:
     if calls <= 2:
         raise ConnectionError(f"call {calls}: connection reset")
     raise ValueError(f"call {calls}: not worth retrying")
+
+
+async def announce(task: Any, run: Any, state: State) -> None:
+    print(f"completed {run.id} with {state.result()!r}", flush=True)
+
+
+@task(on_completion=[announce])
+async def scale(x: int, factor: list[int]) -> int:
+    return x * sum(factor)

@@ -170,3 +170,32 @@ async def test_serve_without_signal_handling_leaves_sigterm_to_the_app(
     proc.signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     assert "app exited" in proc.output()
+
+
+async def test_an_app_embeds_a_worker_with_async_with(
+    server_proc: Proc, procs: list[Proc], tmp_path: Path
+) -> None:
+    proc = script(server_proc, procs, tmp_path, "embed.py", f"""
+        import trio
+
+        from trio_taskworker import TaskWorker, unmapped
+        from {TASKS} import scale
+
+
+        async def main() -> None:
+            async with TaskWorker(scale, limit=2, handle_signals=False) as worker:
+                futures = await scale.map([1, 2, 3], unmapped([4, 6]))
+                print("results", await futures.result(), flush=True)
+                print("finished", worker.finished_task_runs, flush=True)
+            print("stopped", worker.started, flush=True)
+
+
+        trio.run(main)
+    """)  # fmt: skip
+    assert proc.wait(60) == 0, proc.output()
+    output = proc.output()
+    assert "results [10, 20, 30]" in output
+    assert f"finished {{'{t.scale.key}': 3}}" in output
+    assert "stopped False" in output
+    assert sorted(line.split(" with ")[1] for line in output.splitlines()
+                  if line.startswith("completed ")) == ["10", "20", "30"]  # fmt: skip
