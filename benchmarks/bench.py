@@ -14,7 +14,7 @@ thread):
 - ``batch_path``: ``await gather_results(futs)`` inside ``open_client()``.
 
 Each row also has a latency loop, one run at a time: submit->start from the
-server's timestamps (``created_at``->``started_at``, the issue's measure) and from
+server's timestamps (``created_at``->``started_at``, the measure the targets use) and from
 the wall clock (just before ``delay()`` -> ``time.time()`` in the task body, the
 measure the peers get), and ``delay()`` to result in the caller.
 
@@ -351,7 +351,7 @@ def ratios(ours: dict[str, Any], peers: dict[str, Any]) -> dict[str, Any]:
 
 
 def targets(ours: dict[str, Any]) -> dict[str, Any]:
-    """The issue's targets next to what was measured (None: not measured in this run)."""
+    """The project's targets next to what was measured (None: not measured in this run)."""
 
     def check(measured: float | None, op: str, target: float) -> dict[str, Any]:
         met = None
