@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
+from .._exceptions import ConfigurationError
 from ._app import AppState, build_app
 from ._dispatch import Dispatcher, Waiters
 from ._sqlite import SQLiteStore
@@ -28,6 +32,33 @@ def default_data_dir() -> Path:
     """``$TRIO_TASKWORKER_HOME``, or ``~/.trio-taskworker``."""
     home = os.environ.get("TRIO_TASKWORKER_HOME")
     return Path(home) if home else Path.home() / ".trio-taskworker"
+
+
+@contextlib.contextmanager
+def lock_data_dir(data_dir: Path) -> Iterator[None]:
+    """Hold ``data_dir/server.lock`` for the block: one server per data directory.
+
+    Two servers on one SQLite file would each believe they own every lease and
+    release the other's. The lock is an advisory ``flock``, released by the
+    kernel when the process ends however it ends (``kill -9`` included).
+    Raises :class:`ConfigurationError` naming the holder when it is taken.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "server.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "an unknown process"
+            raise ConfigurationError(
+                f"the data directory {data_dir} is in use by another server ({holder});"
+                " stop it, or give this one another --data-dir"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        yield
 
 
 @attrs.define(eq=False)
@@ -67,12 +98,20 @@ class TaskServer:
         """Serve until :meth:`stop` (returns) or cancellation (stops at once).
 
         ``task_status.started(url)`` once the socket listens and queued runs
-        from a previous process are back in the queue.
+        from a previous process are back in the queue. With the default SQLite
+        store it holds ``data_dir/server.lock`` while it runs, and raises
+        :class:`ConfigurationError` naming the holder when another server has
+        it, or when the database file is not a usable SQLite database.
         """
+        with contextlib.ExitStack() as held:
+            if self.store is None:
+                held.enter_context(lock_data_dir(self.data_dir))
+            await self._run(task_status)
+
+    async def _run(self, task_status: trio.TaskStatus[str]) -> None:
         async with trio.open_nursery() as background:
             store = self.store
             if store is None:
-                self.data_dir.mkdir(parents=True, exist_ok=True)
                 store = SQLiteStore(
                     self.data_dir / "runs.sqlite3",
                     default_max_redeliveries=self.default_max_redeliveries,

@@ -28,6 +28,7 @@ import attrs
 import outcome
 import trio
 
+from .._exceptions import ConfigurationError
 from ._store import Cursor, Store, StoreError
 
 __all__ = ["SQLiteRunner", "SQLiteStore"]
@@ -69,13 +70,20 @@ class SQLiteRunner:
 
     def _connect(self, setup: Callable[[Cursor], None]) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        cur = conn.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        setup(cur)
-        cur.execute("COMMIT")
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            cur = conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            setup(cur)
+            cur.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise ConfigurationError(
+                f"{self.path} is not a usable SQLite database ({exc}); move it aside,"
+                " or start with another --data-dir"
+            ) from None
         return conn
 
     async def run(
