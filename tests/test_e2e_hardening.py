@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio_websocket
 
 from trio_taskworker import ConfigurationError, TaskServer, open_client
 
@@ -66,3 +67,34 @@ async def test_two_servers_in_one_process_on_one_directory(tmp_path: Path) -> No
     async with trio.open_nursery() as nursery:
         await nursery.start(again.run)
         await again.stop()
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        ('[{"type": "subscribe", "keys": ["\\ud800"], "client_id": "x", "credits": 1}]',
+         "lone surrogate"),
+        ('[{"type": "subscribe", "keys": ["k"], "client_id": "x", "credits": NaN}]',
+         "NaN is not a JSON number"),
+        ("[" * 5_000 + "]" * 5_000, "nested too deeply"),
+    ],
+    ids=["lone surrogate", "NaN", "deep nesting"],
+)  # fmt: skip
+async def test_a_hostile_websocket_frame_is_refused_and_the_server_carries_on(
+    tmp_path: Path, procs: list[Proc], frame: str, reason: str
+) -> None:
+    server = start_server(tmp_path / "data")
+    procs.append(server)
+    procs.append(start_worker(server.url, "tests/e2e_tasks.py:add", log=tmp_path / "w.log"))
+    host, port = server.url.removeprefix("http://").split(":")
+    # The stream is ours to close: trio-websocket leaves its socket to the garbage
+    # collector when the server closes first.
+    async with await trio.open_tcp_stream(host, int(port)) as stream, trio.open_nursery() as n:
+        ws = await trio_websocket.wrap_client_stream(n, stream, host, "/subscribe")
+        await ws.send_message(frame)
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            await ws.get_message()
+    assert closed.value.reason.code == 1008
+    assert reason in (closed.value.reason.reason or "")
+    async with open_client(server.url):
+        assert await (await t.add.delay(2, y=3)).result(timeout=30) == 5

@@ -21,6 +21,7 @@ import os
 import ssl
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from typing import Any, TypeVar
@@ -64,6 +65,7 @@ __all__ = [
     "load_payload",
     "open_client",
     "pooled_http",
+    "redact_url",
     "shared_client",
     "store_payload",
     "sync_client",
@@ -80,6 +82,17 @@ INLINE_PAYLOAD_LIMIT = 64 * 1024
 #: The longest one long-poll request waits on the server before asking again.
 LONG_POLL_SECONDS = 30.0
 _CONNECT_TIMEOUT = 10.0
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit for a log line or an error message: a password in it becomes ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port is not None else ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
 def api_url_from_env() -> str:
@@ -374,7 +387,9 @@ class TaskWorkerClient:
                 try:
                     response = await self._http.send(_build(self._http, call))
                 except httpx.TransportError as exc:
-                    raise ServerUnavailable(f"cannot reach {self.api_url}: {exc!r}") from exc
+                    raise ServerUnavailable(
+                        f"cannot reach {redact_url(self.api_url)}: {exc!r}"
+                    ) from exc
                 call = op.send(response)
         except StopIteration as stop:
             value: T = stop.value
@@ -620,7 +635,9 @@ class SyncClient:
                 try:
                     response = self._http.send(_build(self._http, call))
                 except httpx.TransportError as exc:
-                    raise ServerUnavailable(f"cannot reach {self.api_url}: {exc!r}") from exc
+                    raise ServerUnavailable(
+                        f"cannot reach {redact_url(self.api_url)}: {exc!r}"
+                    ) from exc
                 call = op.send(response)
         except StopIteration as stop:
             value: T = stop.value

@@ -67,12 +67,25 @@ def _structure_uuid(value: object, _: type) -> uuid.UUID:
     return uuid.UUID(value)
 
 
+# A time the server stores (UNIX seconds) and adds delays of up to a century to.
+_FIRST_YEAR = 1970
+_LAST_YEAR = 9000
+
+
 def _structure_datetime(value: object, _: type) -> datetime.datetime:
     if not isinstance(value, str):
         raise ValueError(f"expected an ISO 8601 string, got {type(value).__name__}")
     parsed = datetime.datetime.fromisoformat(value)
     if parsed.tzinfo is None:
         raise ValueError(f"datetime {value!r} has no timezone")
+    try:
+        year = parsed.astimezone(datetime.UTC).year
+    except OverflowError:
+        year = 0
+    if not _FIRST_YEAR <= year <= _LAST_YEAR:
+        raise ValueError(
+            f"datetime {value!r} is not between the years {_FIRST_YEAR} and {_LAST_YEAR} UTC"
+        )
     return parsed
 
 
@@ -85,16 +98,29 @@ def _structure_bytes(value: object, _: type) -> bytes:
         raise ValueError(f"invalid base64: {exc}") from None
 
 
+#: The longest string any field may hold, in characters (a traceback is the
+#: longest there is); fields with tighter rules check them in their model.
+MAX_TEXT = 1_000_000
+
+
 def _structure_str(value: object, _: type) -> str:
     # cattrs would turn 5 into "5"; a wrong type is a client bug worth reporting.
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {type(value).__name__}")
+    if len(value) > MAX_TEXT:
+        raise ValueError(f"a string of {len(value)} characters is longer than {MAX_TEXT}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("a string is not valid Unicode (a lone surrogate)") from None
     return value
 
 
 def _structure_int(value: object, _: type) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"expected an integer, got {type(value).__name__}")
+    if not -(2**63) <= value < 2**63:
+        raise ValueError("an integer does not fit in 64 bits")
     return value
 
 
@@ -186,13 +212,23 @@ def to_json(value: Any) -> bytes:
     return json.dumps(converter.unstructure(value), separators=(",", ":")).encode()
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _load_json(data: bytes | str) -> Any:
+    """Parse JSON strictly: no NaN or Infinity, and bounded nesting."""
+    try:
+        return json.loads(data, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise InvalidPayload("not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise InvalidPayload(f"not valid JSON: {exc}") from None
+
+
 def from_json(data: bytes | str, cls: type[T]) -> T:
     """Decode JSON into ``cls``; raise :class:`InvalidPayload` with a reason."""
-    try:
-        raw = json.loads(data)
-    except ValueError as exc:
-        raise InvalidPayload(f"not valid JSON: {exc}") from None
-    return structure(raw, cls)
+    return structure(_load_json(data), cls)
 
 
 def encode_frame(messages: Sequence[WorkerMessage] | Sequence[ServerMessage]) -> str:
@@ -202,10 +238,7 @@ def encode_frame(messages: Sequence[WorkerMessage] | Sequence[ServerMessage]) ->
 
 
 def _decode_frame(data: str | bytes, union: Any) -> list[Any]:
-    try:
-        raw = json.loads(data)
-    except ValueError as exc:
-        raise InvalidPayload(f"not valid JSON: {exc}") from None
+    raw = _load_json(data)
     if not isinstance(raw, list) or not raw:
         raise InvalidPayload("a frame must be a non-empty JSON array of messages")
     return [structure(item, union) for item in raw]

@@ -31,7 +31,13 @@ from typing import Any, Self
 
 import trio
 
-from ._client import TaskWorkerClient, api_url_from_env, bound_client, pooled_http
+from ._client import (
+    TaskWorkerClient,
+    api_url_from_env,
+    bound_client,
+    pooled_http,
+    redact_url,
+)
 from ._definition import TaskDefinition
 from ._exceptions import ConfigurationError
 from ._guard import in_trio_run
@@ -237,7 +243,7 @@ class TaskWorker:
             self.client_id,
             ", ".join(sorted(self.tasks)),
             self.limit,
-            self.api_url,
+            redact_url(self.api_url),
         )
         try:
             async with contextlib.AsyncExitStack() as stack:

@@ -393,11 +393,11 @@ class SubscriptionHandler:
                         outcome = await state.store.release_owner(self.sub.id, state.now())
                 except StoreError:
                     # The server is going down; the next start releases these leases.
-                    log.info("worker %s unsubscribed as the server stops", self.sub.client_id)
+                    log.info("worker %r unsubscribed as the server stops", self.sub.client_id)
                 else:
                     state.changed(outcome)
                     log.info(
-                        "worker %s unsubscribed; %d leased runs released",
+                        "worker %r unsubscribed; %d leased runs released",
                         self.sub.client_id,
                         len(outcome.changed),
                     )
@@ -439,10 +439,12 @@ class SubscriptionHandler:
         if not 0 <= hello.credits <= MAX_CREDITS:
             raise _Closed(CLOSE_POLICY, f"credits must be in [0, {MAX_CREDITS}]")
         self.sub = state.dispatcher.add(hello.keys, hello.client_id, hello.credits)
+        # %r: the id and keys come from the client, and a newline must not
+        # forge a log line.
         log.info(
-            "worker %s subscribed to %s with %d credits",
+            "worker %r subscribed to %r with %d credits",
             hello.client_id,
-            ", ".join(hello.keys),
+            hello.keys,
             hello.credits,
         )
         await self._send(
