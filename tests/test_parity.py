@@ -11,10 +11,12 @@ import os
 import signal
 import socket
 import sqlite3
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -26,6 +28,8 @@ from trio_taskworker._exceptions import MissingContextError
 from trio_taskworker._policy import LocalOptions, State, exponential_backoff
 from trio_taskworker._serialization import loads_payload
 from trio_taskworker._server import SQLiteStore
+from trio_taskworker._states import IllegalTransition
+from trio_taskworker.testing import trio_wall_time
 
 from .fakes import InProcessServer
 from .test_semantics import run_of, run_when, srv, start, submit
@@ -219,6 +223,58 @@ async def test_failure_hooks_run_once_when_the_run_fails_for_good(
     assert hook_calls == [("failure", "FAILED", "KeyError('nope')")]  # not after attempt 1
 
 
+hook_release = threading.Event()
+hook_gate: list[trio.Event] = []
+
+
+async def slow_notification(t: Any, run: TaskRun, state: State) -> None:
+    await hook_gate[0].wait()
+
+
+@task(on_completion=slow_notification)
+async def notified() -> int:
+    return 1
+
+
+async def test_hooks_run_after_the_report_and_do_not_delay_the_result(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
+) -> None:
+    hook_gate[:] = [trio.Event()]
+    worker = await start(nursery, srv, notified)
+    run_id = await submit(srv, notified)
+    run = await run_when(srv, run_id, ended)
+    assert run.state is S.COMPLETED
+    assert worker.current_tasks == 0 and worker.available_tasks == 9  # the hook holds a slot
+    # A cancel while the hook runs finds the run ended: it stays COMPLETED.
+    with pytest.raises(IllegalTransition):
+        await srv.state.store.cancel_run(run_id, srv.state.now())
+    hook_gate[0].set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert worker.available_tasks == 10
+
+
+def hangs(t: Any, run: TaskRun, state: State) -> None:
+    hook_release.wait(30)  # a sync hook stuck on I/O
+
+
+@task(on_completion=hangs)
+async def with_a_hanging_hook() -> int:
+    return 7
+
+
+async def test_a_hanging_sync_hook_cannot_hold_a_stop(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
+) -> None:
+    hook_release.clear()
+    worker = await start(nursery, srv, with_a_hanging_hook, shutdown_timeout=5)
+    run = await run_when(srv, await submit(srv, with_a_hanging_hook), ended)
+    assert run.state is S.COMPLETED  # reported before its hook
+    before = trio.current_time()
+    await worker.stop()
+    assert trio.current_time() - before == pytest.approx(5)  # the grace, not the hook
+    hook_release.set()
+
+
 # --- run context ---------------------------------------------------------------------
 
 
@@ -300,9 +356,32 @@ async def test_a_cached_run_completes_at_once_with_the_earlier_result(
     assert second.result is not None and loads_payload(second.result) == 40
     assert other.result is not None and loads_payload(other.result) == 50
     assert executions == [4, 5]
-    await trio.sleep(3601)  # the cache expires
+    await trio.sleep(3000)
+    # Hits do not restart the clock, and keep naming the run that computed the value.
+    late = await run_of(srv, await submit(srv, expensive, 4))
+    assert late.message == f"cached: the result of run {first.id}"
+    await trio.sleep(601)  # an hour after the first run: the cache has expired
     third = await run_when(srv, await submit(srv, expensive, 4), ended)
     assert third.message is None and executions == [4, 5, 4]
+
+
+async def test_a_run_scheduled_for_later_is_not_answered_from_the_cache(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
+) -> None:
+    await start(nursery, srv, expensive)
+    await run_when(srv, await submit(srv, expensive, 4), ended)
+    create, payload = expensive.run_create((4,), {}, now_dt() + datetime.timedelta(seconds=60))
+    (later,) = await srv.state.store.create_runs(
+        [attrs.evolve(create, parameters=payload)], srv.state.now()
+    )
+    srv.state.dispatcher.wake()
+    assert (await run_of(srv, later)).state is S.SCHEDULED
+    run = await run_when(srv, later, ended)
+    assert run.state is S.COMPLETED and run.message is None and executions == [4, 4]
+
+
+def now_dt() -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(trio_wall_time(), datetime.UTC)
 
 
 # --- map -----------------------------------------------------------------------------
@@ -376,6 +455,60 @@ async def test_signal_handlers_are_installed_only_when_asked(
         await trio.sleep(1)
         during = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     assert (during != before) is handle_signals
+
+
+async def test_the_block_error_comes_out_as_itself_after_a_graceful_stop(
+    autojump_clock: trio.testing.MockClock, srv: InProcessServer
+) -> None:
+    with pytest.raises(KeyError, match="from the block"):
+        async with TaskWorker(
+            waits_for_gate, api_url="http://in-process", handle_signals=False,
+            connect=srv.connect,
+        ):  # fmt: skip
+            run_id = await submit(srv, waits_for_gate, 1)
+            await run_when(srv, run_id, lambda r: r.state is S.RUNNING)
+            raise KeyError("from the block")
+    assert (await run_of(srv, run_id)).state is S.COMPLETED  # the run in flight finished
+
+
+async def test_a_worker_runs_once(
+    autojump_clock: trio.testing.MockClock, srv: InProcessServer
+) -> None:
+    worker = TaskWorker(doubles, api_url="http://in-process", handle_signals=False,
+                        connect=srv.connect)  # fmt: skip
+    async with worker:
+        pass
+    with pytest.raises(RuntimeError, match="runs once"):
+        async with worker:
+            pass
+
+
+async def test_cancelling_a_worker_is_an_abrupt_stop(
+    autojump_clock: trio.testing.MockClock, srv: InProcessServer
+) -> None:
+    async with trio.open_nursery() as nursery:
+        await start(nursery, srv, waits_for_gate)
+        run_id = await submit(srv, waits_for_gate, 1)
+        await run_when(srv, run_id, lambda r: r.state is S.RUNNING)
+        nursery.cancel_scope.cancel()  # what cancelling serve() or start() does
+    run = await run_when(srv, run_id, lambda r: r.state is S.SCHEDULED)
+    # No hand-back was sent: the server saw the connection go, and counted it.
+    assert run.redeliveries == 1
+    assert run.message == "redelivered: the worker's connection was lost"
+
+
+def test_worker_lifecycle_calls_outside_trio_raise_at_once() -> None:
+    worker = TaskWorker(doubles, api_url="http://in-process")
+    for call in (worker.start, worker.stop):
+        with pytest.raises(RuntimeError, match="needs a running trio run"):
+            call()
+    run = TaskRun(
+        id=uuid.uuid4(), task_key=doubles.key, task_name="d", state=S.PENDING,
+        created_at=datetime.datetime.now(datetime.UTC),
+        scheduled_time=datetime.datetime.now(datetime.UTC),
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="execute_task_run"):
+        worker.execute_task_run(run)
 
 
 async def test_serve_inside_trio_returns_the_workers_coroutine() -> None:

@@ -205,6 +205,25 @@ async def test_an_error_in_the_block_comes_out_unwrapped() -> None:
             raise KeyError("mine")
 
 
+@task
+def submits_blocking(x: int) -> str:
+    try:
+        add.delay_sync(x)
+    except ServerUnavailable as exc:
+        return str(exc)
+    return "reached a server"
+
+
+async def test_a_sync_task_in_the_cluster_cannot_reach_a_real_server(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_test_cluster(add, submits_blocking):
+        # Its thread inherits the cluster's binding, so the twin goes to the
+        # cluster's unresolvable URL, not to TRIO_TASKWORKER_API_URL.
+        message = await (await submits_blocking.delay(1)).result()
+    assert TEST_CLUSTER_URL in message
+
+
 async def test_outside_the_block_nothing_is_bound() -> None:
     before = os.environ.get("TRIO_TASKWORKER_API_URL")
     async with open_test_cluster(add) as cluster:

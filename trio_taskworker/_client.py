@@ -697,6 +697,10 @@ _sync_local = threading.local()
 def sync_client(api_url: str | None = None) -> SyncClient:
     """This thread's pooled :class:`SyncClient` for ``api_url``, made on first use.
 
+    Without ``api_url`` it uses the server of the enclosing :func:`open_client`
+    block when there is one (a sync task's thread inherits it), as the async
+    calls do, and ``TRIO_TASKWORKER_API_URL`` otherwise.
+
     Shared by ``delay_sync``, ``result_sync`` and friends, so consecutive calls
     reuse one connection; it closes when the thread ends (a thread still alive
     at exit leaves its connections to the operating system).
@@ -711,6 +715,9 @@ def sync_client(api_url: str | None = None) -> SyncClient:
             "the *_sync calls block their thread, and this thread runs trio: await the"
             " async method instead (delay, result, wait, cancel...)"
         )
+    bound = _current.get()  # an open_client()/using_client() block, carried into threads
+    if api_url is None and bound is not None:
+        api_url = bound.api_url
     url = (api_url or api_url_from_env()).rstrip("/")
     clients: _SyncClients | None = getattr(_sync_local, "clients", None)
     if clients is None or clients.pid != os.getpid():

@@ -93,7 +93,7 @@ class TaskRunFuture(Generic[R_co]):
 
         Raises the task's own exception (same type and message) when the run
         FAILED, with the worker-side traceback as its ``__cause__`` (a
-        :class:`~trio_taskworker._exceptions.RemoteTraceback`);
+        :class:`~trio_taskworker.RemoteTraceback`);
         :class:`TaskRunFailed` when that exception could not be rebuilt;
         :class:`TaskRunCancelled` or :class:`TaskRunCrashed` for those states;
         and ``TimeoutError`` when ``timeout`` passes first.

@@ -22,6 +22,7 @@ from ._states import TaskRunState
 
 __all__ = [
     "MAX_COUNT",
+    "MAX_NAME",
     "MAX_RUNS_PER_REQUEST",
     "MAX_SECONDS",
     "MAX_WAIT_SECONDS",
@@ -59,6 +60,10 @@ MAX_COUNT = 2**31 - 1
 #: The longest delay or timeout in seconds (about 100 years): a time this far
 #: ahead still fits a datetime after any arithmetic the server does with it.
 MAX_SECONDS = 100 * 365 * 24 * 3600.0
+#: The longest task key, task or run name, cache key or tag, in characters.
+MAX_NAME = 1000
+#: The most tags a run may carry.
+MAX_TAGS = 100
 
 
 # --- validators: each raises ConfigurationError naming the option ------------------
@@ -114,11 +119,17 @@ def _to_tags(value: Any) -> Any:
 def _tags(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, tuple) or not all(isinstance(t, str) for t in value):
         raise ConfigurationError(f"{attribute.name} must be an iterable of strings, got {value!r}")
+    if len(value) > MAX_TAGS or any(len(t) > MAX_NAME for t in value):
+        raise ConfigurationError(
+            f"{attribute.name}: at most {MAX_TAGS} tags of at most {MAX_NAME} characters"
+        )
 
 
 def _non_empty(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not value:
         raise ConfigurationError(f"{attribute.name} must not be empty")
+    if len(value) > MAX_NAME:
+        raise ConfigurationError(f"{attribute.name} must be at most {MAX_NAME} characters")
 
 
 @attrs.frozen(kw_only=True)
@@ -214,6 +225,8 @@ class TaskRun(TaskOptions):
 def _optional_text(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and not isinstance(value, str):
         raise ConfigurationError(f"{attribute.name} must be a string, got {value!r}")
+    if value is not None and len(value) > MAX_NAME:
+        raise ConfigurationError(f"{attribute.name} must be at most {MAX_NAME} characters")
 
 
 @attrs.frozen(kw_only=True)
@@ -228,7 +241,7 @@ class TaskRunCreate(TaskOptions):
     """
 
     task_key: str = attrs.field(validator=_non_empty)
-    task_name: str = ""
+    task_name: str = attrs.field(default="", validator=_optional_text)
     parameters: bytes | None = None
     parameters_ref: str | None = None
     scheduled_time: datetime.datetime | None = None

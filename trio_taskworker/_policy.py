@@ -226,13 +226,23 @@ class LocalOptions:
         if isinstance(template, str):
             try:
                 return template.format(**parameters)
-            except (KeyError, IndexError, ValueError) as exc:
+            except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
                 raise ConfigurationError(
                     f"task_run_name {template!r} cannot be formatted with the parameters"
                     f" {sorted(parameters)}: {exc!r}"
                 ) from None
-        takes_parameters = bool(inspect.signature(template).parameters)
-        name = template(dict(parameters)) if takes_parameters else template()
+        positional = (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.VAR_POSITIONAL,
+        )
+        takes_parameters = any(
+            p.kind in positional for p in inspect.signature(template).parameters.values()
+        )
+        try:
+            name = template(dict(parameters)) if takes_parameters else template()
+        except Exception as exc:
+            raise ConfigurationError(f"task_run_name {template!r} raised {exc!r}") from exc
         if not isinstance(name, str):
             raise ConfigurationError(f"task_run_name returned {name!r}, not a string")
         return name

@@ -273,14 +273,19 @@ class Spawner:
 
     async def _run_leased(self, run: TaskRun, generation: int) -> None:
         report: Finished | Released = Released(id=run.id, attempt=run.attempt, reason=_STOPPED)
+        hooks: _Hooks | None = None
         try:
-            self.report(Started(id=run.id, attempt=run.attempt), generation)
-            report = await self._execute(run, generation)
-        except trio.Cancelled:
-            log.info("run %s cancelled as the worker stops: handed back", run.id)
-            raise
+            try:
+                self.report(Started(id=run.id, attempt=run.attempt), generation)
+                report, hooks = await self._execute(run, generation)
+            except trio.Cancelled:
+                log.info("run %s cancelled as the worker stops: handed back", run.id)
+                raise
+            finally:
+                self.report(report, generation)
+            if hooks is not None:
+                await self._run_hooks(hooks)
         finally:
-            self.report(report, generation)
             self._limiter.release_on_behalf_of((run.id, run.attempt))
             if not self.stopping:
                 self.report(Credit(n=1), None)
@@ -288,16 +293,22 @@ class Spawner:
     async def execute(self, run: TaskRun) -> Finished | Released:
         """Run one run here and now, under the limiter; report it and return the report."""
         report: Finished | Released = Released(id=run.id, attempt=run.attempt, reason=_STOPPED)
+        hooks: _Hooks | None = None
         async with self._limiter:
             with self._stoppable():
-                report = await self._execute(run, None)
-        self.report(report, None)
+                report, hooks = await self._execute(run, None)
+            self.report(report, None)
+            if hooks is not None:
+                await self._run_hooks(hooks)
         return report
 
-    async def _execute(self, run: TaskRun, generation: int | None) -> Finished | Released:
+    async def _execute(
+        self, run: TaskRun, generation: int | None
+    ) -> tuple[Finished | Released, _Hooks | None]:
         task = self.tasks.get(run.task_key)
         if task is None:
-            return _failed(run, ConfigurationError(f"this worker has no task {run.task_key!r}"))
+            missing = ConfigurationError(f"this worker has no task {run.task_key!r}")
+            return _failed(run, missing), None
         entry = InFlight(
             run=run, generation=generation, started_at=datetime.datetime.now(datetime.UTC)
         )
@@ -311,7 +322,9 @@ class Spawner:
             del self._in_flight[run.id, run.attempt]
             self.finished[run.task_key] += 1
 
-    async def _call(self, task: TaskDefinition[Any, Any], entry: InFlight) -> Finished | Released:
+    async def _call(
+        self, task: TaskDefinition[Any, Any], entry: InFlight
+    ) -> tuple[Finished | Released, _Hooks | None]:
         run = entry.run
         timeout = task.options.timeout_seconds
         try:
@@ -327,24 +340,25 @@ class Spawner:
             log.info("run %s raised StopTaskWorker: stopping the worker", run.id)
             self.request_stop()
             # It ends here: handed back, it would stop every worker that took it.
-            return Finished(
+            stopped = Finished(
                 id=run.id,
                 attempt=run.attempt,
                 state=TaskRunState.CANCELLED,
                 message=f"the task raised StopTaskWorker ({exc}): the worker stopped",
             )
+            return stopped, None
         except _Unreachable as exc:
-            return _hand_back(run, str(exc))
+            return _hand_back(run, str(exc)), None
         except Exception as exc:
             return await self._failure(task, run, exc)
         # Checked in this order also when a sync task returned after the cancel:
         # its value is dropped.
         if entry.cancelled.cancel_called:
             log.info("run %s cancelled by the caller", run.id)
-            return Finished(id=run.id, attempt=run.attempt, state=TaskRunState.CANCELLED)
+            return Finished(id=run.id, attempt=run.attempt, state=TaskRunState.CANCELLED), None
         if entry.lost.cancel_called:
             log.info("run %s cancelled: its connection was lost", run.id)
-            return Released(id=run.id, attempt=run.attempt, reason="connection lost")
+            return Released(id=run.id, attempt=run.attempt, reason="connection lost"), None
         # Past a stop's deadline, this raises Cancelled and the stop scope hands it back.
         await trio.lowlevel.checkpoint_if_cancelled()
         if timer.cancel_called:
@@ -356,70 +370,71 @@ class Spawner:
             with trio.CancelScope(shield=True):
                 finished = await self._completed(run, value)
         except _Unreachable as exc:
-            return _hand_back(run, str(exc))
+            return _hand_back(run, str(exc)), None
         except Exception as exc:  # the result cannot be pickled, or the server refused it
             return await self._failure(task, run, exc)
         state = State(type=TaskRunState.COMPLETED, value=value)
-        await self._run_hooks("on_completion", task.local.on_completion, task, run, state)
-        return finished
+        return finished, _Hooks.of("on_completion", task.local.on_completion, task, run, state)
 
     async def _failure(
         self, task: TaskDefinition[Any, Any], run: TaskRun, exc: Exception
-    ) -> Finished:
-        """The report for a failed attempt: whether and when to retry, and the hooks.
+    ) -> tuple[Finished, _Hooks | None]:
+        """The report for a failed attempt (whether and when to retry) and its hooks.
 
         With retries left, the task's ``retry_condition_fn`` may refuse the
         retry, and its retry delays (list, function, jitter) set the wait. A
-        run that fails for good runs the ``on_failure`` hooks first.
+        run that fails for good gets its ``on_failure`` hooks run once it is
+        reported.
         """
         finished = _failed(run, exc)
         state = State(type=TaskRunState.FAILED, message=str(exc), exception=exc)
+        on_failure = _Hooks.of("on_failure", task.local.on_failure, task, run, state)
         if run.retry_count >= run.retries:
-            await self._run_hooks("on_failure", task.local.on_failure, task, run, state)
-            return finished
+            return finished, on_failure
         local = task.local
         try:
             retry = True
             if local.retry_condition_fn is not None:
-                retry = bool(await _call_maybe_async(local.retry_condition_fn, task, run, state))
+                retry = bool(await self._call_user(local.retry_condition_fn, task, run, state))
             if retry:
                 delay = local.retry_delay(run.retry_count, run.retries, run.retry_delay_seconds)
-                return attrs.evolve(finished, retry_delay_seconds=delay)
+                return attrs.evolve(finished, retry_delay_seconds=delay), None
             reason = "not retried: retry_condition_fn returned False"
         except Exception as error:
             log.exception("run %s: deciding whether to retry failed", run.id)
             reason = f"not retried: deciding whether to retry raised {error!r}"
-        await self._run_hooks("on_failure", local.on_failure, task, run, state)
-        return attrs.evolve(finished, retry=False, message=reason)
+        return attrs.evolve(finished, retry=False, message=reason), on_failure
 
-    async def _run_hooks(
-        self,
-        kind: str,
-        hooks: tuple[Hook, ...],
-        task: TaskDefinition[Any, Any],
-        run: TaskRun,
-        state: State,
-    ) -> None:
-        """Run ``hooks(task, run, state)`` in order, before the run is reported.
+    async def _call_user(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call a hook or a retry condition: a coroutine function is awaited, and a
+        plain function runs in a worker thread, so a slow one never stalls the
+        event loop (and with it every other run's heartbeats)."""
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
+        ):
+            return await fn(*args)
+        value = await trio.to_thread.run_sync(
+            functools.partial(fn, *args), limiter=self._thread_limiter, abandon_on_cancel=True
+        )
+        if inspect.isawaitable(value):
+            value = await value
+        return value
 
-        A hook's error is logged and changes nothing. Hooks are shielded from
-        the caller's cancel and a lost connection (the run has ended), but a
-        stop's deadline cancels them, so a hook that hangs cannot hold a stop.
+    async def _run_hooks(self, hooks: _Hooks) -> None:
+        """Run the hooks of an ended run, in order, after it has been reported.
+
+        A hook's error is logged and changes nothing. The caller's cancel and a
+        lost connection no longer reach them (the run has ended); a stop's
+        deadline cancels them (a sync hook's thread is abandoned), so a hook
+        that hangs cannot hold a stop.
         """
-        if not hooks:
-            return
-        ended = attrs.evolve(run, state=state.type)
-        with trio.CancelScope(shield=True), self._stoppable():
-            for hook in hooks:
+        ended = attrs.evolve(hooks.run, state=hooks.state.type)
+        with self._stoppable():
+            for hook in hooks.hooks:
                 try:
-                    if inspect.iscoroutinefunction(hook):
-                        await hook(task, ended, state)
-                    else:
-                        await trio.to_thread.run_sync(
-                            hook, task, ended, state, limiter=self._thread_limiter
-                        )
+                    await self._call_user(hook, hooks.task, ended, hooks.state)
                 except Exception:
-                    log.exception("run %s: %s hook %r raised", run.id, kind, hook)
+                    log.exception("run %s: %s hook %r raised", ended.id, hooks.kind, hook)
 
     async def _invoke(
         self, task: TaskDefinition[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -459,11 +474,26 @@ class Spawner:
         )
 
 
-async def _call_maybe_async(fn: Callable[..., Any], *args: Any) -> Any:
-    value = fn(*args)
-    if inspect.isawaitable(value):
-        value = await value
-    return value
+@attrs.frozen
+class _Hooks:
+    """Hooks to run for an ended run, once it has been reported."""
+
+    kind: str
+    hooks: tuple[Hook, ...]
+    task: TaskDefinition[Any, Any]
+    run: TaskRun
+    state: State
+
+    @classmethod
+    def of(
+        cls,
+        kind: str,
+        hooks: tuple[Hook, ...],
+        task: TaskDefinition[Any, Any],
+        run: TaskRun,
+        state: State,
+    ) -> _Hooks | None:
+        return cls(kind, hooks, task, run, state) if hooks else None
 
 
 class _Unreachable(Exception):

@@ -39,8 +39,8 @@ from ._client import (
     redact_url,
 )
 from ._definition import TaskDefinition
-from ._exceptions import ConfigurationError
-from ._guard import in_trio_run
+from ._exceptions import ConfigurationError, leaves
+from ._guard import in_trio_run, needs_trio
 from ._models import Released, TaskRun, WorkerMessage
 from ._spawner import Spawner, should_try_to_read_parameters
 from ._states import TaskRunState
@@ -65,7 +65,9 @@ class TaskWorker:
     transport, as tests do with an in-process one.
 
     ``async with TaskWorker(...) as worker:`` starts it in the background of
-    the enclosing trio task and stops it gracefully when the block exits.
+    the enclosing trio task and stops it gracefully when the block exits
+    (inside an application that handles its own signals, pass
+    ``handle_signals=False``). A worker runs once: start a new one to serve again.
     """
 
     def __init__(
@@ -212,12 +214,24 @@ class TaskWorker:
     ) -> None:
         """Stop gracefully (see :meth:`start`) and wait until it has stopped."""
         stack, self._background = self._background, None
-        assert stack is not None, "__aexit__ without __aenter__"
+        if stack is None:
+            raise RuntimeError("__aexit__ without __aenter__")
         self._begin_stop(self.shutdown_timeout)
         # The nursery is not told of an error in the block, which would cancel
         # the runs at once: the stop stays graceful, and the error then goes on.
-        await stack.__aexit__(None, None, None)
+        try:
+            await stack.__aexit__(None, None, None)
+        except BaseExceptionGroup as group:
+            found = leaves(group)
+            # One error of the worker's own comes out as itself, as from start().
+            error = found[0] if len(found) == 1 and isinstance(found[0], Exception) else group
+            if exc is not None:
+                raise BaseExceptionGroup(
+                    "the block and the worker both failed", [exc, error]
+                ) from None
+            raise error from None
 
+    @needs_trio(None)
     async def start(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -235,6 +249,8 @@ class TaskWorker:
         """
         if self._started:
             raise RuntimeError("this TaskWorker was started already")
+        if self._stopped.is_set():
+            raise RuntimeError("a TaskWorker runs once and this one has stopped: make a new one")
         self._started = True
         self._started_at = datetime.datetime.now(datetime.UTC)
         self._token = trio.lowlevel.current_trio_token()
@@ -274,6 +290,7 @@ class TaskWorker:
         if self._subscription.fatal is not None:
             raise self._subscription.fatal
 
+    @needs_trio(None)
     async def stop(self) -> None:
         """Stop the worker gracefully (see :meth:`start`).
 
@@ -338,13 +355,14 @@ class TaskWorker:
         if self._subscription.fatal is not None:
             self._begin_stop(0.0)
 
+    @needs_trio(None)
     async def execute_task_run(self, task_run: TaskRun) -> TaskRunState:
         """Run one run here and now, under the limiter, and report it if subscribed.
 
-        Returns the state the worker reports: COMPLETED, FAILED, CANCELLED,
-        or SCHEDULED when the run was handed back (the worker stopped, or the
-        task raised :class:`StopTaskWorker`). A FAILED run with retries left
-        is rescheduled by the server, not here.
+        Returns the state the worker reports: COMPLETED, FAILED, CANCELLED
+        (the caller cancelled it, or the task raised :class:`StopTaskWorker`),
+        or SCHEDULED when the run was handed back (the worker stopped). A
+        FAILED run with retries left is rescheduled by the server, not here.
         """
         report = await self._spawner.execute(task_run)
         if isinstance(report, Released):
@@ -370,7 +388,10 @@ def serve(
     SIGTERM or SIGINT stop it gracefully (a second signal at once), and so
     does :class:`StopTaskWorker` raised by a task. ``handle_signals=False``
     installs no signal handler, for an application that handles signals
-    itself and stops the worker by cancelling it or through its own code.
+    itself. Such an application stops the worker gracefully by keeping a
+    :class:`TaskWorker` and calling :meth:`TaskWorker.stop` (or using
+    ``async with``); cancelling ``serve`` stops it at once, like a lost
+    connection: runs in flight are redelivered and count as redeliveries.
     Raises :class:`ConfigurationError` for bad arguments before anything runs.
     """
     worker = TaskWorker(

@@ -50,9 +50,10 @@ __all__ = [
 ]
 
 #: The URL of every test cluster. ``.invalid`` never resolves (RFC 6761), so a
-#: call that bypasses the cluster's in-process client (a ``*_sync`` twin, a
-#: subprocess) fails with :class:`~trio_taskworker.ServerUnavailable` naming it
-#: instead of reaching a real server.
+#: call that cannot use the cluster's in-process client (a ``*_sync`` twin in a
+#: sync task the cluster runs, a future used after the block) fails with
+#: :class:`~trio_taskworker.ServerUnavailable` naming it instead of reaching a
+#: real server. (A subprocess does not know the cluster at all.)
 TEST_CLUSTER_URL = "http://trio-taskworker-test-cluster.invalid"
 
 #: How long a closing in-process server waits for its subscriptions to end.

@@ -348,7 +348,8 @@ class Store:
                         *_option_columns(c),
                     )
                 )  # fmt: skip
-                if c.cache_key is not None:
+                if c.cache_key is not None and scheduled <= now:
+                    # A run scheduled for later is not answered from the cache now.
                     hit = self._cache_hit(cur, c.task_key, c.cache_key, now)
                     if hit is not None:
                         cached.append((str(run_id), hit))
@@ -370,11 +371,13 @@ class Store:
         return await self._transact(create)
 
     def _cache_hit(self, cur: Cursor, task_key: str, cache_key: str, now: float) -> _Row | None:
-        """The newest COMPLETED run of ``task_key`` with ``cache_key`` that has not expired."""
+        """The newest run of ``task_key`` with ``cache_key`` that a worker COMPLETED
+        (a cached copy, with attempt 0, never counts: it would restart the clock)
+        and whose cache has not expired."""
         cur.execute(
             self._q(
                 f"SELECT {_COLUMNS} FROM task_runs WHERE task_key = ? AND cache_key = ?"
-                " AND state = 'COMPLETED'"
+                " AND state = 'COMPLETED' AND attempt > 0"
                 " AND (cache_expiration IS NULL OR finished_at + cache_expiration > ?)"
                 " ORDER BY finished_at DESC LIMIT 1"
             ),
