@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
-from trio_taskworker import StopTaskWorker, task
+from trio_taskworker import StopTaskWorker, exponential_backoff, task
 from trio_taskworker._context import TaskRunContext, get_run_context
 from trio_taskworker._policy import State
 
@@ -75,3 +76,10 @@ async def announce(task: Any, run: Any, state: State) -> None:
 @task(on_completion=[announce])
 async def scale(x: int, factor: list[int]) -> int:
     return x * sum(factor)
+
+
+@task(retries=2, retry_delay_seconds=exponential_backoff(0.2), retry_jitter_factor=0.5)
+def backs_off(times: str) -> None:
+    with open(times, "a") as out:
+        out.write(f"{time.time()}\n")
+    raise RuntimeError("still down")

@@ -81,7 +81,7 @@ async def test_run_context_run_name_cache_and_retry_policy_in_real_processes(
     hook_file = tmp_path / "hook.txt"
     monkeypatch.setenv("PARITY_HOOK_FILE", str(hook_file))
     worker(server_proc, procs, tmp_path, f"{TASKS}:whoami", f"{TASKS}:cached_square",
-           f"{TASKS}:flaky")  # fmt: skip
+           f"{TASKS}:flaky", f"{TASKS}:backs_off")  # fmt: skip
     counter = str(tmp_path / "calls")
     async with open_client(server_proc.url):
         fut = await t.whoami.delay("a")
@@ -89,6 +89,8 @@ async def test_run_context_run_name_cache_and_retry_policy_in_real_processes(
         assert seen["id"] == str(fut.task_run_id) and seen["attempt"] == 1
         assert seen["parameters"] == {"label": "a", "extra": 3}
         assert (await fut.wait()).name == "whoami-a"
+        renamed = await t.whoami.with_options(task_run_name="renamed-{label}").delay("b")
+        assert (await renamed.wait(timeout=30)).name == "renamed-b"
 
         first = await t.cached_square.delay(9, counter)
         assert await first.result(timeout=30) == 81
@@ -109,6 +111,14 @@ async def test_run_context_run_name_cache_and_retry_policy_in_real_processes(
         assert hook_file.read_text() == (
             f"{run.id} FAILED ValueError('call 3: not worth retrying')"
         )
+
+        times = tmp_path / "times"
+        backing_off = await t.backs_off.delay(str(times))
+        run = await backing_off.wait(timeout=30)
+        assert (run.state, run.retry_count) == (TaskRunState.FAILED, 2)
+        started = [float(line) for line in (await trio.Path(times).read_text()).split()]
+        # exponential_backoff(0.2) with jitter 0.5: at least 0.1 s, then at least 0.2 s.
+        assert started[1] - started[0] >= 0.1 and started[2] - started[1] >= 0.2
 
 
 async def test_serve_called_from_a_plain_script_runs_trio_itself(
