@@ -1,0 +1,145 @@
+"""Random interleavings of the cancellation table's events, against its invariants.
+
+Hypothesis generates a program (a first worker, then events: submits of every
+kind, caller cancels, stops, signals, StopTaskWorker, dropped connections,
+killed and silent workers, server restarts, workers joining, time passing) and
+:func:`tests.explore_machine.run_program` runs it on the real worker and server
+in one trio run on a virtual clock, checking the invariants after every event
+and after a final drain. A failing program is shrunk and printed as code that
+rebuilds it; it belongs in ``test_explored_regressions.py``.
+
+Profiles (``TRIO_TASKWORKER_EXPLORE``): ``ci`` (the default) runs a fixed, small
+set of examples, the same on every run; ``explore`` runs many (``nox -s explore``,
+``TRIO_TASKWORKER_EXPLORE_EXAMPLES``, a printed ``--hypothesis-seed``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from .explore_machine import (
+    KEYS,
+    Advance,
+    Cancel,
+    Cut,
+    Join,
+    Kill,
+    Program,
+    Restart,
+    Signal,
+    Silence,
+    Stop,
+    StopTask,
+    Submit,
+    run_program,
+)
+
+settings.register_profile(
+    "ci",
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "explore",
+    max_examples=int(os.environ.get("TRIO_TASKWORKER_EXPLORE_EXAMPLES", "3000")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+PROFILE = os.environ.get("TRIO_TASKWORKER_EXPLORE", "ci")
+
+worker = st.integers(min_value=0, max_value=3)
+joins = st.builds(
+    Join,
+    limit=st.integers(min_value=1, max_value=3),
+    shutdown_timeout=st.sampled_from([0.0, 2.0, 10.0]),
+)
+submits = st.builds(
+    Submit,
+    kind=st.sampled_from([kind for kind in KEYS if kind != "quitter"]),
+    seconds=st.sampled_from([0, 1, 3, 10, 40]),
+    fails=st.sampled_from([0, 0, 1, 99]),
+    retries=st.integers(min_value=0, max_value=2),
+    retry_delay=st.sampled_from([0.0, 1.0, 10.0]),
+    delay=st.none() | st.sampled_from([1.0, 15.0, 60.0]),
+    max_redeliveries=st.none() | st.integers(min_value=0, max_value=2),
+)
+events = st.one_of(
+    submits,
+    submits,
+    st.builds(Cancel, run=st.integers(min_value=0, max_value=20)),
+    st.builds(Stop, worker=worker),
+    st.builds(Signal, worker=worker),
+    st.builds(StopTask),
+    st.builds(Cut, worker=st.none() | worker),
+    st.builds(Kill, worker=worker),
+    st.builds(Silence, worker=worker, seconds=st.sampled_from([3.0, 20.0, 40.0])),
+    st.builds(Restart, graceful=st.booleans()),
+    joins,
+    st.builds(Advance, seconds=st.sampled_from([0.5, 1.0, 3.0, 10.0, 30.0])),
+    st.builds(Advance, seconds=st.sampled_from([0.5, 1.0, 3.0, 10.0, 30.0])),
+)
+programs = st.builds(
+    Program,
+    first=joins,
+    # A few runs first, so that most events meet runs in flight.
+    events=st.tuples(st.lists(submits, min_size=1, max_size=6), st.lists(events, max_size=40)).map(
+        lambda parts: (*parts[0], *parts[1])
+    ),
+    lease_seconds=st.just(12.0),
+)
+
+
+@settings(settings.get_profile(PROFILE))
+@given(programs)
+def test_no_interleaving_breaks_an_invariant(program: Program) -> None:
+    explorer = run_program(program)
+    for name in sorted({type(e).__name__ for e in program.events}):
+        event(f"rule {name}")
+    runs = explorer.ended
+    for state, n in sorted(Counter(r.state.value for r in runs.values()).items()):
+        event(f"some run ended {state}")
+        del n
+    if any(r.redeliveries for r in runs.values()):
+        event("some run was redelivered")
+    if any(ex.how == "returned after a cancel" for ex in explorer.rec.executions):
+        event("a sync task returned after its cancel")
+
+
+def test_the_explorer_sees_every_outcome() -> None:
+    """One program that reaches every final state and every rule, so that a change
+    that silently disabled a rule (or the checks) does not go unnoticed."""
+    explorer = run_program(
+        Program(
+            Join(limit=2, shutdown_timeout=2.0),
+            (
+                Submit(kind="async", seconds=3),  # COMPLETED
+                Submit(kind="sync", fails=99),  # FAILED
+                Submit(kind="async", seconds=40, max_redeliveries=0),  # CRASHED below
+                Advance(1.0),
+                Cut(None),  # the long run was redelivered 0 times: CRASHED
+                Submit(kind="sync_timed", seconds=40, retries=1, retry_delay=1.0),
+                Cancel(3),
+                Silence(0, 20.0),
+                Advance(30.0),
+                Join(limit=1, shutdown_timeout=0.0),
+                Submit(kind="stubborn", seconds=10),
+                Advance(1.0),
+                Signal(1),
+                Signal(1),
+                StopTask(),
+                Restart(graceful=True),
+                Kill(0),
+                Stop(2),
+                Advance(10.0),
+            ),
+        )
+    )
+    states = Counter(r.state.value for r in explorer.ended.values())
+    assert set(states) == {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}, states
