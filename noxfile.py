@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
@@ -18,6 +20,34 @@ def tests(session: nox.Session) -> None:
     """The whole test suite: unit, in-process integration and end-to-end."""
     session.install("-e", ".[test]")
     session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def explore(session: nox.Session) -> None:
+    """Search many random interleavings of the cancellation table's events.
+
+    ``tests/test_explore.py`` under Hypothesis's ``explore`` profile: 3000 programs
+    by default (``TRIO_TASKWORKER_EXPLORE_EXAMPLES``), from a seed printed first,
+    so that a run can be repeated with ``-- --hypothesis-seed=N``. A failing
+    program is shrunk and printed as code, for ``test_explored_regressions.py``.
+    ``nox -s tests`` runs the same test on a small fixed set.
+    """
+    session.install("-e", ".[test]")
+    args = list(session.posargs)
+    if not any(a.startswith("--hypothesis-seed") for a in args):
+        seed = random.randrange(2**32)
+        session.log(f"hypothesis seed: {seed}")
+        args.append(f"--hypothesis-seed={seed}")
+    session.run(
+        "pytest",
+        "-q",
+        "-o",
+        "timeout=0",
+        "--hypothesis-show-statistics",
+        "tests/test_explore.py",
+        *args,
+        env={"TRIO_TASKWORKER_EXPLORE": "explore"},
+    )
 
 
 @nox.session

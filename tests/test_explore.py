@@ -20,6 +20,7 @@ from collections import Counter
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 from .explore_machine import (
     KEYS,
@@ -50,6 +51,8 @@ settings.register_profile(
     "explore",
     max_examples=int(os.environ.get("TRIO_TASKWORKER_EXPLORE_EXAMPLES", "3000")),
     deadline=None,
+    # Failing programs are kept (and replayed first next time) where git ignores them.
+    database=DirectoryBasedExampleDatabase(".nox/explore-examples"),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 PROFILE = os.environ.get("TRIO_TASKWORKER_EXPLORE", "ci")
