@@ -913,22 +913,30 @@ class Explorer:
     # --- the whole run ------------------------------------------------------------------
 
     async def main(self) -> None:
+        violated: InvariantViolated | None = None
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.store = SQLiteStore(":memory:", threaded=False)
             await nursery.start(self.store.run)
             await self.store.runner.transact(_record_history)
             await self.start_server()
-            await self.apply(self.program.first)
-            await self.settle()
-            await self.check()
-            for event in self.program.events:
-                await self.apply(event)
+            try:
+                await self.apply(self.program.first)
                 await self.settle()
                 await self.check()
-            self.ended = await self.drain()
-            await self.final_check(self.ended)
+                for event in self.program.events:
+                    await self.apply(event)
+                    await self.settle()
+                    await self.check()
+                self.ended = await self.drain()
+                await self.final_check(self.ended)
+            except InvariantViolated as exc:
+                # Raised below, outside the nursery, so that it is not wrapped
+                # in an exception group.
+                violated = exc
             nursery.cancel_scope.cancel()
+        if violated is not None:
+            raise violated
 
 
 #: The store's own history of state changes, written by SQLite itself, so that no
