@@ -108,6 +108,14 @@ class _Call:
     content: bytes | None = None
     content_type: str = "application/json"
     read_timeout: float = 30.0
+    #: Safe to send again after a transport error (the drivers then retry it,
+    #: the same request, up to len(RETRY_DELAYS) times).
+    retry: bool = False
+    idempotency_key: str | None = None
+
+
+#: Waits before each retry of a request that is safe to send again, in seconds.
+RETRY_DELAYS = (0.1, 0.5, 2.0)
 
 
 Operation = Generator[_Call, httpx.Response, T]
@@ -137,8 +145,13 @@ class StoredPayload:
 
 
 def _op_put_blob(data: bytes) -> Operation[str]:
+    # A retry may store the blob twice; the copy nothing references is deleted later.
     response = yield _Call(
-        method="POST", path="/blobs", content=data, content_type="application/octet-stream"
+        method="POST",
+        path="/blobs",
+        content=data,
+        content_type="application/octet-stream",
+        retry=True,
     )
     _raise_for_status(response)
     return str(response.json()["id"])
@@ -175,8 +188,14 @@ def _op_submit(calls: Sequence[tuple[TaskRunCreate, bytes]]) -> Operation[list[u
     for create, payload in calls:
         stored = yield from _op_store_payload(payload)
         creates.append(attrs.evolve(create, parameters=stored.inline, parameters_ref=stored.ref))
+    # One key per submission: a retry after a lost answer gets the same ids back
+    # instead of creating the runs twice (and an error never hides created runs).
     response = yield _Call(
-        method="POST", path="/runs", content=to_json(TaskRunCreateBatch(runs=tuple(creates)))
+        method="POST",
+        path="/runs",
+        content=to_json(TaskRunCreateBatch(runs=tuple(creates))),
+        retry=True,
+        idempotency_key=uuid.uuid4().hex,
     )
     _raise_for_status(response)
     return list(from_json(response.content, CreatedRuns).ids)
@@ -358,7 +377,9 @@ def _op_health() -> Operation[dict[str, Any]]:
 
 def _build(http: httpx.Client | httpx.AsyncClient, call: _Call) -> httpx.Request:
     timeout = httpx.Timeout(_CONNECT_TIMEOUT, read=call.read_timeout)
-    headers = {"content-type": call.content_type} if call.content is not None else None
+    headers = {"content-type": call.content_type} if call.content is not None else {}
+    if call.idempotency_key is not None:
+        headers["idempotency-key"] = call.idempotency_key
     return http.build_request(
         call.method,
         call.path,
@@ -384,16 +405,24 @@ class TaskWorkerClient:
         try:
             call = next(op)
             while True:
-                try:
-                    response = await self._http.send(_build(self._http, call))
-                except httpx.TransportError as exc:
-                    raise ServerUnavailable(
-                        f"cannot reach {redact_url(self.api_url)}: {exc!r}"
-                    ) from exc
-                call = op.send(response)
+                call = op.send(await self._send(call))
         except StopIteration as stop:
             value: T = stop.value
             return value
+
+    async def _send(self, call: _Call) -> httpx.Response:
+        delays = RETRY_DELAYS if call.retry else ()
+        for attempt in range(len(delays) + 1):
+            try:
+                return await self._http.send(_build(self._http, call))
+            except httpx.TransportError as exc:
+                if attempt == len(delays):
+                    raise ServerUnavailable(
+                        f"cannot reach {redact_url(self.api_url)}: {exc!r}"
+                    ) from exc
+                log.info("%s %s: %r; retrying", call.method, call.path, exc)
+            await trio.sleep(delays[attempt])
+        raise AssertionError("unreachable")
 
     async def submit(self, calls: Sequence[tuple[TaskRunCreate, bytes]]) -> list[uuid.UUID]:
         """Create runs from ``(create, pickled parameters)`` pairs in one request.
@@ -632,16 +661,24 @@ class SyncClient:
         try:
             call = next(op)
             while True:
-                try:
-                    response = self._http.send(_build(self._http, call))
-                except httpx.TransportError as exc:
-                    raise ServerUnavailable(
-                        f"cannot reach {redact_url(self.api_url)}: {exc!r}"
-                    ) from exc
-                call = op.send(response)
+                call = op.send(self._send(call))
         except StopIteration as stop:
             value: T = stop.value
             return value
+
+    def _send(self, call: _Call) -> httpx.Response:
+        delays = RETRY_DELAYS if call.retry else ()
+        for attempt in range(len(delays) + 1):
+            try:
+                return self._http.send(_build(self._http, call))
+            except httpx.TransportError as exc:
+                if attempt == len(delays):
+                    raise ServerUnavailable(
+                        f"cannot reach {redact_url(self.api_url)}: {exc!r}"
+                    ) from exc
+                log.info("%s %s: %r; retrying", call.method, call.path, exc)
+            time.sleep(delays[attempt])
+        raise AssertionError("unreachable")
 
     def submit(self, calls: Sequence[tuple[TaskRunCreate, bytes]]) -> list[uuid.UUID]:
         """See :meth:`TaskWorkerClient.submit`."""

@@ -7,7 +7,9 @@ never unpickles anything it is sent.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -63,7 +65,7 @@ from ._routes import (
     WAIT_TIMEOUT,
     QueryNumber,
 )
-from ._store import Outcome, Store, StoreError
+from ._store import Idempotency, IdempotencyConflict, Outcome, Store, StoreError
 
 __all__ = ["AppState", "SubscriptionHandler", "build_app"]
 
@@ -202,6 +204,11 @@ def _by_method(handlers: dict[str, _Handler]) -> _Handler:
     return endpoint
 
 
+#: The header that makes ``POST /runs`` safe to retry (see ``Store.create_runs``).
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
 @attrs.define(eq=False)
 class _Handlers:
     """The HTTP handlers; each :class:`~._routes.Endpoint` names its own."""
@@ -226,8 +233,18 @@ class _Handlers:
             batch = from_json(body, TaskRunCreateBatch)
         except InvalidPayload as exc:
             return _error(422, f"invalid run batch: {exc}")
+        raw_key = request.headers.get(IDEMPOTENCY_HEADER)
+        idempotency = None
+        if raw_key is not None:
+            if not _IDEMPOTENCY_KEY.fullmatch(raw_key):
+                return _error(
+                    422, f"{IDEMPOTENCY_HEADER} must be 1 to 255 visible ASCII characters"
+                )
+            idempotency = Idempotency(raw_key, hashlib.sha256(body).hexdigest())
         try:
-            ids = await state.store.create_runs(batch.runs, state.now())
+            ids = await state.store.create_runs(batch.runs, state.now(), idempotency)
+        except IdempotencyConflict as exc:
+            return _error(409, str(exc))
         except StoreError as exc:
             return _error(422, str(exc))
         state.dispatcher.wake()

@@ -29,7 +29,17 @@ from .._rules import Changes, Report
 from .._serialization import converter
 from .._states import IllegalTransition, TaskRunState, check_transition
 
-__all__ = ["Cursor", "Outcome", "Report", "Runner", "Store", "StoreError"]
+__all__ = [
+    "IDEMPOTENCY_SECONDS",
+    "Cursor",
+    "Idempotency",
+    "IdempotencyConflict",
+    "Outcome",
+    "Report",
+    "Runner",
+    "Store",
+    "StoreError",
+]
 
 T = TypeVar("T")
 
@@ -45,6 +55,22 @@ class _Refused:
 
 class StoreError(Exception):
     """A request the store refuses (unknown blob reference, bad page size...)."""
+
+
+class IdempotencyConflict(StoreError):
+    """An ``Idempotency-Key`` came back with a different request body."""
+
+
+#: How long a ``POST /runs`` idempotency key is remembered, in seconds.
+IDEMPOTENCY_SECONDS = 24 * 3600.0
+
+
+@attrs.frozen
+class Idempotency:
+    """A request's ``Idempotency-Key`` and the SHA-256 of its body."""
+
+    key: str
+    body_hash: str
 
 
 @attrs.frozen(kw_only=True)
@@ -193,6 +219,13 @@ SCHEMA = (
         data BYTEA NOT NULL,
         created_at DOUBLE PRECISION NOT NULL
     )""",
+    """CREATE TABLE IF NOT EXISTS idempotency_keys (
+        key VARCHAR(255) PRIMARY KEY,
+        body_hash VARCHAR(64) NOT NULL,
+        ids TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS ix_idempotency_created ON idempotency_keys (created_at)",
 )
 
 
@@ -318,16 +351,31 @@ class Store:
             raise result.error
         return result
 
-    async def create_runs(self, creates: Sequence[TaskRunCreate], now: float) -> list[uuid.UUID]:
+    async def create_runs(
+        self,
+        creates: Sequence[TaskRunCreate],
+        now: float,
+        idempotency: Idempotency | None = None,
+    ) -> list[uuid.UUID]:
         """Create all runs in one transaction; return their ids in order.
 
         A run with a ``cache_key`` that matches a COMPLETED run of its task
         whose cache has not expired is created COMPLETED, with that run's
         result and a message naming it. Raises :class:`StoreError`, creating
         none, if a ``parameters_ref`` names no stored blob.
+
+        With ``idempotency``, a key seen before (within
+        :data:`IDEMPOTENCY_SECONDS`) with the same body returns the ids it
+        created then and creates nothing; with another body it raises
+        :class:`IdempotencyConflict`. The key is stored in the same
+        transaction as the runs, so either both exist or neither does.
         """
 
         def create(cur: Cursor) -> list[uuid.UUID] | _Refused:
+            if idempotency is not None:
+                seen = self._seen_key(cur, idempotency, now)
+                if seen is not None:
+                    return seen
             ids = []
             rows = []
             cached: list[tuple[str, _Row]] = []
@@ -366,9 +414,40 @@ class Store:
                         "message": f"cached: the result of run {hit.id}",
                     },
                 )
+            if idempotency is not None:
+                cur.execute(
+                    self._q(
+                        "INSERT INTO idempotency_keys (key, body_hash, ids, created_at)"
+                        " VALUES (?, ?, ?, ?)"
+                    ),
+                    (idempotency.key, idempotency.body_hash, ",".join(map(str, ids)), now),
+                )
             return ids
 
         return await self._transact(create)
+
+    def _seen_key(
+        self, cur: Cursor, idempotency: Idempotency, now: float
+    ) -> list[uuid.UUID] | _Refused | None:
+        """The ids an earlier request with this key created, or None if it is new."""
+        cur.execute(
+            self._q("DELETE FROM idempotency_keys WHERE created_at < ?"),
+            (now - IDEMPOTENCY_SECONDS,),
+        )
+        cur.execute(
+            self._q("SELECT body_hash, ids FROM idempotency_keys WHERE key = ?"),
+            (idempotency.key,),
+        )
+        row = cur.fetchone()
+        if row is None:
+            return None
+        if row[0] != idempotency.body_hash:
+            return _Refused(
+                IdempotencyConflict(
+                    f"Idempotency-Key {idempotency.key!r} was used before with another body"
+                )
+            )
+        return [uuid.UUID(i) for i in str(row[1]).split(",") if i]
 
     def _cache_hit(self, cur: Cursor, task_key: str, cache_key: str, now: float) -> _Row | None:
         """The newest run of ``task_key`` with ``cache_key`` that a worker COMPLETED
