@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import itertools
 import math
 import signal
 import uuid
@@ -50,7 +49,8 @@ from trio_taskworker import (
     get_run_context,
     task,
 )
-from trio_taskworker._serialization import loads_payload
+from trio_taskworker._models import Subscribed
+from trio_taskworker._serialization import decode_server_frame, loads_payload
 from trio_taskworker._server import SQLiteStore
 from trio_taskworker._states import IllegalTransition, check_transition
 from trio_taskworker._subscription import FLUSH_TIMEOUT
@@ -192,8 +192,27 @@ class Advance:
     seconds: float = 1.0
 
 
+@attrs.frozen
+class Tamper:
+    """Run ``sql`` on the store behind the server's back. Never generated: the
+    explorer's own tests use it to plant a violation and see the checks catch it."""
+
+    sql: str
+
+
 Event = (
-    Join | Submit | Cancel | Stop | Signal | StopTask | Cut | Kill | Silence | Restart | Advance
+    Join
+    | Submit
+    | Cancel
+    | Stop
+    | Signal
+    | StopTask
+    | Cut
+    | Kill
+    | Silence
+    | Restart
+    | Advance
+    | Tamper
 )
 
 
@@ -430,6 +449,14 @@ class WorkerSlot:
     signals: int = 0
     ended: bool = False
     error: BaseException | None = None
+    #: From this virtual time on the worker may execute nothing: a stop's grace
+    #: has ended, or a second signal came.
+    deadline: float = math.inf
+    #: Virtual times at which its connection was disturbed (cut, silenced, its
+    #: server restarted), and until when a silence lasts.
+    disturbed: list[float] = attrs.field(factory=list)
+    #: Connections a clean stop ended: none of their runs may be released as lost.
+    cleanly_closed: set[str] = attrs.field(factory=set)
 
 
 @attrs.define(eq=False)
@@ -439,6 +466,8 @@ class _Link:
     ws: Any
     slot: WorkerSlot
     silent_until: float = -math.inf
+    #: The server's id for this connection (the runs' ``lease_owner``), once subscribed.
+    connection_id: str | None = None
 
     async def send_message(self, text: str) -> None:
         # The silence can only grow while it lasts (an event extends it), so the
@@ -450,7 +479,12 @@ class _Link:
         await self.ws.send_message(text)
 
     async def get_message(self) -> str | bytes:
-        return await self.ws.get_message()  # type: ignore[no-any-return]
+        data: str | bytes = await self.ws.get_message()
+        if self.connection_id is None:
+            for message in decode_server_frame(data):
+                if isinstance(message, Subscribed):
+                    self.connection_id = message.connection_id
+        return data
 
     async def ping(self) -> None:
         await self.ws.ping()
@@ -528,6 +562,8 @@ class Explorer:
         assert self.server is not None and self._server_scope is not None
         assert self._server_done is not None
         self.server_up = False  # from now on a connection attempt is refused
+        for slot in self.slots:
+            slot.disturbed.append(trio.current_time())
         old = self.server
         if graceful:
             await old.close()
@@ -593,12 +629,25 @@ class Explorer:
     def slot(self, index: int) -> WorkerSlot | None:
         return self.slots[index % len(self.slots)] if self.slots else None
 
+    def stopping(self, slot: WorkerSlot, grace: float) -> None:
+        """``slot`` was asked to stop now with ``grace``: note its deadline."""
+        if slot.worker.started:
+            slot.deadline = min(slot.deadline, trio.current_time() + grace)
+
     async def _stop(self, slot: WorkerSlot) -> None:
         began = trio.current_time()
         entry = (slot.index, began, None)
         self.stops.append(entry)
+        self.stopping(slot, slot.join.shutdown_timeout)
+        links = list(slot.links)
         await slot.worker.stop()
-        self.stops[self.stops.index(entry)] = (slot.index, began, trio.current_time())
+        ended = trio.current_time()
+        self.stops[self.stops.index(entry)] = (slot.index, began, ended)
+        clean = not slot.killed and not any(t >= began for t in slot.disturbed)
+        if clean:
+            # Every run it held was reported (finished or handed back) before it
+            # disconnected: the drain handshake said so.
+            slot.cleanly_closed.update(link.connection_id for link in links if link.connection_id)
 
     # --- events -------------------------------------------------------------------------
 
@@ -648,14 +697,19 @@ class Explorer:
             slot = self.slot(event.worker)
             if slot is not None:
                 slot.signals += 1
+                first = not slot.worker.stopping
                 slot.worker.handle_sigterm(signal.SIGTERM, None)
+                self.stopping(slot, slot.join.shutdown_timeout if first else 0.0)
         elif isinstance(event, Cut):
             if event.worker is None:
                 if self.server is not None:
                     self.server.cut_connections()
+                for slot in self.slots:
+                    slot.disturbed.append(trio.current_time())
             else:
                 slot = self.slot(event.worker)
                 if slot is not None:
+                    slot.disturbed.append(trio.current_time())
                     for cut in slot.cuts:
                         cut.cancel()
         elif isinstance(event, Kill):
@@ -669,6 +723,7 @@ class Explorer:
             slot = self.slot(event.worker)
             if slot is not None:
                 until = trio.current_time() + event.seconds
+                slot.disturbed.append(until)
                 for link in slot.links:
                     link.silent_until = max(link.silent_until, until)
                 if event.reconnects:
@@ -677,6 +732,8 @@ class Explorer:
             await self.restart_server(event.graceful)
         elif isinstance(event, Advance):
             await trio.sleep(event.seconds)
+        elif isinstance(event, Tamper):
+            await self.store.runner.transact(lambda cur: cur.execute(event.sql))
         else:  # pragma: no cover
             raise AssertionError(f"unknown event {event!r}")
 
@@ -696,7 +753,7 @@ class Explorer:
         def read(cur: Any) -> list[tuple[Any, ...]]:
             cur.execute(
                 "SELECT n, id, old, new, attempt, retry_count, redeliveries,"
-                " old_retry_count, old_redeliveries, message FROM explore_history"
+                " old_retry_count, old_redeliveries, message, old_owner FROM explore_history"
                 " WHERE n > ? ORDER BY n",
                 (seen,),
             )
@@ -720,17 +777,49 @@ class Explorer:
                     f"worker {slot.index} has {slot.worker.current_tasks} runs in flight; "
                     f"its limit is {limit}"
                 )
+        closed = {c: slot.index for slot in self.slots for c in slot.cleanly_closed}
         for row in await self.new_history():
-            _n, run_id, old, new, attempt, *_rest = row
+            (
+                _n,
+                run_id,
+                old,
+                new,
+                attempt,
+                _r,
+                redeliveries,
+                _or,
+                old_redeliveries,
+                message,
+                owner,
+            ) = row
             if old is None:
                 continue
-            if not _is_path(S(old), S(new)):
+            if not is_path(S(old), S(new)):
                 self.fail(
                     f"run {run_id[:6]} went {old} -> {new} (attempt {attempt}): "
                     "not a path in the state table"
                 )
+            if owner in closed and (new == "CRASHED" or redeliveries != old_redeliveries):
+                self.fail(
+                    f"run {run_id[:6]} (attempt {attempt}) went {old} -> {new} ({message}) "
+                    f"after worker {closed[owner]} stopped cleanly: its report was not "
+                    "applied before stop() returned"
+                )
         runs = await self.read_all()
         t = trio.current_time()
+        for slot in self.slots:
+            deadline = slot.deadline
+            for ex in self.rec.executions:
+                if ex.worker == slot.index and ex.how == "stop" and ex.left is not None:
+                    deadline = min(deadline, ex.left + slot.join.shutdown_timeout)
+            for exs in self.rec.live.values():
+                for ex in exs:
+                    if ex.worker == slot.index and t > deadline + 1e-9:
+                        self.fail(
+                            f"worker {slot.index} still executes run {_short(ex.run_id)} "
+                            f"attempt {ex.attempt} {t - deadline:g} s after its stop's "
+                            "deadline"
+                        )
         for run_id, run in runs.items():
             sub, _label = self.runs[run_id]
             limit = (
@@ -945,7 +1034,7 @@ _HISTORY = (
     """CREATE TABLE explore_history (
         n INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT, old TEXT, new TEXT, attempt INTEGER,
         retry_count INTEGER, redeliveries INTEGER, old_retry_count INTEGER,
-        old_redeliveries INTEGER, message TEXT)""",
+        old_redeliveries INTEGER, message TEXT, old_owner TEXT)""",
     """CREATE TRIGGER explore_insert AFTER INSERT ON task_runs BEGIN
         INSERT INTO explore_history (id, old, new, attempt, retry_count, redeliveries,
             old_retry_count, old_redeliveries, message)
@@ -955,9 +1044,9 @@ _HISTORY = (
     """CREATE TRIGGER explore_update AFTER UPDATE ON task_runs
     WHEN OLD.state IS NOT NEW.state OR OLD.attempt IS NOT NEW.attempt BEGIN
         INSERT INTO explore_history (id, old, new, attempt, retry_count, redeliveries,
-            old_retry_count, old_redeliveries, message)
+            old_retry_count, old_redeliveries, message, old_owner)
         VALUES (NEW.id, OLD.state, NEW.state, NEW.attempt, NEW.retry_count,
-            NEW.redeliveries, OLD.retry_count, OLD.redeliveries, NEW.message);
+            NEW.redeliveries, OLD.retry_count, OLD.redeliveries, NEW.message, OLD.lease_owner);
     END""",
 )
 
@@ -967,18 +1056,23 @@ def _record_history(cur: Any) -> None:
         cur.execute(statement)
 
 
-def _is_path(old: TaskRunState, new: TaskRunState) -> bool:
+def is_path(old: TaskRunState, new: TaskRunState) -> bool:
     """One write of the store moved ``old`` to ``new``: an edge of the state table,
-    or a worker's ``started`` and its next report applied together (via RUNNING)."""
-    for via in ((), (S.RUNNING,) if old is S.PENDING else ()):
-        try:
-            steps = [old, *via, new]
-            for a, b in itertools.pairwise(steps):
-                check_transition(a, b)
-        except IllegalTransition:
-            continue
+    or a worker's ``started`` and its next report (a finish or a hand-back)
+    applied together, PENDING -> RUNNING -> ``new``."""
+    try:
+        check_transition(old, new)
         return True
-    return False
+    except IllegalTransition:
+        pass
+    if old is not S.PENDING or new not in (S.COMPLETED, S.FAILED, S.CANCELLED, S.SCHEDULED):
+        return False
+    check_transition(S.PENDING, S.RUNNING)
+    try:
+        check_transition(S.RUNNING, new)
+        return True
+    except IllegalTransition:
+        return False
 
 
 def run_program(program: Program) -> Explorer:
@@ -1012,6 +1106,8 @@ __all__ = [
     "Stop",
     "StopTask",
     "Submit",
+    "Tamper",
+    "is_path",
     "program",
     "run_program",
 ]

@@ -18,15 +18,19 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
+
+from trio_taskworker import TaskRunState
 
 from .explore_machine import (
     KEYS,
     Advance,
     Cancel,
     Cut,
+    InvariantViolated,
     Join,
     Kill,
     Program,
@@ -36,6 +40,8 @@ from .explore_machine import (
     Stop,
     StopTask,
     Submit,
+    Tamper,
+    is_path,
     run_program,
 )
 
@@ -92,9 +98,9 @@ programs = st.builds(
     Program,
     first=joins,
     # A few runs first, so that most events meet runs in flight.
-    events=st.tuples(st.lists(submits, min_size=1, max_size=6), st.lists(events, max_size=40)).map(
-        lambda parts: (*parts[0], *parts[1])
-    ),
+    events=st.tuples(
+        st.lists(submits, min_size=1, max_size=6), st.lists(events, min_size=3, max_size=40)
+    ).map(lambda parts: (*parts[0], *parts[1])),
     lease_seconds=st.just(12.0),
 )
 
@@ -146,3 +152,69 @@ def test_the_explorer_sees_every_outcome() -> None:
     )
     states = Counter(r.state.value for r in explorer.ended.values())
     assert set(states) == {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}, states
+
+
+# --- the checks catch what they should -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tamper", "caught"),
+    [
+        # A run that had ended starts again: not a path in the state table.
+        ("UPDATE task_runs SET state = 'RUNNING'", "not a path in the state table"),
+        # A result that is not its function's value (a stale attempt's, say).
+        (
+            "UPDATE task_runs SET result = (SELECT result FROM task_runs WHERE result IS NOT NULL"
+            " ORDER BY seq DESC LIMIT 1)",
+            "COMPLETED with",
+        ),
+        # A write to runs that had ended.
+        ("UPDATE task_runs SET attempt = attempt + 1", "COMPLETED -> COMPLETED"),
+        # A caller's cancel that did not hold.
+        ("UPDATE task_runs SET state = 'COMPLETED' WHERE state = 'CANCELLED'", "not a path"),
+        # More retries than the run allows.
+        ("UPDATE task_runs SET retry_count = 5", "retried 5 times"),
+    ],
+)
+def test_the_checks_catch_a_planted_violation(tamper: str, caught: str) -> None:
+    with pytest.raises(InvariantViolated, match=caught):
+        run_program(
+            Program(
+                Join(limit=2),
+                (
+                    Submit(kind="async", seconds=1),
+                    Submit(kind="sync", seconds=1),
+                    Submit(kind="async", seconds=30),
+                    Advance(3.0),
+                    Cancel(2),
+                    Tamper(tamper),
+                ),
+            )
+        )
+
+
+def test_a_run_is_lost_if_no_worker_serves_it() -> None:
+    """The drain reports a run that never ends (here: its key is not served)."""
+    with pytest.raises(InvariantViolated, match="runs lost"):
+        run_program(
+            Program(
+                Join(),
+                (Submit(delay=15.0), Tamper("UPDATE task_runs SET task_key = 'nobody:serves'")),
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "allowed"),
+    [
+        ("SCHEDULED", "PENDING", True),
+        ("PENDING", "COMPLETED", True),  # started and finished in one batch
+        ("PENDING", "CANCELLING", False),
+        ("SCHEDULED", "COMPLETED", False),
+        ("CANCELLING", "COMPLETED", False),
+        ("COMPLETED", "SCHEDULED", False),
+        ("RUNNING", "SCHEDULED", True),
+    ],
+)
+def test_one_write_is_a_path_in_the_state_table(first: str, second: str, allowed: bool) -> None:
+    assert is_path(TaskRunState(first), TaskRunState(second)) is allowed
