@@ -1,7 +1,9 @@
 """JSON for the wire (cattrs) and pickles for payloads (cloudpickle).
 
 The server uses only the JSON half. It never calls :func:`loads_payload`:
-payloads are opaque bytes to it. This module imports no I/O library.
+payloads are opaque bytes to it. With ``TRIO_TASKWORKER_SIGNING_KEY`` set,
+payloads are signed and checked before unpickling (see :func:`loads_payload`).
+This module imports no I/O library.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import hashlib
+import hmac
 import json
+import os
 import uuid
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -41,6 +46,7 @@ from ._models import (
 from ._states import TaskRunState
 
 __all__ = [
+    "SIGNING_KEY_ENV",
     "InvalidPayload",
     "converter",
     "decode_server_frame",
@@ -49,6 +55,7 @@ __all__ = [
     "encode_frame",
     "from_json",
     "loads_payload",
+    "signing_keys",
     "to_json",
 ]
 
@@ -254,17 +261,103 @@ def decode_server_frame(data: str | bytes) -> list[ServerMessage]:
     return _decode_frame(data, ServerMessage)
 
 
+#: The environment variable with the payload signing keys, comma-separated: the
+#: first signs, and a payload signed with any of them verifies (key rotation).
+SIGNING_KEY_ENV = "TRIO_TASKWORKER_SIGNING_KEY"
+
+# A signed payload is _SIGNED_HEADER (magic, then a version byte), a 32-byte
+# HMAC-SHA256 tag of the header and the pickle, then the pickle. cloudpickle
+# writes protocol 5, whose first byte is 0x80, so an unsigned payload never
+# starts with the magic.
+_SIGNED_MAGIC = b"TTWS"
+_SIGNED_VERSION = 1
+_SIGNED_HEADER = _SIGNED_MAGIC + bytes([_SIGNED_VERSION])
+_TAG_SIZE = hashlib.sha256().digest_size
+
+
+def signing_keys() -> tuple[bytes, ...]:
+    """The keys in ``TRIO_TASKWORKER_SIGNING_KEY``, read now; empty when it is unset or blank.
+
+    Read at each call, not at import, so a test or a process that sets the
+    variable late is obeyed. Spaces around each key are ignored, as are empty
+    entries; a key is the bytes the environment gave.
+    """
+    raw = os.environ.get(SIGNING_KEY_ENV, "")
+    # surrogateescape: the variable's own bytes, even where they are not UTF-8.
+    return tuple(
+        key.strip().encode("utf-8", "surrogateescape") for key in raw.split(",") if key.strip()
+    )
+
+
+def _tag(key: bytes, pickled: bytes | memoryview) -> bytes:
+    mac = hmac.new(key, _SIGNED_HEADER, hashlib.sha256)
+    mac.update(pickled)
+    return mac.digest()
+
+
 def dumps_payload(value: object) -> bytes:
-    """Pickle a payload with cloudpickle; raise :class:`SerializationError` if it cannot."""
+    """Pickle a payload with cloudpickle; raise :class:`SerializationError` if it cannot.
+
+    With ``TRIO_TASKWORKER_SIGNING_KEY`` set, the pickle is signed with its
+    first key (HMAC-SHA256) in a small envelope that :func:`loads_payload` checks.
+    """
     try:
-        return bytes(cloudpickle.dumps(value))
+        pickled = bytes(cloudpickle.dumps(value))
     except Exception as exc:
         raise SerializationError(f"cannot pickle {type(value).__name__}: {exc}") from exc
+    keys = signing_keys()
+    if not keys:
+        return pickled
+    return b"".join((_SIGNED_HEADER, _tag(keys[0], pickled), pickled))
 
 
-def loads_payload(data: bytes) -> Any:
-    """Unpickle a payload. Only clients and workers call this, never the server."""
+def _verified(data: bytes, keys: tuple[bytes, ...], what: str) -> bytes | memoryview:
+    """The pickle inside ``data``, once its signature is checked; never unpickles."""
+    refusing = f"refusing to unpickle the {what}"
+    signed = data.startswith(_SIGNED_MAGIC)
+    if not keys:
+        if signed:
+            raise SerializationError(
+                f"{refusing}: it is signed with a {SIGNING_KEY_ENV}, and this process has"
+                f" none to verify it with (give every submitter and worker the same key)"
+            )
+        return data
+    if not signed:
+        raise SerializationError(
+            f"{refusing}: it is not signed, and this process requires a signature"
+            f" ({SIGNING_KEY_ENV} is set; give every submitter and worker the same key)"
+        )
+    if len(data) < len(_SIGNED_HEADER) + _TAG_SIZE:
+        raise SerializationError(f"{refusing}: its signed envelope is truncated")
+    version = data[len(_SIGNED_MAGIC)]
+    if version != _SIGNED_VERSION:
+        raise SerializationError(
+            f"{refusing}: it is signed in envelope version {version}, and this"
+            f" trio_taskworker reads version {_SIGNED_VERSION}"
+        )
+    tag = data[len(_SIGNED_HEADER) : len(_SIGNED_HEADER) + _TAG_SIZE]
+    pickled = memoryview(data)[len(_SIGNED_HEADER) + _TAG_SIZE :]
+    # Every key is tried, so a payload signed before a rotation still verifies.
+    if not any(hmac.compare_digest(tag, _tag(key, pickled)) for key in keys):
+        raise SerializationError(
+            f"{refusing}: it is not signed with this process's {SIGNING_KEY_ENV}"
+            f" (forged or altered, or signed with another key)"
+        )
+    return pickled
+
+
+def loads_payload(data: bytes, *, what: str = "payload") -> Any:
+    """Unpickle a payload. Only clients and workers call this, never the server.
+
+    With ``TRIO_TASKWORKER_SIGNING_KEY`` set, a payload without a valid
+    signature from one of its keys is refused; without it, a signed payload is
+    refused too, since it cannot be checked. Either way the signature is
+    checked before anything is unpickled. ``what`` names the payload
+    ("parameters", "result") in the messages. Raises
+    :class:`SerializationError` if the payload is refused or cannot be unpickled.
+    """
+    pickled = _verified(data, signing_keys(), what)
     try:
-        return cloudpickle.loads(data)
+        return cloudpickle.loads(pickled)
     except Exception as exc:
-        raise SerializationError(f"cannot unpickle payload: {exc}") from exc
+        raise SerializationError(f"cannot unpickle {what}: {exc}") from exc
