@@ -108,6 +108,8 @@ async def test_run_context_run_name_cache_and_retry_policy_in_real_processes(
         # Two connection errors were retried; the ValueError was not.
         assert (run.state, run.retry_count, run.attempt) == (TaskRunState.FAILED, 2, 3)
         assert run.message == "not retried: retry_condition_fn returned False"
+        # Hooks run once the run is reported.
+        await wait_until(lambda: hook_file.exists() and hook_file.read_text().endswith("')"))
         assert hook_file.read_text() == (
             f"{run.id} FAILED ValueError('call 3: not worth retrying')"
         )

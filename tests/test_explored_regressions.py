@@ -46,12 +46,6 @@ async def state_of(srv: InProcessServer, run_id: Any) -> TaskRunState:
     return run.state
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a worker whose subscribe message arrives after the server's 10 s "
-    "SUBSCRIBE_TIMEOUT is closed with 1008 (policy), which the worker takes as a "
-    "refusal for good: start() raises ProtocolError and the worker is gone",
-)
 async def test_a_late_subscribe_does_not_stop_the_worker_for_good(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, memory_store: SQLiteStore
 ) -> None:
@@ -114,7 +108,6 @@ LATE_SUBSCRIBE = (
 )
 
 
-@pytest.mark.xfail(strict=True, raises=InvariantViolated, reason=LATE_SUBSCRIBE)
 def test_a_late_subscribe_as_the_explorer_found_it() -> None:
     """The same finding as the explorer shrank it (every invariant checked)."""
     run_program(
@@ -127,12 +120,6 @@ def test_a_late_subscribe_as_the_explorer_found_it() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a run's own timeout_seconds (with_options at submit time) travels with "
-    "the run and is stored, but the worker times runs by its own definition of the "
-    "task only, so the run outlives its timeout and COMPLETES",
-)
 async def test_a_runs_timeout_option_is_applied_by_the_worker(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, memory_store: SQLiteStore
 ) -> None:

@@ -205,12 +205,21 @@ async def always_fails() -> None:
     raise KeyError("nope")
 
 
+async def hooks_done(count: int) -> None:
+    """Hooks run after the report, sync ones in threads: wait on the virtual clock."""
+    with trio.fail_after(60):
+        while len(hook_calls) < count:  # noqa: ASYNC110 - filled by a worker thread
+            await trio.sleep(1)
+    await trio.sleep(5)  # and no more come
+
+
 async def test_completion_hooks_run_in_order_and_a_broken_one_changes_nothing(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, srv: InProcessServer
 ) -> None:
     await start(nursery, srv, doubles)
     run = await run_when(srv, await submit(srv, doubles, 21), ended)
     assert run.state is S.COMPLETED
+    await hooks_done(1)
     assert hook_calls == [("completion", "COMPLETED", 42)]
 
 
@@ -220,6 +229,7 @@ async def test_failure_hooks_run_once_when_the_run_fails_for_good(
     await start(nursery, srv, always_fails)
     run = await run_when(srv, await submit(srv, always_fails), ended)
     assert (run.state, len(executions)) == (S.FAILED, 2)
+    await hooks_done(1)
     assert hook_calls == [("failure", "FAILED", "KeyError('nope')")]  # not after attempt 1
 
 

@@ -29,7 +29,14 @@ from trio_taskworker import (
     task,
 )
 from trio_taskworker._client import TaskWorkerClient
-from trio_taskworker._models import Finished, Heartbeat, Released, Started, Subscribed
+from trio_taskworker._models import (
+    Finished,
+    Heartbeat,
+    Released,
+    Started,
+    Subscribed,
+    option_values,
+)
 from trio_taskworker._serialization import (
     decode_worker_frame,
     dumps_payload,
@@ -88,6 +95,8 @@ def make_run(t: object, *args: object, **kwargs: object) -> TaskRun:
         scheduled_time=NOW,
         attempt=1,
         parameters=dumps_payload((args, kwargs)),
+        # A run carries the options it was submitted with: its task's.
+        **option_values(t.options),  # type: ignore[attr-defined]
     )
 
 

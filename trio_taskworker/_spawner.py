@@ -326,7 +326,8 @@ class Spawner:
         self, task: TaskDefinition[Any, Any], entry: InFlight
     ) -> tuple[Finished | Released, _Hooks | None]:
         run = entry.run
-        timeout = task.options.timeout_seconds
+        # The run's own option: the submitter may have changed it (with_options).
+        timeout = run.timeout_seconds
         try:
             with entry.cancelled, entry.lost:
                 with trio.move_on_after(math.inf if timeout is None else timeout) as timer:

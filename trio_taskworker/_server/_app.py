@@ -76,6 +76,9 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 #: The worker sent nothing for a whole lease: its leases are released.
 CLOSE_LEASE_EXPIRED = 3008
+#: "Try again later": the subscribe came too late (a stalled network, a blocked
+#: worker). Not the worker's fault for good, so it reconnects.
+CLOSE_TRY_AGAIN = 1013
 #: How long a new connection has to send its ``subscribe`` message.
 SUBSCRIBE_TIMEOUT = 10.0
 
@@ -354,7 +357,7 @@ class _Closed(Exception):
 #: Which close wins when several end a subscription at once: what the worker did
 #: (a 1008 tells it to stop rather than reconnect and repeat it, an expired
 #: lease says its runs were released) says more than the server-wide shutdown.
-_CLOSE_PRECEDENCE = (CLOSE_POLICY, CLOSE_LEASE_EXPIRED, CLOSE_GOING_AWAY)
+_CLOSE_PRECEDENCE = (CLOSE_POLICY, CLOSE_TRY_AGAIN, CLOSE_LEASE_EXPIRED, CLOSE_GOING_AWAY)
 
 
 def _most_telling(group: BaseExceptionGroup[_Closed]) -> _Closed:
@@ -441,7 +444,7 @@ class SubscriptionHandler:
         with trio.move_on_after(SUBSCRIBE_TIMEOUT) as scope:
             first = await self._receive_frame()
         if scope.cancelled_caught:
-            raise _Closed(CLOSE_POLICY, "no subscribe message in time")
+            raise _Closed(CLOSE_TRY_AGAIN, "no subscribe message in time")
         if first is None:
             return
         try:
