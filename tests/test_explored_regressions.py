@@ -12,14 +12,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
-import pytest
 import trio
 import trio.testing
 
 from trio_taskworker import TaskRunState, TaskWorker, task
 from trio_taskworker._server import SQLiteStore
 
-from .explore_machine import Cut, InvariantViolated, Join, Silence, Submit, program, run_program
+from .explore_machine import Cut, Join, Silence, Submit, program, run_program
 from .fakes import InProcessServer, now
 
 S = TaskRunState
@@ -100,12 +99,6 @@ async def test_a_late_subscribe_does_not_stop_the_worker_for_good(
     await trio.sleep(5)
     assert await state_of(srv, run_id) is S.COMPLETED
     await worker.stop()
-
-
-LATE_SUBSCRIBE = (
-    "InvariantViolated: worker 0's start() raised ProtocolError('the server refused "
-    "this worker: 1008 no subscribe message in time')"
-)
 
 
 def test_a_late_subscribe_as_the_explorer_found_it() -> None:
