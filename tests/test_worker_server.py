@@ -318,6 +318,10 @@ async def test_lost_connection_redelivers_running_runs(
           "[{]"], "invalid message"),
         ([json.dumps([{"type": "subscribe", "keys": ["k"], "client_id": "x", "credits": 1}]),
           json.dumps([{"type": "credit", "n": -5}])], "credits must stay in"),
+        # Two credits in one frame count together against the cap.
+        ([json.dumps([{"type": "subscribe", "keys": ["k"], "client_id": "x", "credits": 1}]),
+          json.dumps([{"type": "credit", "n": 60_000}, {"type": "credit", "n": 60_000}])],
+         "credits must stay in"),
         ([json.dumps([{"type": "subscribe", "keys": ["k"], "client_id": "x", "credits": 1}]),
           json.dumps([{"type": "subscribe", "keys": ["k"], "client_id": "x", "credits": 1}])],
          "subscribe may only be sent once"),

@@ -506,11 +506,13 @@ class SubscriptionHandler:
             except InvalidPayload as exc:
                 raise _Closed(CLOSE_POLICY, f"invalid message: {exc}") from None
             reports = []
+            granted = 0  # credits are granted after the reports: count the whole frame's
             for message in messages:
                 if isinstance(message, Started | Finished | Released):
                     reports.append(message)
                 elif isinstance(message, Credit):
-                    if message.n < 0 or sub.credits + message.n > MAX_CREDITS:
+                    granted += message.n
+                    if message.n < 0 or sub.credits + granted > MAX_CREDITS:
                         raise _Closed(CLOSE_POLICY, f"credits must stay in [0, {MAX_CREDITS}]")
                 elif isinstance(message, Drain | Heartbeat):
                     pass
