@@ -193,6 +193,16 @@ class Advance:
 
 
 @attrs.frozen
+class Nudge:
+    """Apply the next event after only ``rounds`` of trio's scheduling rounds,
+    instead of once every task waits: it lands while messages, reports and
+    wake-ups of the previous event are still on their way. (Rounds are counted
+    only while no sync task's thread is busy; otherwise the step settles.)"""
+
+    rounds: int = 0
+
+
+@attrs.frozen
 class Tamper:
     """Run ``sql`` on the store behind the server's back. Never generated: the
     explorer's own tests use it to plant a violation and see the checks catch it."""
@@ -212,6 +222,7 @@ Event = (
     | Silence
     | Restart
     | Advance
+    | Nudge
     | Tamper
 )
 
@@ -526,6 +537,14 @@ class Explorer:
                 runs = slot.worker.in_flight_task_runs
                 in_flight += sum(len(runs.get(key, ())) for key in _SYNC_KEYS)
         return in_flight > self.rec.parked
+
+    async def nudge(self, rounds: int) -> None:
+        """Let ``rounds`` scheduling rounds pass (see :class:`Nudge`)."""
+        for _ in range(rounds):
+            if self.busy():
+                await self.settle()
+                return
+            await trio.lowlevel.checkpoint()
 
     async def settle(self) -> None:
         """Let every task run until all wait on time (no virtual time passes)."""
@@ -1013,10 +1032,17 @@ class Explorer:
                 await self.apply(self.program.first)
                 await self.settle()
                 await self.check()
-                for event in self.program.events:
+                events = self.program.events
+                for i, event in enumerate(events):
+                    if isinstance(event, Nudge):
+                        continue
                     await self.apply(event)
-                    await self.settle()
-                    await self.check()
+                    after = events[i + 1] if i + 1 < len(events) else None
+                    if isinstance(after, Nudge):
+                        await self.nudge(after.rounds)
+                    else:
+                        await self.settle()
+                        await self.check()
                 self.ended = await self.drain()
                 await self.final_check(self.ended)
             except InvariantViolated as exc:
@@ -1099,6 +1125,7 @@ __all__ = [
     "InvariantViolated",
     "Join",
     "Kill",
+    "Nudge",
     "Program",
     "Restart",
     "Signal",

@@ -33,6 +33,7 @@ from .explore_machine import (
     InvariantViolated,
     Join,
     Kill,
+    Nudge,
     Program,
     Restart,
     Signal,
@@ -47,7 +48,7 @@ from .explore_machine import (
 
 settings.register_profile(
     "ci",
-    max_examples=60,
+    max_examples=120,
     deadline=None,
     derandomize=True,
     database=None,
@@ -93,6 +94,8 @@ events = st.one_of(
     joins,
     st.builds(Advance, seconds=st.sampled_from([0.5, 1.0, 3.0, 10.0, 30.0])),
     st.builds(Advance, seconds=st.sampled_from([0.5, 1.0, 3.0, 10.0, 30.0])),
+    st.builds(Nudge, rounds=st.integers(min_value=0, max_value=6)),
+    st.builds(Nudge, rounds=st.integers(min_value=0, max_value=6)),
 )
 programs = st.builds(
     Program,
