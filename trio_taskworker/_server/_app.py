@@ -7,6 +7,7 @@ never unpickles anything it is sent.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -92,6 +93,11 @@ class AppState:
     waiters: Waiters
     now: Callable[[], float]
     max_body_bytes: int = 64 * 1024 * 1024
+    #: The most bytes of request bodies held at once, across all requests.
+    max_bodies_in_flight: int = 256 * 1024 * 1024
+    #: The longest a request body may take to arrive, in seconds.
+    body_timeout: float = 60.0
+    bodies_in_flight: int = 0
     lease_seconds: float = 30.0
     stopping: trio.Event = attrs.field(factory=trio.Event)
     connections: int = 0
@@ -125,17 +131,41 @@ def _json(value: Any, status: int = 200) -> Response:
     return Response(to_json(value), status_code=status, media_type="application/json")
 
 
-async def _body(request: Request, limit: int) -> bytes:
+async def _body(request: Request, state: AppState) -> bytes:
+    """The request's body, within the server's limits.
+
+    413 over ``max_body_bytes``; 503 (with ``Retry-After``) when the bodies being
+    received at once would hold more than ``max_bodies_in_flight`` bytes, so a
+    burst of large uploads cannot take the server's memory; 408 when the body
+    has not arrived within ``body_timeout`` seconds (a slow or stalled sender).
+    """
+    limit = state.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"the body is {declared} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"the body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    chunks: list[bytes] = []
+    held = 0
+    try:
+        with trio.move_on_after(state.body_timeout) as timer:
+            async with contextlib.aclosing(request.stream()) as stream:
+                async for chunk in stream:
+                    if held + len(chunk) > limit:
+                        raise HTTPException(413, f"the body is over the limit of {limit} bytes")
+                    if state.bodies_in_flight + len(chunk) > state.max_bodies_in_flight:
+                        raise HTTPException(
+                            503,
+                            "the server is receiving too many large bodies at once;"
+                            " retry shortly",
+                            headers={"Retry-After": "1"},
+                        )
+                    state.bodies_in_flight += len(chunk)
+                    held += len(chunk)
+                    chunks.append(chunk)
+        if timer.cancelled_caught:
+            raise HTTPException(408, f"the body did not arrive within {state.body_timeout:g} s")
+        return b"".join(chunks)
+    finally:
+        state.bodies_in_flight -= held
 
 
 def _run_id(request: Request) -> uuid.UUID:
@@ -231,7 +261,7 @@ class _Handlers:
 
     async def create_runs(self, request: Request) -> Response:
         state = self.state
-        body = await _body(request, state.max_body_bytes)
+        body = await _body(request, state)
         try:
             batch = from_json(body, TaskRunCreateBatch)
         except InvalidPayload as exc:
@@ -293,7 +323,7 @@ class _Handlers:
     async def wait_runs(self, request: Request) -> Response:
         state = self.state
         try:
-            wait = from_json(await _body(request, state.max_body_bytes), WaitRequest)
+            wait = from_json(await _body(request, state), WaitRequest)
         except InvalidPayload as exc:
             return _error(422, f"invalid wait request: {exc}")
         wanted = set(wait.ids)
@@ -320,7 +350,7 @@ class _Handlers:
 
     async def put_blob(self, request: Request) -> Response:
         state = self.state
-        data = await _body(request, state.max_body_bytes)
+        data = await _body(request, state)
         ref = await state.store.put_blob(data, state.now())
         return JSONResponse({"id": ref}, status_code=201)
 
