@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
+import httpx
 import trio
 import trio.testing
 
@@ -49,9 +50,11 @@ from trio_taskworker import (
     get_run_context,
     task,
 )
+from trio_taskworker._client import TaskWorkerClient, fits_inline, using_client
 from trio_taskworker._models import Subscribed
 from trio_taskworker._serialization import decode_server_frame, loads_payload
 from trio_taskworker._server import SQLiteStore
+from trio_taskworker._server._app import build_app
 from trio_taskworker._states import IllegalTransition, check_transition
 from trio_taskworker._subscription import FLUSH_TIMEOUT
 from trio_taskworker.testing import InProcessServer
@@ -72,7 +75,13 @@ KEYS = {
     "sync_timed": "explore:sync_timed",
     "stubborn": "explore:stubborn",
     "quitter": "explore:quitter",
+    "big": "explore:big",
 }
+#: A ``big`` run's label is padded to this many characters: its parameters and
+#: its result are stored as blobs (over ``INLINE_PAYLOAD_LIMIT``), through HTTP.
+BIG = 70_000
+#: The URL the workers' HTTP client (blobs) uses; it reaches the current server.
+URL = "http://explorer.invalid"
 _SYNC_KEYS = (KEYS["sync"], KEYS["sync_timed"], KEYS["stubborn"])
 #: ``timeout_seconds`` of the timed tasks (both the submitter's and the worker's).
 TASK_TIMEOUT = 7.0
@@ -397,6 +406,9 @@ def make_tasks(rec: Recorder, worker: int) -> list[Any]:
     def sb(label: str, seconds: int, fails: int) -> str:
         return run_sync("stubborn", label, seconds, fails, stubborn=True)
 
+    async def b(label: str, seconds: int, fails: int) -> str:
+        return await run_async("big", label, seconds, fails)
+
     async def q(label: str, seconds: int, fails: int) -> str:
         run = get_run_context().task_run
         assert run is not None
@@ -413,6 +425,7 @@ def make_tasks(rec: Recorder, worker: int) -> list[Any]:
         task(key=KEYS["sync_timed"], timeout_seconds=TASK_TIMEOUT)(st),
         task(key=KEYS["stubborn"])(sb),
         task(key=KEYS["quitter"])(q),
+        task(key=KEYS["big"])(b),
     ]
 
 
@@ -501,6 +514,24 @@ class _Link:
         await self.ws.ping()
 
 
+class _ToCurrentServer(httpx.AsyncBaseTransport):
+    """HTTP to whichever server is up now (the real handlers, through
+    ``httpx.ASGITransport``); refused while it restarts."""
+
+    def __init__(self, explorer: Explorer) -> None:
+        self.explorer = explorer
+        self.apps: dict[int, httpx.ASGITransport] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        server = self.explorer.server
+        if not self.explorer.server_up or server is None:
+            raise httpx.ConnectError("connection refused: the server is down", request=request)
+        app = self.apps.get(id(server.state))
+        if app is None:
+            app = self.apps[id(server.state)] = httpx.ASGITransport(app=build_app(server.state))
+        return await app.handle_async_request(request)
+
+
 @attrs.define(eq=False)
 class Explorer:
     """Runs one program; holds the cluster and the observations."""
@@ -522,6 +553,8 @@ class Explorer:
     last: dict[uuid.UUID, TaskRun] = attrs.field(factory=dict)
     #: Every run as it ended, after the final drain.
     ended: dict[uuid.UUID, TaskRun] = attrs.field(factory=dict)
+    #: The workers' HTTP client (blobs), over :class:`_ToCurrentServer`.
+    client: TaskWorkerClient = attrs.field(init=False)
     _nursery: trio.Nursery | None = None
     _server_scope: trio.CancelScope | None = None
     _server_done: trio.Event | None = None
@@ -627,7 +660,7 @@ class Explorer:
             *make_tasks(self.rec, index),
             limit=join.limit,
             shutdown_timeout=join.shutdown_timeout,
-            api_url="http://in-process",
+            api_url=URL,
             handle_signals=False,
             connect=self.connector(slot),
         )
@@ -638,7 +671,7 @@ class Explorer:
 
     async def _run_worker(self, slot: WorkerSlot) -> None:
         try:
-            with slot.scope:
+            with slot.scope, using_client(self.client):
                 await slot.worker.start()
         except Exception as exc:  # any error out of start() breaks an invariant
             slot.error = exc
@@ -673,6 +706,8 @@ class Explorer:
     async def submit(self, sub: Submit) -> None:
         assert self.server is not None
         label = f"r{len(self.runs)}"
+        if sub.kind == "big":
+            label = label.ljust(BIG, ".")
         definition = _SUBMITTER[sub.kind].with_options(
             retries=sub.retries,
             retry_delay_seconds=sub.retry_delay,
@@ -682,9 +717,14 @@ class Explorer:
         if sub.delay is not None:
             when = datetime.datetime.fromtimestamp(now() + sub.delay, datetime.UTC)
         create, payload = definition.run_create((label, sub.seconds, sub.fails), {}, when)
-        (run_id,) = await self.store.create_runs([attrs.evolve(create, parameters=payload)], now())
+        if fits_inline(payload):
+            create = attrs.evolve(create, parameters=payload)
+        else:  # as the client does: a blob first, then the run that refers to it
+            ref = await self.store.put_blob(payload, now())
+            create = attrs.evolve(create, parameters_ref=ref)
+        (run_id,) = await self.store.create_runs([create], now())
         self.runs[run_id] = (sub, label)
-        self.rec.note(f"submitted {label} = run {_short(run_id)}: {sub!r}")
+        self.rec.note(f"submitted {label[:8]} = run {_short(run_id)}: {sub!r}")
         if self.server_up:
             self.server.state.dispatcher.wake()
 
@@ -946,7 +986,7 @@ class Explorer:
                 )
         for run_id, run in runs.items():
             sub, label = self.runs[run_id]
-            name = f"run {_short(run_id)} ({label}, {sub.kind})"
+            name = f"run {_short(run_id)} ({label[:8]}, {sub.kind})"
             executions = [ex for ex in self.rec.executions if ex.run_id == run_id]
             rows = history.get(run_id, [])
             claims = sum(1 for r in rows if r[2] == "SCHEDULED" and r[3] == "PENDING")
@@ -969,10 +1009,15 @@ class Explorer:
             if run_id in self.rec.cancelled_at and run.state is not S.CANCELLED:
                 self.fail(f"{name}: the caller cancelled it, and it ended {run.state}")
             if run.state is S.COMPLETED:
-                result = None if run.result is None else loads_payload(run.result)
+                data = run.result
+                if run.result_ref is not None:
+                    data = await self.store.get_blob(run.result_ref)
+                result = None if data is None else loads_payload(data)
                 expected = value_of(label, run.attempt)
                 if result != expected:
-                    self.fail(f"{name}: COMPLETED with {result!r}, expected {expected!r}")
+                    self.fail(
+                        f"{name}: COMPLETED with {str(result)[:20]!r}, expected {expected[:20]!r}"
+                    )
                 if not any(
                     ex.attempt == run.attempt and ex.how == "returned" for ex in executions
                 ):
@@ -1026,6 +1071,8 @@ class Explorer:
             self._nursery = nursery
             self.store = SQLiteStore(":memory:", threaded=False)
             await nursery.start(self.store.run)
+            http = httpx.AsyncClient(transport=_ToCurrentServer(self), base_url=URL)
+            self.client = TaskWorkerClient(URL, http)
             await self.store.runner.transact(_record_history)
             await self.start_server()
             try:
