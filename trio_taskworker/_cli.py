@@ -3,6 +3,8 @@
 ::
 
     trio-taskworker server start [--host H] [--port P] [--data-dir DIR]
+                                 [--api-key KEY[:ROLE+ROLE]]... [--insecure]
+                                 [--certfile PEM --keyfile PEM]
     trio-taskworker task serve ENTRYPOINT... [--module MOD] [--limit N]
                                              [--status-server-port P]
                                              [--shutdown-timeout S]
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -160,6 +163,21 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="where the SQLite file lives (default $TRIO_TASKWORKER_HOME or ~/.trio-taskworker)",
     )
+    start.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        metavar="KEY[:ROLE+ROLE]",
+        help="require this key (repeatable; roles submit, work, admin; no roles: all);"
+        " default $TRIO_TASKWORKER_SERVER_API_KEY (comma-separated)",
+    )
+    start.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a --host other than loopback without an API key",
+    )
+    start.add_argument("--certfile", type=Path, default=None, help="PEM certificate: serve https")
+    start.add_argument("--keyfile", type=Path, default=None, help="PEM private key of --certfile")
 
     task = groups.add_parser("task", help="serve tasks").add_subparsers(
         dest="command", required=True
@@ -203,9 +221,15 @@ async def _run_server(args: argparse.Namespace) -> None:
         "port": args.port,
         "lease_seconds": args.lease_seconds,
         "default_max_redeliveries": args.max_redeliveries,
+        "insecure": args.insecure,
+        "certfile": args.certfile,
+        "keyfile": args.keyfile,
     }
     if args.data_dir is not None:
         kwargs["data_dir"] = args.data_dir
+    # The environment is for keys that should not show in `ps`; a flag wins.
+    env_keys = os.environ.get("TRIO_TASKWORKER_SERVER_API_KEY", "").strip()
+    kwargs["api_keys"] = args.api_key or ([env_keys] if env_keys else [])
     server = TaskServer(**kwargs)
     # Signals are caught before the ready line, so a supervisor that signals as
     # soon as it reads the line still gets a clean shutdown.

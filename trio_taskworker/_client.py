@@ -31,6 +31,7 @@ import httpx
 import trio
 
 from ._exceptions import (
+    ConfigurationError,
     RemoteTraceback,
     ServerError,
     ServerUnavailable,
@@ -58,7 +59,9 @@ __all__ = [
     "StoredPayload",
     "SyncClient",
     "TaskWorkerClient",
+    "api_key_from_env",
     "api_url_from_env",
+    "auth_headers",
     "bound_client",
     "client_for",
     "fits_inline",
@@ -98,6 +101,35 @@ def redact_url(url: str) -> str:
 def api_url_from_env() -> str:
     """The server URL from ``TRIO_TASKWORKER_API_URL``, or ``http://127.0.0.1:4200``."""
     return os.environ.get("TRIO_TASKWORKER_API_URL", DEFAULT_API_URL).rstrip("/")
+
+
+def _unreachable(api_url: str, exc: httpx.TransportError) -> ServerUnavailable:
+    """The error for a request that never got an answer, naming an untrusted
+    certificate when that is why (httpx shows it as a bare ``ConnectError('')``)."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return ServerUnavailable(
+            f"cannot reach {redact_url(api_url)}: its TLS certificate is not trusted"
+            f" ({cause.verify_message}); set TRIO_TASKWORKER_CA_FILE to the CA bundle"
+            " that signed it"
+        )
+    return ServerUnavailable(f"cannot reach {redact_url(api_url)}: {exc!r}")
+
+
+def api_key_from_env() -> str | None:
+    """The API key from ``TRIO_TASKWORKER_API_KEY``, or None when it is unset or empty."""
+    return os.environ.get("TRIO_TASKWORKER_API_KEY", "").strip() or None
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The headers that carry ``api_key`` (default: from the environment), if there is one.
+
+    HTTP requests and the worker's websocket handshake both send these.
+    """
+    key = api_key_from_env() if api_key is None else api_key
+    return {"authorization": f"Bearer {key}"} if key else {}
 
 
 @attrs.frozen(kw_only=True)
@@ -417,9 +449,7 @@ class TaskWorkerClient:
                 return await self._http.send(_build(self._http, call))
             except httpx.TransportError as exc:
                 if attempt == len(delays):
-                    raise ServerUnavailable(
-                        f"cannot reach {redact_url(self.api_url)}: {exc!r}"
-                    ) from exc
+                    raise _unreachable(self.api_url, exc) from exc
                 log.info("%s %s: %r; retrying", call.method, call.path, exc)
             await trio.sleep(delays[attempt])
         raise AssertionError("unreachable")
@@ -531,32 +561,63 @@ _current: contextvars.ContextVar[TaskWorkerClient | None] = contextvars.ContextV
 )
 
 
-@functools.cache
 def _tls() -> ssl.SSLContext:
+    """The TLS context every client and worker connection verifies servers with.
+
+    The system's trust store and httpx's (certifi's bundle, or
+    ``SSL_CERT_FILE``); or, when ``TRIO_TASKWORKER_CA_FILE`` names a PEM
+    bundle, that bundle alone. Raises :class:`ConfigurationError` when it
+    cannot be loaded.
+    """
+    return _tls_for(os.environ.get("TRIO_TASKWORKER_CA_FILE") or None)
+
+
+@functools.cache
+def _tls_for(ca_file: str | None) -> ssl.SSLContext:
     # httpx builds a TLS context for every client it makes (about 30 ms: it
     # loads the CA bundle), even for http://. One per process is enough.
-    return httpx.create_ssl_context()
+    if ca_file is None:
+        # httpx's default (certifi, or SSL_CERT_FILE/SSL_CERT_DIR) plus the
+        # system store: a private CA installed system-wide is trusted, and a
+        # Python without a system store (python.org's macOS build) still
+        # verifies public certificates.
+        context = httpx.create_ssl_context()
+        context.load_default_certs()
+        return context
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"TRIO_TASKWORKER_CA_FILE={ca_file!r} is not a usable CA bundle: {exc}"
+        ) from None
 
 
-def pooled_http(url: str) -> httpx.AsyncClient:
-    """An ``httpx.AsyncClient`` for ``url``: the shared TLS context, no connection cap."""
+def pooled_http(url: str, api_key: str | None = None) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` for ``url``: the shared TLS context, no connection cap,
+    and ``api_key`` (default: ``TRIO_TASKWORKER_API_KEY``) as a bearer token."""
     # No cap on connections: every long-poll holds one for up to 30 s, and a
     # hundred callers awaiting results must not starve one that submits.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    return httpx.AsyncClient(base_url=url, limits=limits, verify=_tls())
+    return httpx.AsyncClient(
+        base_url=url, limits=limits, verify=_tls(), headers=auth_headers(api_key)
+    )
 
 
 @contextlib.asynccontextmanager
-async def open_client(api_url: str | None = None) -> AsyncIterator[TaskWorkerClient]:
+async def open_client(
+    api_url: str | None = None, *, api_key: str | None = None
+) -> AsyncIterator[TaskWorkerClient]:
     """Open a pooled client, and make it the one that ``delay``/``result`` use inside.
 
-    Without ``api_url`` it reads ``TRIO_TASKWORKER_API_URL``. Closing the block
-    closes the connection pool. Outside such a block, calls share one pooled
-    client per server for the whole trio run (see :func:`shared_client`), so
-    opening one is only needed to choose when its connections close.
+    Without ``api_url`` it reads ``TRIO_TASKWORKER_API_URL``; without
+    ``api_key``, ``TRIO_TASKWORKER_API_KEY`` (sent as ``Authorization: Bearer``).
+    Closing the block closes the connection pool. Outside such a block, calls
+    share one pooled client per server for the whole trio run (see
+    :func:`shared_client`), so opening one is only needed to choose when its
+    connections close, or to give a key other than the environment's.
     """
     url = (api_url or api_url_from_env()).rstrip("/")
-    async with pooled_http(url) as http:
+    async with pooled_http(url, api_key) as http:
         with using_client(TaskWorkerClient(url, http)) as client:
             yield client
 
@@ -642,10 +703,14 @@ class SyncClient:
     """
 
     api_url: str = attrs.field(factory=api_url_from_env, converter=_strip_slash)
+    #: Sent as a bearer token; None reads ``TRIO_TASKWORKER_API_KEY``.
+    api_key: str | None = attrs.field(default=None, repr=False)
     _http: httpx.Client = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._http = httpx.Client(base_url=self.api_url, verify=_tls())
+        self._http = httpx.Client(
+            base_url=self.api_url, verify=_tls(), headers=auth_headers(self.api_key)
+        )
 
     def __enter__(self) -> SyncClient:
         return self
@@ -673,9 +738,7 @@ class SyncClient:
                 return self._http.send(_build(self._http, call))
             except httpx.TransportError as exc:
                 if attempt == len(delays):
-                    raise ServerUnavailable(
-                        f"cannot reach {redact_url(self.api_url)}: {exc!r}"
-                    ) from exc
+                    raise _unreachable(self.api_url, exc) from exc
                 log.info("%s %s: %r; retrying", call.method, call.path, exc)
             time.sleep(delays[attempt])
         raise AssertionError("unreachable")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -35,7 +36,7 @@ import attrs
 import trio
 import trio_websocket
 
-from ._client import INLINE_PAYLOAD_LIMIT
+from ._client import INLINE_PAYLOAD_LIMIT, _tls, auth_headers
 from ._exceptions import ConfigurationError, ProtocolError, leaves
 from ._models import (
     Cancel,
@@ -128,18 +129,27 @@ def max_frame_bytes(window: int) -> int:
     return window * per_run + 1024 * 1024
 
 
-def websocket_connector(api_url: str, *, max_message_size: int = 1024 * 1024) -> Connect:
+def websocket_connector(
+    api_url: str, *, max_message_size: int = 1024 * 1024, api_key: str | None = None
+) -> Connect:
     """The default ``connect``: a trio-websocket connection to ``{api_url}/subscribe``.
 
-    Frames larger than ``max_message_size`` close the connection (1009); the
-    worker passes :func:`max_frame_bytes` of its window.
+    ``https://`` URLs connect over TLS (wss), verified as the HTTP clients
+    verify (the system trust store, or ``TRIO_TASKWORKER_CA_FILE``). The
+    handshake carries ``api_key`` (default: ``TRIO_TASKWORKER_API_KEY``) as
+    ``Authorization: Bearer``. Frames larger than ``max_message_size`` close
+    the connection (1009); the worker passes :func:`max_frame_bytes` of its
+    window. Raises :class:`ConfigurationError` for a URL that is neither
+    http nor https, or a CA file that cannot be loaded.
     """
     url = urlsplit(api_url)
-    if url.scheme == "https":
-        raise ConfigurationError("https is not supported yet; use http on 127.0.0.1")
+    if url.scheme not in ("http", "https"):
+        raise ConfigurationError(f"the server URL must be http:// or https://, got {url.scheme!r}")
+    tls = _tls() if url.scheme == "https" else None
     host = url.hostname or "127.0.0.1"
-    port = url.port or 80
+    port = url.port or (443 if tls else 80)
     resource = url.path.rstrip("/") + "/subscribe"
+    headers = [(k.encode(), v.encode()) for k, v in auth_headers(api_key).items()]
 
     @contextlib.asynccontextmanager
     async def connect() -> AsyncIterator[WebSocket]:
@@ -147,9 +157,14 @@ def websocket_connector(api_url: str, *, max_message_size: int = 1024 * 1024) ->
         # connection, so the stream is opened here and closed in ``finally``.
         # Neither the TCP connect nor the handshake has a timeout of its own;
         # a server killed mid-handshake must not hold the worker forever.
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
         with trio.fail_after(CONNECT_TIMEOUT):
             stream = await trio.open_tcp_stream(host, port)
         try:
+            if tls is not None:
+                stream = trio.SSLStream(stream, tls, server_hostname=host, https_compatible=True)
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    await _tls_handshake(stream, host, port)
             async with trio.open_nursery() as nursery:
                 with trio.fail_after(CONNECT_TIMEOUT):
                     ws = await trio_websocket.wrap_client_stream(
@@ -157,6 +172,7 @@ def websocket_connector(api_url: str, *, max_message_size: int = 1024 * 1024) ->
                         stream,
                         host,
                         resource,
+                        extra_headers=headers,
                         message_queue_size=64,
                         max_message_size=max_message_size,
                     )
@@ -166,6 +182,21 @@ def websocket_connector(api_url: str, *, max_message_size: int = 1024 * 1024) ->
             await trio.aclose_forcefully(stream)
 
     return connect
+
+
+async def _tls_handshake(stream: trio.SSLStream[trio.SocketStream], host: str, port: int) -> None:
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            # Retrying cannot make an untrusted certificate trusted.
+            raise ConfigurationError(
+                f"the TLS certificate of {host}:{port} is not trusted ({cause.verify_message});"
+                " set TRIO_TASKWORKER_CA_FILE to the CA bundle that signed it"
+            ) from None
+        # Anything else (a reset, a server that speaks plain http) may pass.
+        raise ConnectionError(f"TLS handshake with {host}:{port} failed: {cause!r}") from exc
 
 
 @attrs.define(eq=False)
@@ -281,8 +312,14 @@ class Subscription:
                     lost = self._rejected(group)
                 except* _TRANSPORT_ERRORS as group:
                     lost = _first(group)
+                    # A refusal can also surface through a send (the hello,
+                    # when the server closed first), not only through _receive.
+                    if isinstance(lost, trio_websocket.ConnectionClosed):
+                        self.fatal = _refusal(lost)
             if self.fatal is not None:
-                log.error("worker %s stops: %s", self.client_id, self.fatal)
+                # INFO, not ERROR: the worker raises it, and the CLI prints it
+                # as its one error line.
+                log.info("worker %s stops: %s", self.client_id, self.fatal)
                 break
             if self.draining:
                 break
@@ -405,17 +442,22 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return first
 
 
+def _refusal(closed: trio_websocket.ConnectionClosed) -> ProtocolError | None:
+    """The error to stop with when the server closed with a code that reconnecting
+    cannot cure (a policy violation, or one of the 4000s: no valid API key, ...)."""
+    reason = closed.reason
+    if reason is None or not (reason.code in _FATAL_CLOSE_CODES or reason.code == _CLOSE_POLICY):
+        return None
+    return ProtocolError(f"the server refused this worker: {reason.code} {reason.reason}")
+
+
 async def _receive(ws: WebSocket) -> list[Any]:
     try:
         data = await ws.get_message()
     except trio_websocket.ConnectionClosed as exc:
-        reason = exc.reason
-        if reason is not None and (
-            reason.code in _FATAL_CLOSE_CODES or reason.code == _CLOSE_POLICY
-        ):
-            raise ProtocolError(
-                f"the server refused this worker: {reason.code} {reason.reason}"
-            ) from None
+        refusal = _refusal(exc)
+        if refusal is not None:
+            raise refusal from None
         raise
     try:
         return list(decode_server_frame(data))

@@ -62,7 +62,10 @@ class TaskWorker:
 
     ``connect`` opens the connection to the server (default: a websocket to
     ``{api_url}/subscribe``); pass another factory to run over another
-    transport, as tests do with an in-process one.
+    transport, as tests do with an in-process one. ``api_key`` (default:
+    ``TRIO_TASKWORKER_API_KEY``) goes with the websocket handshake and the
+    worker's HTTP requests; a server that refuses it (close code 4001 or
+    4003) makes :meth:`start` raise :class:`ProtocolError`.
 
     ``async with TaskWorker(...) as worker:`` starts it in the background of
     the enclosing trio task and stops it gracefully when the block exits
@@ -79,6 +82,7 @@ class TaskWorker:
         status_server_port: int | None = None,
         handle_signals: bool = True,
         connect: Connect | None = None,
+        api_key: str | None = None,
     ) -> None:
         if not tasks:
             raise ConfigurationError("a TaskWorker needs at least one task")
@@ -100,6 +104,7 @@ class TaskWorker:
         self.api_url = (api_url or api_url_from_env()).rstrip("/")
         self.status_server_port = status_server_port
         self.handle_signals = handle_signals
+        self._api_key = api_key
         #: Names this worker in the server's logs: host, process id and a suffix
         #: that tells apart several workers in one process.
         self.client_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -109,7 +114,9 @@ class TaskWorker:
         self._subscription = Subscription(
             connect=connect
             or websocket_connector(
-                self.api_url, max_message_size=max_frame_bytes(self._spawner.window)
+                self.api_url,
+                max_message_size=max_frame_bytes(self._spawner.window),
+                api_key=api_key,
             ),
             sink=self._spawner,
             keys=tuple(sorted(by_key)),
@@ -265,7 +272,9 @@ class TaskWorker:
             async with contextlib.AsyncExitStack() as stack:
                 client = bound_client(self.api_url)
                 if client is None:
-                    http = await stack.enter_async_context(pooled_http(self.api_url))
+                    http = await stack.enter_async_context(
+                        pooled_http(self.api_url, self._api_key)
+                    )
                     client = TaskWorkerClient(self.api_url, http)
                 self._spawner.client = client
                 async with trio.open_nursery() as nursery:
@@ -377,6 +386,7 @@ def serve(
     handle_signals: bool = True,
     shutdown_timeout: float = 30.0,
     api_url: str | None = None,
+    api_key: str | None = None,
 ) -> Awaitable[None]:
     """Serve ``tasks`` with a :class:`TaskWorker` until it is stopped.
 
@@ -392,6 +402,8 @@ def serve(
     :class:`TaskWorker` and calling :meth:`TaskWorker.stop` (or using
     ``async with``); cancelling ``serve`` stops it at once, like a lost
     connection: runs in flight are redelivered and count as redeliveries.
+    ``api_url`` and ``api_key`` default to ``TRIO_TASKWORKER_API_URL`` and
+    ``TRIO_TASKWORKER_API_KEY``.
     Raises :class:`ConfigurationError` for bad arguments before anything runs.
     """
     worker = TaskWorker(
@@ -401,6 +413,7 @@ def serve(
         api_url=api_url,
         status_server_port=status_server_port,
         handle_signals=handle_signals,
+        api_key=api_key,
     )
     if in_trio_run():
         return worker.start()

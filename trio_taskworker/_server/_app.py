@@ -19,6 +19,7 @@ import attrs
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
@@ -53,6 +54,7 @@ from .._serialization import (
 )
 from .._states import IllegalTransition, TaskRunState
 from .._version import __version__
+from ._auth import Authenticate, KeyRing
 from ._dispatch import MAX_CREDITS, Dispatcher, Subscriber, Waiters
 from ._openapi import openapi_document
 from ._routes import (
@@ -60,11 +62,14 @@ from ._routes import (
     ENDPOINTS,
     LIMIT,
     OFFSET,
+    PUBLIC,
     RUN_ID,
     STATE,
+    SUBSCRIBE_ROLES,
     TASK_KEY,
     WAIT_TIMEOUT,
     QueryNumber,
+    Role,
 )
 from ._store import Idempotency, IdempotencyConflict, Outcome, Store, StoreError
 
@@ -86,7 +91,10 @@ SUBSCRIBE_TIMEOUT = 10.0
 
 @attrs.define(eq=False)
 class AppState:
-    """What the routes share: the store, the dispatcher, the waiters, and limits."""
+    """What the routes share: the store, the dispatcher, the waiters, limits and keys.
+
+    With an empty ``keys`` (the default) nothing asks for an API key.
+    """
 
     store: Store
     dispatcher: Dispatcher
@@ -99,6 +107,7 @@ class AppState:
     body_timeout: float = 60.0
     bodies_in_flight: int = 0
     lease_seconds: float = 30.0
+    keys: KeyRing = attrs.field(factory=KeyRing)
     stopping: trio.Event = attrs.field(factory=trio.Event)
     connections: int = 0
     connections_closed: trio.Event = attrs.field(factory=trio.Event)
@@ -198,7 +207,8 @@ _Handler = Callable[[Request], Awaitable[Response]]
 
 def build_app(state: AppState) -> Starlette:
     """Build the Starlette application over ``state``: the routes of
-    :data:`~._routes.ENDPOINTS` and the ``/subscribe`` websocket."""
+    :data:`~._routes.ENDPOINTS` and the ``/subscribe`` websocket, each behind
+    the roles it needs when ``state.keys`` has keys (see :mod:`._auth`)."""
 
     async def subscribe(websocket: WebSocket) -> None:
         await SubscriptionHandler(state, websocket).run()
@@ -213,15 +223,34 @@ def build_app(state: AppState) -> Starlette:
     handlers = _Handlers(state)
     by_path: dict[str, dict[str, _Handler]] = {}
     for endpoint in ENDPOINTS:
-        by_path.setdefault(endpoint.path, {})[endpoint.method] = getattr(
-            handlers, endpoint.handler
+        by_path.setdefault(endpoint.path, {})[endpoint.method] = _guarded(
+            state.keys, endpoint.roles, getattr(handlers, endpoint.handler)
         )
     routes: list[BaseRoute] = [
         Route(path, _by_method(methods), methods=list(methods))
         for path, methods in by_path.items()
     ]
     routes.append(WebSocketRoute("/subscribe", subscribe))
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(Authenticate, keys=state.keys)],
+        exception_handlers={HTTPException: http_error},
+    )
+
+
+def _guarded(keys: KeyRing, roles: frozenset[Role], handler: _Handler) -> _Handler:
+    """``handler`` behind the check of the caller's key: 401 without one, 403
+    without one of ``roles``."""
+    if not keys.enabled or roles == PUBLIC:
+        return handler
+
+    async def guarded(request: Request) -> Response:
+        refusal = keys.check(request.headers.get("authorization"), roles)
+        if refusal is not None:
+            return refusal.response()
+        return await handler(request)
+
+    return guarded
 
 
 def _by_method(handlers: dict[str, _Handler]) -> _Handler:
@@ -408,7 +437,8 @@ class SubscriptionHandler:
 
     ``websocket`` is Starlette's, or anything with its ``accept``, ``receive``,
     ``send_text`` and ``close`` (tests join it to a real worker over memory
-    channels).
+    channels), and ``headers`` when ``state.keys`` has keys: a connection
+    without a valid key with the ``work`` role is closed with 4001 or 4003.
     """
 
     state: AppState
@@ -469,6 +499,14 @@ class SubscriptionHandler:
 
     async def _serve(self) -> None:
         state = self.state
+        if state.keys.enabled:
+            # Checked after the accept, so the close frame's reason tells the
+            # worker why; a refused handshake would reach it as a bare status.
+            refusal = state.keys.check(
+                self.websocket.headers.get("authorization"), SUBSCRIBE_ROLES
+            )
+            if refusal is not None:
+                raise _Closed(refusal.close_code, refusal.close_reason)
         if state.stopping.is_set():
             raise _Closed(CLOSE_GOING_AWAY, "the server is shutting down")
         with trio.move_on_after(SUBSCRIBE_TIMEOUT) as scope:

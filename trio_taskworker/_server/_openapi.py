@@ -19,7 +19,18 @@ import attrs
 
 from .. import _models
 from .._version import __version__
-from ._routes import BYTES, ENDPOINTS, Endpoint, Param, PathId, QueryText, Reply
+from ._routes import (
+    ANY_ROLE,
+    BYTES,
+    ENDPOINTS,
+    PUBLIC,
+    Endpoint,
+    Param,
+    PathId,
+    QueryText,
+    Reply,
+    Role,
+)
 
 __all__ = ["openapi_document"]
 
@@ -136,7 +147,28 @@ def _operation(endpoint: Endpoint) -> dict[str, Any]:
     if endpoint.body is not None:
         operation["requestBody"] = {"required": True, "content": _content(endpoint.body)}
     operation["responses"] = {str(code): _reply(r) for code, r in endpoint.replies.items()}
+    if endpoint.roles == PUBLIC:
+        operation["security"] = []
+        return operation
+    roles = sorted(endpoint.roles | {Role.ADMIN})
+    # Requirement objects are alternatives; the roles inside one are all needed.
+    operation["security"] = [{_SECURITY_SCHEME: [role.value]} for role in roles]
+    operation["description"] = (
+        "On a server with API keys, needs a key with the role "
+        + " or ".join(f"`{role.value}`" for role in roles)
+        + "."
+    )
+    operation["responses"].setdefault("401", _reply(_UNAUTHORIZED))
+    if endpoint.roles != ANY_ROLE:
+        operation["responses"].setdefault("403", _reply(_FORBIDDEN))
     return operation
+
+
+_SECURITY_SCHEME = "apiKey"
+_UNAUTHORIZED = Reply(
+    description="The server has API keys and the request carries none of them.", body="Error"
+)
+_FORBIDDEN = Reply(description="The API key lacks the role this needs.", body="Error")
 
 
 def openapi_document() -> dict[str, Any]:
@@ -174,5 +206,15 @@ def openapi_document() -> dict[str, Any]:
             " the websocket at /subscribe (see the protocol page of the docs).",
         },
         "paths": paths,
-        "components": {"schemas": schemas},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                _SECURITY_SCHEME: {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key of the server, as `Authorization: Bearer KEY`."
+                    " Only asked for when the server was started with API keys.",
+                }
+            },
+        },
     }

@@ -6,6 +6,9 @@ route, its methods, its parameters' bounds and its documented answers cannot
 drift apart. The handlers read their parameters through the same declarations
 (:data:`LIMIT`, :data:`WAIT_TIMEOUT`, ...).
 
+Each endpoint names the :class:`Role` an API key needs to call it (see
+:mod:`._auth`); the websocket's is :data:`SUBSCRIBE_ROLES`.
+
 This module is data only: it imports no web framework. The websocket route
 ``/subscribe`` is not here; it is not part of the OpenAPI document.
 """
@@ -21,13 +24,17 @@ from .._models import MAX_WAIT_SECONDS, WaitRequest
 from .._states import TaskRunState
 
 __all__ = [
+    "ADMIN_ONLY",
+    "ANY_ROLE",
     "BLOB_ID",
     "BYTES",
     "ENDPOINTS",
     "LIMIT",
     "OFFSET",
+    "PUBLIC",
     "RUN_ID",
     "STATE",
+    "SUBSCRIBE_ROLES",
     "TASK_KEY",
     "WAIT_TIMEOUT",
     "Endpoint",
@@ -36,10 +43,33 @@ __all__ = [
     "QueryNumber",
     "QueryText",
     "Reply",
+    "Role",
 ]
 
 #: A body of raw bytes, where a body is otherwise named by its JSON schema.
 BYTES = "application/octet-stream"
+
+
+class Role(enum.StrEnum):
+    """What an API key may do. A key given without roles holds all three."""
+
+    #: Create runs, read and wait for them by id, cancel them, store and read blobs.
+    SUBMIT = "submit"
+    #: Subscribe over the websocket and store and read the blobs of the runs it runs.
+    WORK = "work"
+    #: Everything, listing every run included.
+    ADMIN = "admin"
+
+
+#: An endpoint's ``roles`` when it needs no key, even on a server that has keys.
+PUBLIC: frozenset[Role] = frozenset()
+#: Any valid key, whatever its roles.
+ANY_ROLE: frozenset[Role] = frozenset(Role)
+#: Only keys with the admin role; also what an endpoint that names no roles needs,
+#: so a route added without a thought for keys is closed rather than open.
+ADMIN_ONLY: frozenset[Role] = frozenset({Role.ADMIN})
+#: The roles that may open the ``/subscribe`` websocket.
+SUBSCRIBE_ROLES: frozenset[Role] = frozenset({Role.WORK})
 
 
 @attrs.frozen(kw_only=True)
@@ -86,7 +116,9 @@ class Endpoint:
     """One method on one path: how it is served and how it is documented.
 
     ``handler`` names the method of the app's handlers that answers it.
-    ``body`` is the request body, named as in :class:`Reply`.
+    ``body`` is the request body, named as in :class:`Reply`. On a server with
+    API keys, a key holding any one of ``roles`` may call it (``admin`` holds
+    them all); :data:`PUBLIC` needs no key.
     """
 
     method: str
@@ -97,6 +129,7 @@ class Endpoint:
     replies: Mapping[int, Reply]
     params: tuple[Param, ...] = ()
     body: str | None = None
+    roles: frozenset[Role] = ADMIN_ONLY
 
 
 RUN_ID = PathId(name="run_id")
@@ -114,6 +147,10 @@ WAIT_TIMEOUT = QueryNumber(
     maximum=MAX_WAIT_SECONDS,
 )
 
+_SUBMIT = frozenset({Role.SUBMIT})
+# A submitter stores large parameters and reads large results; a worker the reverse.
+_SUBMIT_OR_WORK = frozenset({Role.SUBMIT, Role.WORK})
+
 _MALFORMED = Reply(description="The request is malformed; `detail` says how.", body="Error")
 _NO_RUN = Reply(description="No such run.", body="Error")
 _THE_RUN = Reply(description="The run", body="TaskRun")
@@ -124,6 +161,7 @@ ENDPOINTS = (
         method="GET",
         path="/health",
         handler="health",
+        roles=PUBLIC,
         operation_id="health",
         summary="Server health and run counts per state",
         replies={200: Reply(description="Healthy", body="Health")},
@@ -132,6 +170,7 @@ ENDPOINTS = (
         method="POST",
         path="/runs",
         handler="create_runs",
+        roles=_SUBMIT,
         operation_id="createRuns",
         summary="Create one or many runs in one transaction",
         body="TaskRunCreateBatch",
@@ -145,6 +184,7 @@ ENDPOINTS = (
         method="GET",
         path="/runs",
         handler="list_runs",
+        roles=ADMIN_ONLY,
         operation_id="listRuns",
         summary="List runs, oldest first, without payloads",
         params=(STATE, TASK_KEY, LIMIT, OFFSET),
@@ -154,6 +194,7 @@ ENDPOINTS = (
         method="POST",
         path="/runs/wait",
         handler="wait_runs",
+        roles=_SUBMIT,
         operation_id="waitRuns",
         summary="Wait until all (or the first) of the given runs have ended",
         body="WaitRequest",
@@ -168,6 +209,7 @@ ENDPOINTS = (
         method="GET",
         path="/runs/{run_id}",
         handler="read_run",
+        roles=_SUBMIT,
         operation_id="readRun",
         summary="Read one run, with its payloads",
         params=(RUN_ID,),
@@ -177,6 +219,7 @@ ENDPOINTS = (
         method="GET",
         path="/runs/{run_id}/wait",
         handler="wait_run",
+        roles=_SUBMIT,
         operation_id="waitRun",
         summary="Long-poll until the run ends; after `timeout` return it as it is",
         params=(RUN_ID, WAIT_TIMEOUT),
@@ -186,6 +229,7 @@ ENDPOINTS = (
         method="POST",
         path="/runs/{run_id}/cancel",
         handler="cancel_run",
+        roles=_SUBMIT,
         operation_id="cancelRun",
         summary="Cancel a run: a queued one at once, a running one via its worker",
         params=(RUN_ID,),
@@ -200,6 +244,7 @@ ENDPOINTS = (
         method="POST",
         path="/blobs",
         handler="put_blob",
+        roles=_SUBMIT_OR_WORK,
         operation_id="putBlob",
         summary="Store a payload blob (pickled parameters or result)",
         body=BYTES,
@@ -212,6 +257,7 @@ ENDPOINTS = (
         method="GET",
         path="/blobs/{blob_id}",
         handler="get_blob",
+        roles=_SUBMIT_OR_WORK,
         operation_id="getBlob",
         summary="Read a payload blob",
         params=(BLOB_ID,),
@@ -224,6 +270,7 @@ ENDPOINTS = (
         method="GET",
         path="/openapi.json",
         handler="openapi",
+        roles=ANY_ROLE,
         operation_id="openapi",
         summary="This document",
         replies={200: Reply(description="The OpenAPI document")},

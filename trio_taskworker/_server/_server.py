@@ -7,6 +7,7 @@ import fcntl
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -19,6 +20,7 @@ import trio
 
 from .._exceptions import ConfigurationError
 from ._app import AppState, build_app
+from ._auth import KeyRing, exposure_problem, key_ring
 from ._dispatch import Dispatcher, Waiters
 from ._sqlite import SQLiteStore
 from ._store import Store
@@ -79,6 +81,11 @@ class TaskServer:
     end this doubles throughput (see docs/performance). A very large batch
     (10,000 runs in one request) then holds the event loop for tens of
     milliseconds; ``sqlite_in_thread=True`` trades throughput for that.
+
+    With ``api_keys`` every route but ``GET /health`` needs one of them (see
+    docs/howto/secure-the-server); a malformed key raises
+    :class:`ConfigurationError` here. ``certfile`` and ``keyfile`` (PEM) make
+    it serve https and wss.
     """
 
     host: str = "127.0.0.1"
@@ -90,6 +97,13 @@ class TaskServer:
     sqlite_in_thread: bool = False
     lease_seconds: float = 30.0
     now: Callable[[], float] = time.time
+    #: ``KEY`` or ``KEY:ROLE+ROLE`` entries (see :mod:`._auth`); none means no
+    #: key is asked for, which only a loopback ``host`` allows unless ``insecure``.
+    api_keys: KeyRing = attrs.field(factory=KeyRing, converter=key_ring, repr=False)
+    insecure: bool = False
+    #: PEM files: with both, the server speaks https and wss.
+    certfile: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
+    keyfile: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     url: str | None = attrs.field(init=False, default=None)
     _state: AppState | None = attrs.field(init=False, default=None)
     _shutdown: trio.Event = attrs.field(init=False, factory=trio.Event)
@@ -101,12 +115,41 @@ class TaskServer:
         from a previous process are back in the queue. With the default SQLite
         store it holds ``data_dir/server.lock`` while it runs, and raises
         :class:`ConfigurationError` naming the holder when another server has
-        it, or when the database file is not a usable SQLite database.
+        it, or when the database file is not a usable SQLite database. It also
+        raises :class:`ConfigurationError` before binding when ``host`` is not
+        loopback and there is no API key (unless ``insecure``, which logs a
+        warning instead), and when the TLS files cannot be loaded.
         """
+        problem = exposure_problem(self.host, self.api_keys)
+        if problem is not None and not self.insecure:
+            raise ConfigurationError(
+                f"{problem}: give an API key (--api-key or TRIO_TASKWORKER_SERVER_API_KEY),"
+                " or --insecure if only trusted peers can reach it"
+            )
+        if problem is not None:
+            log.warning("%s (--insecure)", problem)
+        self._check_tls_files()
         with contextlib.ExitStack() as held:
             if self.store is None:
                 held.enter_context(lock_data_dir(self.data_dir))
             await self._run(task_status)
+
+    def _check_tls_files(self) -> None:
+        # Hypercorn would load them only once it binds, and a bad file would
+        # then surface as a traceback from inside its nursery.
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ConfigurationError("TLS needs both a certificate file and a key file")
+        if self.certfile is None or self.keyfile is None:
+            return
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                self.certfile, self.keyfile
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigurationError(
+                f"cannot load the TLS certificate {self.certfile} with the key {self.keyfile}:"
+                f" {exc}"
+            ) from None
 
     async def _run(self, task_status: trio.TaskStatus[str]) -> None:
         async with trio.open_nursery() as background:
@@ -132,6 +175,7 @@ class TaskServer:
                 now=self.now,
                 max_body_bytes=self.max_body_bytes,
                 lease_seconds=self.lease_seconds,
+                keys=self.api_keys,
             )
             config = hypercorn.config.Config()
             config.bind = [f"{self.host}:{self.port}"]
@@ -139,6 +183,9 @@ class TaskServer:
             config.errorlog = logging.getLogger("hypercorn.error")
             config.graceful_timeout = 5.0
             config.websocket_max_message_size = self.max_body_bytes + 1024 * 1024
+            if self.certfile is not None and self.keyfile is not None:
+                config.certfile = str(self.certfile)
+                config.keyfile = str(self.keyfile)
             async with trio.open_nursery() as web:
                 binds = await web.start(
                     partial(
