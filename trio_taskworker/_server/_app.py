@@ -233,7 +233,7 @@ def build_app(state: AppState) -> Starlette:
     routes.append(WebSocketRoute("/subscribe", subscribe))
     return Starlette(
         routes=routes,
-        middleware=[Middleware(Authenticate, keys=state.keys)],
+        middleware=[Middleware(Authenticate, keys=state.keys)] if state.keys.enabled else [],
         exception_handlers={HTTPException: http_error},
     )
 
