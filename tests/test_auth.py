@@ -25,6 +25,7 @@ from trio_taskworker import (
     TaskServer,
     TaskWorker,
     open_client,
+    task,
 )
 from trio_taskworker._models import Subscribed
 from trio_taskworker._serialization import decode_server_frame
@@ -421,12 +422,24 @@ async def keyed_server(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[T
     await server.stop()
 
 
+@task
+async def reverse(data: bytes) -> bytes:
+    return data[::-1]
+
+
 async def test_submit_key_and_work_key_run_a_task(keyed_server: TaskServer) -> None:
     url = str(keyed_server.url)
-    worker = TaskWorker(t.add, api_url=url, api_key=WORK_KEY, handle_signals=False)
+    worker = TaskWorker(t.add, reverse, api_url=url, api_key=WORK_KEY, handle_signals=False)
     async with worker, open_client(url, api_key=SUBMIT_KEY) as client:
         future = await t.add.delay(1, y=2)
         assert await future.result(timeout=10) == 3
+        # Past the inline limit, parameters and result travel as blobs: the
+        # worker reads and stores them with its work key alone.
+        big = bytes(range(256)) * 1024
+        reversed_ = await reverse.delay(big)
+        assert await reversed_.result(timeout=10) == big[::-1]
+        run = await reversed_.wait()
+        assert run.parameters_ref is not None and run.result_ref is not None
         with pytest.raises(ServerError) as caught:
             await client.list_runs()
         assert caught.value.status_code == 403
