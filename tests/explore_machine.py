@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import math
 import signal
 import uuid
@@ -70,9 +71,7 @@ DRAIN_BUDGET = 3000.0
 #: A run's value: what a COMPLETED run's result must be.
 KEYS = {
     "async": "explore:async",
-    "async_timed": "explore:async_timed",
     "sync": "explore:sync",
-    "sync_timed": "explore:sync_timed",
     "stubborn": "explore:stubborn",
     "quitter": "explore:quitter",
     "big": "explore:big",
@@ -82,9 +81,7 @@ KEYS = {
 BIG = 70_000
 #: The URL the workers' HTTP client (blobs) uses; it reaches the current server.
 URL = "http://explorer.invalid"
-_SYNC_KEYS = (KEYS["sync"], KEYS["sync_timed"], KEYS["stubborn"])
-#: ``timeout_seconds`` of the timed tasks (both the submitter's and the worker's).
-TASK_TIMEOUT = 7.0
+_SYNC_KEYS = (KEYS["sync"], KEYS["stubborn"])
 
 
 def now() -> float:
@@ -113,10 +110,11 @@ class Submit:
     """Queue one run.
 
     ``kind``: ``async``/``sync`` (sleep ``seconds``, then fail while the run's
-    ``retry_count < fails``, else return), their ``_timed`` twins (the task has
-    ``timeout_seconds=TASK_TIMEOUT``), ``stubborn`` (sync, and it swallows a
-    cancel and returns its value anyway), ``quitter`` (raises ``StopTaskWorker``).
-    ``delay``: scheduled that many seconds later.
+    ``retry_count < fails``, else return), ``stubborn`` (sync, and it swallows a
+    cancel and returns its value anyway), ``big`` (async, with parameters and a
+    result too large to travel inline: blobs), ``quitter`` (raises
+    ``StopTaskWorker``). ``delay``: scheduled that many seconds later. The rest
+    are the run's options (``with_options`` at submit time).
     """
 
     kind: str = "async"
@@ -126,6 +124,7 @@ class Submit:
     retry_delay: float = 0.0
     delay: float | None = None
     max_redeliveries: int | None = None
+    timeout: float | None = None
 
 
 @attrs.frozen
@@ -394,14 +393,8 @@ def make_tasks(rec: Recorder, worker: int) -> list[Any]:
     async def a(label: str, seconds: int, fails: int) -> str:
         return await run_async("async", label, seconds, fails)
 
-    async def at(label: str, seconds: int, fails: int) -> str:
-        return await run_async("async_timed", label, seconds, fails)
-
     def s(label: str, seconds: int, fails: int) -> str:
         return run_sync("sync", label, seconds, fails, stubborn=False)
-
-    def st(label: str, seconds: int, fails: int) -> str:
-        return run_sync("sync_timed", label, seconds, fails, stubborn=False)
 
     def sb(label: str, seconds: int, fails: int) -> str:
         return run_sync("stubborn", label, seconds, fails, stubborn=True)
@@ -420,9 +413,7 @@ def make_tasks(rec: Recorder, worker: int) -> list[Any]:
 
     return [
         task(key=KEYS["async"])(a),
-        task(key=KEYS["async_timed"], timeout_seconds=TASK_TIMEOUT)(at),
         task(key=KEYS["sync"])(s),
-        task(key=KEYS["sync_timed"], timeout_seconds=TASK_TIMEOUT)(st),
         task(key=KEYS["stubborn"])(sb),
         task(key=KEYS["quitter"])(q),
         task(key=KEYS["big"])(b),
@@ -547,12 +538,14 @@ class Explorer:
     stops: list[tuple[int, float, float | None]] = attrs.field(factory=list)
     history_seen: int = 0
     #: Per run, the virtual time the explorer first saw it not held by an attempt
-    #: that is still executing (see :meth:`check_ghosts`).
+    #: that is still executing (see :meth:`check`).
     ghost_since: dict[tuple[uuid.UUID, int], float] = attrs.field(factory=dict)
     #: The state of each run at the last check.
     last: dict[uuid.UUID, TaskRun] = attrs.field(factory=dict)
     #: Every run as it ended, after the final drain.
     ended: dict[uuid.UUID, TaskRun] = attrs.field(factory=dict)
+    #: What the package logged at ERROR.
+    errors: list[str] = attrs.field(factory=list)
     #: The workers' HTTP client (blobs), over :class:`_ToCurrentServer`.
     client: TaskWorkerClient = attrs.field(init=False)
     _nursery: trio.Nursery | None = None
@@ -712,6 +705,7 @@ class Explorer:
             retries=sub.retries,
             retry_delay_seconds=sub.retry_delay,
             max_redeliveries=sub.max_redeliveries,
+            timeout_seconds=sub.timeout,
         )
         when = None
         if sub.delay is not None:
@@ -836,6 +830,8 @@ class Explorer:
                     f"worker {slot.index} has {slot.worker.current_tasks} runs in flight; "
                     f"its limit is {limit}"
                 )
+        if self.errors:
+            self.fail(f"logged at ERROR: {self.errors[0]}")
         closed = {c: slot.index for slot in self.slots for c in slot.cleanly_closed}
         for row in await self.new_history():
             (
@@ -916,12 +912,12 @@ class Explorer:
                             f"run {_short(run_id)}: attempts {ex.attempt} and {other.attempt} "
                             f"are live together for {_overlap(ex, other, t):g} s"
                         )
-            if sub.kind.endswith("_timed"):
+            if sub.timeout is not None:
                 for ex in self.rec.live.get(run_id, ()):
-                    if t - ex.entered > TASK_TIMEOUT:
+                    if t - ex.entered > sub.timeout:
                         self.fail(
                             f"run {_short(run_id)} attempt {ex.attempt} has run "
-                            f"{t - ex.entered:g} s, past its timeout of {TASK_TIMEOUT:g} s"
+                            f"{t - ex.entered:g} s, past its timeout of {sub.timeout:g} s"
                         )
         self.last = runs
         for index, began, ended in self.stops:
@@ -1026,7 +1022,9 @@ class Explorer:
                     self.fail(f"{name}: COMPLETED, but its task fails at retry {run.retry_count}")
             elif run.state is S.FAILED:
                 last = [ex for ex in executions if ex.attempt == run.attempt]
-                if not last or last[0].how not in ("raised", "cancelled"):
+                # A return counts only if nothing cancelled it (a stubborn task
+                # that swallowed its timeout's cancel has its value dropped).
+                if not last or last[0].how == "returned":
                     self.fail(f"{name}: FAILED at attempt {run.attempt}, which did not fail")
                 if run.retry_count != sub.retries:
                     self.fail(f"{name}: FAILED after {run.retry_count} retries of {sub.retries}")
@@ -1148,13 +1146,30 @@ def is_path(old: TaskRunState, new: TaskRunState) -> bool:
         return False
 
 
+class _Errors(logging.Handler):
+    """Collects what the package logs at ERROR: a sign of trouble in any program."""
+
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.ERROR)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(f"{record.name}: {record.getMessage()}")
+
+
 def run_program(program: Program) -> Explorer:
     """Run ``program`` in a fresh trio run on a virtual clock; raise
     :class:`InvariantViolated` (or the error that escaped) if it breaks an invariant.
     Returns the explorer, for tests that look further."""
     explorer = Explorer(program)
     clock = trio.testing.MockClock(autojump_threshold=0)
-    trio.run(explorer.main, clock=clock, instruments=[ClockGate(clock, explorer.busy)])
+    logger = logging.getLogger("trio_taskworker")
+    handler = _Errors(explorer.errors)
+    logger.addHandler(handler)
+    try:
+        trio.run(explorer.main, clock=clock, instruments=[ClockGate(clock, explorer.busy)])
+    finally:
+        logger.removeHandler(handler)
     return explorer
 
 

@@ -79,6 +79,7 @@ submits = st.builds(
     retry_delay=st.sampled_from([0.0, 1.0, 10.0]),
     delay=st.none() | st.sampled_from([1.0, 15.0, 60.0]),
     max_redeliveries=st.none() | st.integers(min_value=0, max_value=2),
+    timeout=st.none() | st.sampled_from([2.0, 7.0]),
 )
 events = st.one_of(
     submits,
@@ -89,7 +90,12 @@ events = st.one_of(
     st.builds(StopTask),
     st.builds(Cut, worker=st.none() | worker),
     st.builds(Kill, worker=worker),
-    st.builds(Silence, worker=worker, seconds=st.sampled_from([3.0, 20.0, 40.0])),
+    st.builds(
+        Silence,
+        worker=worker,
+        seconds=st.sampled_from([3.0, 20.0, 40.0]),
+        reconnects=st.booleans(),
+    ),
     st.builds(Restart, graceful=st.booleans()),
     joins,
     st.builds(Advance, seconds=st.sampled_from([0.5, 1.0, 3.0, 10.0, 30.0])),
@@ -136,7 +142,7 @@ def test_the_explorer_sees_every_outcome() -> None:
                 Submit(kind="async", seconds=40, max_redeliveries=0),  # CRASHED below
                 Advance(1.0),
                 Cut(None),  # the long run was redelivered 0 times: CRASHED
-                Submit(kind="sync_timed", seconds=40, retries=1, retry_delay=1.0),
+                Submit(kind="sync", seconds=40, retries=1, retry_delay=1.0, timeout=7.0),
                 Cancel(3),
                 Silence(0, 20.0),
                 Advance(30.0),
