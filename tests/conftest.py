@@ -21,6 +21,13 @@ from trio_taskworker._server import SQLiteStore
 TESTS = Path(__file__).parent
 
 
+@pytest.fixture(autouse=True)
+def _no_signing_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's exported signing key must not change the tests (or reach the
+    processes they start); the signing tests set it themselves."""
+    monkeypatch.delenv("TRIO_TASKWORKER_SIGNING_KEY", raising=False)
+
+
 @pytest.fixture
 async def memory_store(nursery: trio.Nursery) -> SQLiteStore:
     """A SQLite store in memory that runs its SQL on the trio thread (autojump-safe)."""

@@ -84,7 +84,7 @@ async def test_signed_runs_complete_and_a_caller_with_another_key_is_refused(
             await stranger.result(timeout=30)
         assert failed.value.exc_type == SERIALIZATION_ERROR
         assert failed.value.message.startswith(
-            "refusing to unpickle the payload: it is not signed"
+            "refusing to unpickle the parameters: it is not signed"
         )
         assert (await stranger.wait()).state is TaskRunState.FAILED
     assert KEY not in (tmp_path / "worker.log").read_text()
@@ -113,7 +113,7 @@ async def test_a_raw_post_of_a_pickle_without_the_key_fails_the_run_and_runs_no_
         for run in runs:
             assert run.state is TaskRunState.FAILED and run.error is not None
             assert run.error.type == SERIALIZATION_ERROR
-            assert "refusing to unpickle the payload: it is not signed" in run.error.message
+            assert "refusing to unpickle the parameters: it is not signed" in run.error.message
             # The worker's exception is signed: a caller with the key gets it back as itself.
             with pytest.raises(SerializationError, match="refusing to unpickle"):
                 await client.load_result(run)
@@ -157,11 +157,11 @@ async def test_a_rogue_subscriber_cannot_hand_a_caller_a_pickle(
             await ws.send_message(encode_frame(reports))
             await client.wait_runs([completes.task_run_id, fails.task_run_id], timeout=30)
             await ws.aclose()
-        with pytest.raises(
-            SerializationError, match="refusing to unpickle the payload: it is not"
-        ):
+        with pytest.raises(SerializationError, match="refusing to unpickle the result: it is not"):
             await completes.result(timeout=30)
         # A FAILED run's pickle is refused the same way; its JSON error text stands in.
-        with pytest.raises(TaskRunFailed, match=r"^builtins\.ValueError: rogue$"):
+        with pytest.raises(TaskRunFailed) as stand_in:
             await fails.result(timeout=30)
+        assert str(stand_in.value) == "builtins.ValueError: rogue"
+        assert "refusing to unpickle the pickled exception" in stand_in.value.__notes__[0]
     assert not evil.path.exists()

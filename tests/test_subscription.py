@@ -94,4 +94,4 @@ async def test_no_subscribe_in_time_is_closed(
     ws = FakeWebSocket()
     nursery.start_soon(SubscriptionHandler(app_state, ws).run)  # type: ignore[arg-type]
     closed = await ws.from_server.receive()
-    assert closed[:2] == ("closed", 1008) and "no subscribe message in time" in closed[2]
+    assert closed[:2] == ("closed", 1013) and "no subscribe message in time" in closed[2]

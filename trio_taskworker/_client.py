@@ -31,6 +31,7 @@ import httpx
 import trio
 
 from ._exceptions import (
+    SerializationError,
     ConfigurationError,
     RemoteTraceback,
     ServerError,
@@ -364,15 +365,16 @@ def _op_result(run: TaskRun) -> Operation[Any]:
     """Turn an ended run into its value, or raise what it stands for."""
     if run.state is TaskRunState.COMPLETED:
         data = yield from _op_load_payload(run.result, run.result_ref)
-        return None if data is None else loads_payload(data)
+        return None if data is None else loads_payload(data, what="result")
     if run.state is TaskRunState.FAILED:
         data = yield from _op_load_payload(run.result, run.result_ref)
         exc: BaseException | None = None
+        refused: SerializationError | None = None
         if data is not None:
             try:
-                exc = loads_payload(data)
-            except Exception:
-                exc = None
+                exc = loads_payload(data, what="pickled exception")
+            except SerializationError as refusal:
+                refused = refusal
         error = run.error
         # The worker-side frames, printed below "The above exception was the
         # direct cause", as concurrent.futures does for a process pool.
@@ -383,6 +385,8 @@ def _op_result(run: TaskRun) -> Operation[Any]:
                 error.message if error else (run.message or "the run failed"),
                 error.traceback if error else "",
             )
+            if refused is not None:
+                exc.add_note(f"the run's pickled exception was not used: {refused}")
         if cause is None:
             raise exc
         raise exc from cause

@@ -8,7 +8,8 @@ Every error the library raises on its own account derives from one root::
     │   └── TaskRunNotFound         no run with that id (HTTP 404)
     ├── ServerUnavailable           the server could not be reached at all
     ├── ProtocolError               a websocket message broke the protocol
-    ├── SerializationError          parameters or a result could not be (un)pickled
+    ├── SerializationError          a payload could not be (un)pickled, or was refused
+    │                               (a missing or bad signature)
     ├── TaskRunFailed               a FAILED run whose exception could not be rebuilt
     ├── TaskRunTimedOut             a run hit its ``timeout_seconds`` (also a TimeoutError)
     ├── TaskRunCancelled            the run ended CANCELLED
@@ -102,7 +103,8 @@ class ProtocolError(TaskWorkerError):
 
 
 class SerializationError(TaskWorkerError):
-    """Parameters or a result could not be pickled or unpickled."""
+    """Parameters or a result could not be pickled or unpickled, or were refused
+    because their signature is missing or wrong (see ``TRIO_TASKWORKER_SIGNING_KEY``)."""
 
 
 class TaskRunFailed(TaskWorkerError):

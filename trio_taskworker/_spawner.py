@@ -456,7 +456,7 @@ class Spawner:
         except ServerUnavailable as exc:
             raise _Unreachable(f"cannot read its parameters: {exc}") from exc
         assert data is not None  # should_try_to_read_parameters saw one form or the other
-        args, kwargs = loads_payload(data)
+        args, kwargs = loads_payload(data, what="parameters")
         return tuple(args), dict(kwargs)
 
     async def _completed(self, run: TaskRun, value: Any) -> Finished:
