@@ -31,9 +31,9 @@ import httpx
 import trio
 
 from ._exceptions import (
-    SerializationError,
     ConfigurationError,
     RemoteTraceback,
+    SerializationError,
     ServerError,
     ServerUnavailable,
     TaskRunCancelled,
