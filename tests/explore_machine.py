@@ -7,9 +7,37 @@ interprets it inside one fresh ``trio.run`` on a virtual clock: the real
 ``SubscriptionHandler``, ``Dispatcher`` and ``AppState`` of
 :class:`~trio_taskworker.testing.InProcessServer`, and one in-memory
 :class:`SQLiteStore` that outlives server restarts. After each event the
-explorer lets every task run until all of them wait (no virtual time passes),
-then checks the invariants; at the end it keeps a worker alive until the queue
-has drained, stops everything gracefully, and checks the final states.
+explorer lets every task run until all of them wait (no virtual time passes;
+a :class:`Nudge` instead lets only a few scheduling rounds pass), then checks
+the invariants; at the end it keeps a worker alive until the queue has
+drained, stops everything gracefully, and checks the final states.
+
+The invariants (``check`` after every step, ``drain`` and ``final_check`` at the end):
+
+1. every accepted run ends COMPLETED, FAILED, CANCELLED or CRASHED after the
+   drain: none is lost or stuck;
+2. it ends as the rules say: COMPLETED only from a clean return of its final
+   attempt, FAILED only with its retries used up, CANCELLED only by the caller
+   or ``StopTaskWorker``, CRASHED only at exactly ``max_redeliveries``;
+3. every write of the store (an SQLite trigger records them all) is an edge of
+   the state table, or a worker's start and next report applied together;
+4. ``attempt`` equals the claims; each attempt executes at most once; attempts
+   executed <= 1 + retries + redeliveries + hand-backs, within the limits;
+5. no two executions of one run are live while virtual time passes, and a
+   COMPLETED run's result is the value of its final attempt (fencing);
+6. an execution whose attempt no longer holds the run is cancelled before
+   virtual time moves on (no ghosts);
+7. a run the caller cancelled stays CANCELLING/CANCELLED, starts no new
+   attempt, and ends CANCELLED;
+8. every execution that entered its task function left it (``finally:`` ran);
+9. a worker never executes more than ``limit`` runs at once;
+10. no execution outlives its run's ``timeout_seconds``;
+11. after a stop's grace (``stop()``, SIGTERM, ``StopTaskWorker``), or at once
+    after a second signal, the worker executes nothing;
+12. ``stop()`` returns within ``shutdown_timeout`` + the drain handshake's 5 s;
+13. after a clean stop (nothing cut, silenced, killed or restarted meanwhile),
+    no run its connection held is redelivered or crashed for that connection;
+14. ``start()`` never raises, no server handler raises, nothing logs at ERROR.
 
 Hypothesis generates programs (``tests/test_explore.py``) and shrinks a failing
 one; the shrunk program, pasted into ``tests/test_explored_regressions.py``,
@@ -20,11 +48,15 @@ clock), so a program's outcome does not depend on how fast the machine is, with
 two exceptions that this module closes:
 
 - a sync task runs in a thread; while its Python code runs, the trio side may
-  look idle and the clock would jump. :class:`GatedClock` does not jump while
-  any sync run is in flight outside :func:`Recorder.parked_sleep`;
+  look idle and the clock would jump. :class:`ClockGate` holds the clock while
+  any sync run is in flight outside :meth:`Recorder.parked_sleep`;
 - trio shuffles its run queue, and the worker's reconnect backoff draws from
   ``random``. Under Hypothesis both are seeded per example (trio registers its
   scheduler's random with Hypothesis when Hypothesis is imported).
+
+What is left: a sync task's thread reaches trio at a real moment, so within one
+virtual instant its exit may land before or after another task's step. Final
+states did not depend on it in repeated runs of one program.
 """
 
 from __future__ import annotations
