@@ -163,8 +163,7 @@ async def _body(request: Request, state: AppState) -> bytes:
                     if state.bodies_in_flight + len(chunk) > state.max_bodies_in_flight:
                         raise HTTPException(
                             503,
-                            "the server is receiving too many large bodies at once;"
-                            " retry shortly",
+                            "the server is receiving too many large bodies at once; retry shortly",
                             headers={"Retry-After": "1"},
                         )
                     state.bodies_in_flight += len(chunk)
