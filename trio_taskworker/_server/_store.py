@@ -27,7 +27,7 @@ from .. import _rules
 from .._models import OPTION_NAMES, ErrorInfo, TaskOptions, TaskRun, TaskRunCreate, option_values
 from .._rules import Changes, Report
 from .._serialization import converter
-from .._states import IllegalTransition, TaskRunState, check_transition
+from .._states import TERMINAL_STATES, IllegalTransition, TaskRunState, check_transition
 
 __all__ = [
     "IDEMPOTENCY_SECONDS",
@@ -226,6 +226,18 @@ SCHEMA = (
         created_at DOUBLE PRECISION NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS ix_idempotency_created ON idempotency_keys (created_at)",
+    # Retention (see _maintenance): ended runs by end time, and the references
+    # to blobs and blobs by age, so that a sweep never scans the tables. Partial
+    # indexes cost nothing for the runs they leave out (most have no blob).
+    "CREATE INDEX IF NOT EXISTS ix_task_runs_finished ON task_runs (finished_at)"
+    " WHERE finished_at IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS ix_task_runs_parameters_ref ON task_runs (parameters_ref)"
+    " WHERE parameters_ref IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS ix_task_runs_result_ref ON task_runs (result_ref)"
+    " WHERE result_ref IS NOT NULL",
+    # created_at is stored after the payload: without this index, reading it
+    # would read every blob's bytes.
+    "CREATE INDEX IF NOT EXISTS ix_blobs_created ON blobs (created_at, id)",
 )
 
 
@@ -725,3 +737,122 @@ class Store:
         cur.execute(self._q("SELECT data FROM blobs WHERE id = ?"), (ref,))
         row = cur.fetchone()
         return None if row is None else bytes(row[0])
+
+    # --- retention ----------------------------------------------------------------
+
+    async def stamp_crashed_runs(self, now: float) -> int:
+        """Give the CRASHED runs that have no ``finished_at`` the time ``now``; return how many.
+
+        A run whose lease was lost once too often ends CRASHED without an end
+        time. Retention counts from ``finished_at``, so the first sweep after
+        such a run ended records one; the run is then kept for the whole
+        retention period, however long it had run before.
+        """
+        select = self._q("SELECT id FROM task_runs WHERE state = ? AND finished_at IS NULL")
+
+        def stamp(cur: Cursor) -> int:
+            cur.execute(select, (TaskRunState.CRASHED.value,))
+            ids = [row[0] for row in cur.fetchall()]
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                cur.execute(
+                    self._q(
+                        f"UPDATE task_runs SET finished_at = ? WHERE id IN {_in(chunk)}"
+                        " AND finished_at IS NULL"
+                    ),
+                    [now, *chunk],
+                )
+            return len(ids)
+
+        return await self.runner.transact(stamp)
+
+    async def delete_ended_runs(self, ended_before: float, limit: int) -> int:
+        """Delete up to ``limit`` runs, oldest first, that ended before ``ended_before``.
+
+        Only runs in a terminal state with a ``finished_at`` are deleted: a run
+        that has not ended is never touched. Returns how many were deleted; fewer
+        than ``limit`` means none is left. Their blobs stay until
+        :meth:`delete_unreferenced_blobs`.
+        """
+        # The state is checked here, not in SQL: with ``state IN (...)`` in the
+        # query, SQLite picks the queue index and sorts every ended run. Only an
+        # ended run has a finished_at, so the check is a second guard.
+        select = self._q(
+            "SELECT id, state FROM task_runs WHERE finished_at < ? ORDER BY finished_at LIMIT ?"
+        )
+        terminal = {state.value for state in TERMINAL_STATES}
+
+        def delete(cur: Cursor) -> int:
+            cur.execute(select, (ended_before, limit))
+            ids = [run_id for run_id, state in cur.fetchall() if state in terminal]
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                cur.execute(self._q(f"DELETE FROM task_runs WHERE id IN {_in(chunk)}"), chunk)
+            return len(ids)
+
+        return await self.runner.transact(delete)
+
+    async def delete_unreferenced_blobs(
+        self,
+        created_before: float,
+        after: tuple[float, str] | None,
+        limit: int,
+        max_bytes: int = 8 * 1024 * 1024,
+    ) -> tuple[int, tuple[float, str] | None]:
+        """Look at up to ``limit`` blobs created before ``created_before``, oldest
+        first and past ``after``; delete those that no run references.
+
+        Returns how many were deleted, and the ``after`` to pass to look at the
+        next ones (None once every blob has been looked at). The transaction
+        stops early once it has deleted ``max_bytes`` (but deletes one blob at
+        least): freeing a blob's pages takes time in proportion to its size.
+
+        A blob named by a run's ``parameters_ref`` or ``result_ref``, of any run
+        in any state (cached runs share their original's result blob), is kept.
+        The check and the delete are one transaction, so a run created meanwhile
+        either found its blob or was refused; a blob uploaded but not yet named
+        by a run is protected only by ``created_before`` (the caller's grace
+        period).
+        """
+        where = (
+            "created_at < ?" if after is None else "created_at < ? AND (created_at, id) > (?, ?)"
+        )
+        select = self._q(
+            f"SELECT created_at, id FROM blobs WHERE {where} ORDER BY created_at, id LIMIT ?"
+        )
+        params: list[Any] = [created_before, *(after or ()), limit]
+
+        def delete(cur: Cursor) -> tuple[int, tuple[float, str] | None]:
+            cur.execute(select, params)
+            seen = [(float(created), str(ref)) for created, ref in cur.fetchall()]
+            sizes: dict[str, int] = {}
+            for start in range(0, len(seen), 500):
+                chunk = [ref for _, ref in seen[start : start + 500]]
+                cur.execute(
+                    self._q(
+                        f"SELECT id, LENGTH(data) FROM blobs WHERE id IN {_in(chunk)}"
+                        " AND NOT EXISTS (SELECT 1 FROM task_runs WHERE parameters_ref = blobs.id)"
+                        " AND NOT EXISTS (SELECT 1 FROM task_runs WHERE result_ref = blobs.id)"
+                    ),
+                    chunk,
+                )
+                sizes.update((ref, int(size)) for ref, size in cur.fetchall())
+            doomed: list[str] = []
+            budget = max_bytes
+            for position, (_, ref) in enumerate(seen):
+                if ref not in sizes:
+                    continue
+                if doomed and sizes[ref] > budget:
+                    # Look at this one again in the next transaction.
+                    resume: tuple[float, str] | None = seen[position - 1]
+                    break
+                doomed.append(ref)
+                budget -= sizes[ref]
+            else:
+                resume = seen[-1] if len(seen) == limit else None
+            for start in range(0, len(doomed), 500):
+                chunk = doomed[start : start + 500]
+                cur.execute(self._q(f"DELETE FROM blobs WHERE id IN {_in(chunk)}"), chunk)
+            return len(doomed), resume
+
+        return await self.runner.transact(delete)
