@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -133,6 +134,30 @@ def _positive_seconds(value: str) -> float:
     return number
 
 
+#: Units of a ``--retention`` duration, in seconds.
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def _duration(value: str) -> float | None:
+    """``7d``, ``12h``, ``30m``, ``45s``, ``2w`` or plain seconds; ``0`` or
+    ``forever`` is None (the server checks the upper bound)."""
+    text = value.strip().lower()
+    if text == "forever":
+        return None
+    unit = text[-1:] if text[-1:] in _DURATION_UNITS else "s"
+    number = text[:-1] if text[-1:] in _DURATION_UNITS else text
+    try:
+        seconds = float(number) * _DURATION_UNITS[unit]
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 7d, 12h, 30m, 3600 (seconds), 0 or forever,"
+            f" got {value!r}"
+        )
+    return seconds or None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trio-taskworker", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -156,6 +181,14 @@ def _parser() -> argparse.ArgumentParser:
         type=_count,
         default=3,
         help="redeliveries of a run whose worker vanished, for tasks that set none (default 3)",
+    )
+    start.add_argument(
+        "--retention",
+        type=_duration,
+        default="7d",
+        metavar="DURATION",
+        help="delete runs that ended longer ago, and unreferenced blobs: 7d, 12h, 30m,"
+        " 3600 (seconds); 0 or forever keeps everything (default 7d)",
     )
     start.add_argument(
         "--data-dir",
@@ -221,6 +254,7 @@ async def _run_server(args: argparse.Namespace) -> None:
         "port": args.port,
         "lease_seconds": args.lease_seconds,
         "default_max_redeliveries": args.max_redeliveries,
+        "retention": args.retention,
         "insecure": args.insecure,
         "certfile": args.certfile,
         "keyfile": args.keyfile,

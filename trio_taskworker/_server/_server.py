@@ -22,6 +22,7 @@ from .._exceptions import ConfigurationError
 from ._app import AppState, build_app
 from ._auth import KeyRing, exposure_problem, key_ring
 from ._dispatch import Dispatcher, Waiters
+from ._maintenance import DEFAULT_RETENTION, Maintenance, prepare_sqlite_file, retention_seconds
 from ._sqlite import SQLiteStore
 from ._store import Store
 
@@ -82,6 +83,12 @@ class TaskServer:
     (10,000 runs in one request) then holds the event loop for tens of
     milliseconds; ``sqlite_in_thread=True`` trades throughput for that.
 
+    ``retention`` (seconds or a :class:`~datetime.timedelta`; default 7 days;
+    None or 0 keep everything forever): runs that ended longer ago are
+    deleted, with the blobs no run references any more, by a sweep at start
+    and every minute, and the SQLite file gives the space back (see the
+    Retention section of docs/howto/run-server).
+
     With ``api_keys`` every route but ``GET /health`` needs one of them (see
     docs/howto/secure-the-server); a malformed key raises
     :class:`ConfigurationError` here. ``certfile`` and ``keyfile`` (PEM) make
@@ -96,6 +103,7 @@ class TaskServer:
     max_body_bytes: int = 64 * 1024 * 1024
     sqlite_in_thread: bool = False
     lease_seconds: float = 30.0
+    retention: float | None = attrs.field(default=DEFAULT_RETENTION, converter=retention_seconds)
     now: Callable[[], float] = time.time
     #: ``KEY`` or ``KEY:ROLE+ROLE`` entries (see :mod:`._auth`); none means no
     #: key is asked for, which only a loopback ``host`` allows unless ``insecure``.
@@ -154,9 +162,13 @@ class TaskServer:
     async def _run(self, task_status: trio.TaskStatus[str]) -> None:
         async with trio.open_nursery() as background:
             store = self.store
+            sqlite_path = None
             if store is None:
+                sqlite_path = self.data_dir / "runs.sqlite3"
+                if self.retention is not None:
+                    await trio.to_thread.run_sync(prepare_sqlite_file, sqlite_path)
                 store = SQLiteStore(
-                    self.data_dir / "runs.sqlite3",
+                    sqlite_path,
                     default_max_redeliveries=self.default_max_redeliveries,
                     threaded=self.sqlite_in_thread,
                 )
@@ -168,6 +180,9 @@ class TaskServer:
                 )
             dispatcher = Dispatcher(store, self.now)
             await background.start(dispatcher.run)
+            if self.retention is not None:
+                maintenance = Maintenance(store, self.retention, self.now, sqlite_path)
+                await background.start(maintenance.run)
             self._state = AppState(
                 store=store,
                 dispatcher=dispatcher,
