@@ -151,11 +151,11 @@ async def test_only_runs_that_ended_before_the_cutoff_are_deleted(
         S.CANCELLING,
     ]
 
-    assert await store.delete_ended_runs(ended_before=10.0, limit=100) == 0  # strictly before
-    assert await store.delete_ended_runs(ended_before=50.0, limit=100) == 3
+    assert (await store.delete_ended_runs(ended_before=10.0, limit=100))[0] == 0  # strictly before
+    assert (await store.delete_ended_runs(ended_before=50.0, limit=100))[0] == 3
     assert await existing(store, completed, failed, cancelled) == set()
     assert await existing(store, recent, *alive) == {recent, *alive}
-    assert await store.delete_ended_runs(ended_before=1e12, limit=100) == 1
+    assert (await store.delete_ended_runs(ended_before=1e12, limit=100))[0] == 1
     assert await existing(store, recent, *alive) == set(alive)
 
 
@@ -170,14 +170,14 @@ async def test_a_crashed_run_counts_from_when_a_sweep_first_saw_it(
     (run,) = await store.read_runs([run_id])
     assert run.state is S.CRASHED and run.finished_at is None
     # Without an end time it is not deleted, however old it is...
-    assert await store.delete_ended_runs(ended_before=1e12, limit=10) == 0
+    assert (await store.delete_ended_runs(ended_before=1e12, limit=10))[0] == 0
     # ...until a sweep gives it one; then it is kept for the retention from there.
     assert await store.stamp_crashed_runs(now=600.0) == 1
     assert await store.stamp_crashed_runs(now=700.0) == 0  # the first time holds
     (run,) = await store.read_runs([run_id])
     assert run.finished_at is not None and run.finished_at.timestamp() == 600.0
-    assert await store.delete_ended_runs(ended_before=600.0, limit=10) == 0
-    assert await store.delete_ended_runs(ended_before=600.5, limit=10) == 1
+    assert (await store.delete_ended_runs(ended_before=600.0, limit=10))[0] == 0
+    assert (await store.delete_ended_runs(ended_before=600.5, limit=10))[0] == 1
 
 
 async def test_runs_are_deleted_in_batches_oldest_first(memory_store: SQLiteStore) -> None:
@@ -186,11 +186,11 @@ async def test_runs_are_deleted_in_batches_oldest_first(memory_store: SQLiteStor
         (run_id,) = await memory_store.create_runs([create()], float(i))
         await memory_store.cancel_run(run_id, float(i))
         ids.append(run_id)
-    assert await memory_store.delete_ended_runs(ended_before=100.0, limit=10) == 10
+    assert (await memory_store.delete_ended_runs(ended_before=100.0, limit=10))[0] == 10
     assert await existing(memory_store, *ids) == set(ids[10:])
-    assert await memory_store.delete_ended_runs(ended_before=100.0, limit=10) == 10
-    assert await memory_store.delete_ended_runs(ended_before=100.0, limit=10) == 5
-    assert await memory_store.delete_ended_runs(ended_before=100.0, limit=10) == 0
+    assert (await memory_store.delete_ended_runs(ended_before=100.0, limit=10))[0] == 10
+    assert (await memory_store.delete_ended_runs(ended_before=100.0, limit=10))[0] == 5
+    assert (await memory_store.delete_ended_runs(ended_before=100.0, limit=10))[0] == 0
     assert await existing(memory_store, *ids) == set()
 
 
@@ -207,53 +207,51 @@ async def test_referenced_blobs_stay_and_old_unreferenced_ones_go(
     assert (run.state, run.result_ref) == (S.COMPLETED, shared)
     orphan = await store.put_blob(b"uploaded, never used", 1.0)
     young = await store.put_blob(b"uploaded for a run being submitted", 99.0)
-    # The original ends long before its cached copy: only the original goes.
-    assert await store.delete_ended_runs(ended_before=10.0, limit=10) == 1
+    # The original ends long before its cached copy: only the original goes,
+    # and it names the blob it shares with the copy.
+    assert await store.delete_ended_runs(ended_before=10.0, limit=10) == (1, [shared])
     assert await existing(store, original, copy) == {copy}
 
-    deleted, after = await store.delete_unreferenced_blobs(98.0, None, 100)
-    assert (deleted, after) == (1, None)
+    every = [params, shared, orphan, young, str(uuid.uuid4())]  # and one that never was
+    assert await store.delete_unreferenced_blobs(every, created_before=98.0) == (1, [])
     assert await store.get_blob(orphan) is None
     for kept in (params, shared, young):
         assert await store.get_blob(kept) is not None
     # Once the copy is gone too, nothing references the shared blob.
-    assert await store.delete_ended_runs(ended_before=60.0, limit=10) == 1
-    assert await store.delete_unreferenced_blobs(98.0, None, 100) == (1, None)
+    assert await store.delete_ended_runs(ended_before=60.0, limit=10) == (1, [shared])
+    assert await store.delete_unreferenced_blobs(every, created_before=98.0) == (1, [])
     assert await store.get_blob(shared) is None
     assert await store.get_blob(params) is not None and await store.get_blob(young) is not None
+    # The young one, once past the grace period.
+    assert await store.delete_unreferenced_blobs(every, created_before=100.0) == (1, [])
+    assert await store.get_blob(young) is None
 
 
-async def test_blobs_are_looked_at_in_batches_and_bytes(memory_store: SQLiteStore) -> None:
+async def test_blobs_are_listed_in_pages_by_age(memory_store: SQLiteStore) -> None:
     store = memory_store
-    refs = [await store.put_blob(b"x" * 10, float(i)) for i in range(7)]
-    # Every other one is referenced by a run that is still queued.
-    await store.create_runs([create(parameters_ref=ref) for ref in refs[::2]], 10.0)
-    seen = []
-    after = None
-    while True:
-        deleted, after = await store.delete_unreferenced_blobs(100.0, after, limit=3)
-        seen.append(deleted)
-        if after is None:
-            break
-    assert seen == [1, 2, 0]  # blobs 0-2, 3-5, 6
-    assert [await store.get_blob(ref) is not None for ref in refs] == [
-        True, False, True, False, True, False, True,
-    ]  # fmt: skip
-    # A byte budget cuts a transaction short, but one blob always goes.
-    more = [await store.put_blob(b"y" * 10, 20.0 + i) for i in range(5)]
-    assert await store.delete_unreferenced_blobs(100.0, None, 10, max_bytes=25) == (
-        2,
-        (21.0, more[1]),
-    )
-    assert await store.delete_unreferenced_blobs(100.0, (21.0, more[1]), 10, max_bytes=5) == (
-        1,
-        (22.0, more[2]),
-    )
-    assert await store.delete_unreferenced_blobs(100.0, (22.0, more[2]), 10, max_bytes=25) == (
-        2,
-        None,
-    )
-    assert [await store.get_blob(ref) for ref in more] == [None] * 5
+    refs = [await store.put_blob(b"x", at) for at in (1.0, 2.0, 2.0, 2.0, 3.0, 4.0, 5.0)]
+    by_age = sorted(zip((1.0, 2.0, 2.0, 2.0, 3.0, 4.0, 5.0), refs, strict=True))
+    first = await store.list_blobs(None, 5.0, None, limit=3)
+    assert first == by_age[:3]
+    second = await store.list_blobs(None, 5.0, first[-1], limit=3)
+    assert second == by_age[3:6]
+    assert await store.list_blobs(None, 5.0, second[-1], limit=3) == []
+    # From a time on (a sweep's window), then past a page within it.
+    window = await store.list_blobs(2.0, 4.0, None, limit=2)
+    assert window == by_age[1:3]
+    assert await store.list_blobs(2.0, 4.0, window[-1], limit=2) == by_age[3:5]
+
+
+async def test_a_transaction_deletes_a_bounded_number_of_bytes(
+    memory_store: SQLiteStore,
+) -> None:
+    store = memory_store
+    refs = [await store.put_blob(b"y" * 10, float(i)) for i in range(5)]
+    assert await store.delete_unreferenced_blobs(refs, 100.0, max_bytes=25) == (2, refs[2:])
+    # One blob always goes, whatever its size.
+    assert await store.delete_unreferenced_blobs(refs[2:], 100.0, max_bytes=5) == (1, refs[3:])
+    assert await store.delete_unreferenced_blobs(refs[3:], 100.0, max_bytes=25) == (2, [])
+    assert [await store.get_blob(ref) for ref in refs] == [None] * 5
 
 
 # --- a sweep -----------------------------------------------------------------------------
@@ -282,6 +280,28 @@ async def test_a_sweep_deletes_expired_runs_then_their_blobs(memory_store: SQLit
     sweep = await sweeper.sweep()
     assert (sweep.runs, sweep.blobs) == (1, 1)
     assert await existing(store, recent, queued) == {queued}
+
+
+async def test_a_sweep_looks_only_at_blobs_that_may_have_become_deletable(
+    memory_store: SQLiteStore,
+) -> None:
+    store = memory_store
+    now = [10 * DAY]
+    sweeper = Maintenance(store, retention=DAY, now=lambda: now[0], batch=2)
+    refs = [await store.put_blob(b"queued", DAY + i) for i in range(5)]
+    await store.create_runs([create(parameters_ref=ref) for ref in refs], 2 * DAY)
+    first = await sweeper.sweep()
+    assert (first.blobs, first.batches) == (0, 1 + 3)  # one for runs, 2 + 2 + 1 blobs
+    now[0] += 60
+    second = await sweeper.sweep()
+    assert (second.blobs, second.batches) == (0, 1)  # none has changed
+    orphan = await store.put_blob(b"never named", now[0])
+    now[0] += 3599
+    assert (await sweeper.sweep()).blobs == 0  # not old enough yet
+    now[0] += 2
+    third = await sweeper.sweep()
+    assert (third.blobs, third.batches) == (1, 2)
+    assert await store.get_blob(orphan) is None
 
 
 async def test_a_failed_sweep_is_logged_and_the_next_one_runs(

@@ -9,14 +9,19 @@ shorter) it sweeps:
    ``retention`` ago are deleted, :data:`BATCH` rows per transaction, so the
    single writer is never held for long and other requests go in between;
 3. blobs that no run references any more and that are older than the grace
-   period are deleted, looked at :data:`BATCH` at a time;
+   period are deleted, :data:`BATCH` (or 8 MiB) per transaction. Only two kinds
+   of blob can have become deletable since the last sweep: those the deleted
+   runs named, and those that have just grown older than the grace period
+   (uploads no run ever named: a failed submission, a result the server
+   refused). A sweep looks at those only, not at every blob, except the first
+   sweep of a process (and the one after a failed sweep), which looks at all;
 4. with the SQLite file, the freed pages go back to the OS:
    ``PRAGMA incremental_vacuum`` moves at most :data:`VACUUM_PAGES` pages per
    transaction and shortens the file, then a ``wal_checkpoint(TRUNCATE)``
    empties the write-ahead log that the moves went through.
 
 The blob grace period is :data:`BLOB_GRACE_SECONDS`, or ``retention`` when that
-is shorter. It closes the one race: a blob is uploaded (``PUT /blobs``) before the
+is shorter. It closes the one race: a blob is uploaded (``POST /blobs``) before the
 run that names it is created (``POST /runs``), and a worker uploads a result
 blob before it reports the run finished. Between the two the blob is named by
 no run, and only its age protects it. A sweep never deletes a blob younger than
@@ -120,6 +125,9 @@ class Maintenance:
     now: Callable[[], float]
     sqlite_path: Path | None = None
     batch: int = BATCH
+    #: Blobs created before this have been looked at since they passed the
+    #: grace period; None: look at all of them at the next sweep.
+    _blobs_seen_until: float | None = attrs.field(init=False, default=None)
 
     @property
     def interval(self) -> float:
@@ -158,24 +166,36 @@ class Maintenance:
         started = time.perf_counter()
         now = self.now()
         store = self.store
+        seen_until, self._blobs_seen_until = self._blobs_seen_until, None
         await store.stamp_crashed_runs(now)
-        runs = batches = 0
+        runs = blobs = batches = 0
+        named: list[str] = []
         while True:
-            deleted = await store.delete_ended_runs(now - self.retention, self.batch)
+            deleted, refs = await store.delete_ended_runs(now - self.retention, self.batch)
             runs += deleted
             batches += 1
+            named.extend(refs)
+            # Their blobs now, while the list is short.
+            if len(named) >= self.batch or deleted < self.batch:
+                done, steps = await self._delete_blobs(named, now)
+                blobs += done
+                batches += steps
+                named = []
             if deleted < self.batch:
                 break
-        blobs = 0
+        # Uploads that have grown older than the grace period since the last sweep.
+        cutoff = now - self.blob_grace
         after: tuple[float, str] | None = None
         while True:
-            deleted, after = await store.delete_unreferenced_blobs(
-                now - self.blob_grace, after, self.batch
-            )
-            blobs += deleted
-            batches += 1
-            if after is None:
+            page = await store.list_blobs(seen_until, cutoff, after, self.batch)
+            done, steps = await self._delete_blobs([ref for _, ref in page], now)
+            blobs += done
+            batches += steps
+            if len(page) < self.batch:
                 break
+            after = page[-1]
+        # Only now: a sweep that failed before this looks at every blob again.
+        self._blobs_seen_until = cutoff if seen_until is None else max(seen_until, cutoff)
         freed = await self._give_back() if self.sqlite_path is not None else 0
         sweep = Sweep(
             runs=runs,
@@ -195,6 +215,19 @@ class Maintenance:
                 sweep.seconds,
             )
         return sweep
+
+    async def _delete_blobs(self, refs: list[str], now: float) -> tuple[int, int]:
+        """Delete those of ``refs`` that no run names and are past the grace
+        period; return how many, and in how many transactions."""
+        deleted = steps = 0
+        while refs:
+            done, left = await self.store.delete_unreferenced_blobs(
+                refs[: self.batch], now - self.blob_grace
+            )
+            deleted += done
+            steps += 1
+            refs = left + refs[self.batch :]
+        return deleted, steps
 
     async def _give_back(self) -> int:
         """Return the free pages at the end of the SQLite file to the OS; bytes freed."""

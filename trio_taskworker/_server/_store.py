@@ -766,46 +766,82 @@ class Store:
 
         return await self.runner.transact(stamp)
 
-    async def delete_ended_runs(self, ended_before: float, limit: int) -> int:
+    async def delete_ended_runs(self, ended_before: float, limit: int) -> tuple[int, list[str]]:
         """Delete up to ``limit`` runs, oldest first, that ended before ``ended_before``.
 
         Only runs in a terminal state with a ``finished_at`` are deleted: a run
-        that has not ended is never touched. Returns how many were deleted; fewer
-        than ``limit`` means none is left. Their blobs stay until
-        :meth:`delete_unreferenced_blobs`.
+        that has not ended is never touched. Returns how many were deleted
+        (fewer than ``limit``: none is left) and the blobs they named, which
+        stay until :meth:`delete_unreferenced_blobs`.
         """
         # The state is checked here, not in SQL: with ``state IN (...)`` in the
         # query, SQLite picks the queue index and sorts every ended run. Only an
         # ended run has a finished_at, so the check is a second guard.
         select = self._q(
-            "SELECT id, state FROM task_runs WHERE finished_at < ? ORDER BY finished_at LIMIT ?"
+            "SELECT id, state, parameters_ref, result_ref FROM task_runs"
+            " WHERE finished_at < ? ORDER BY finished_at LIMIT ?"
         )
         terminal = {state.value for state in TERMINAL_STATES}
 
-        def delete(cur: Cursor) -> int:
+        def delete(cur: Cursor) -> tuple[int, list[str]]:
             cur.execute(select, (ended_before, limit))
-            ids = [run_id for run_id, state in cur.fetchall() if state in terminal]
+            ids: list[str] = []
+            refs: list[str] = []
+            for run_id, state, parameters_ref, result_ref in cur.fetchall():
+                if state in terminal:
+                    ids.append(run_id)
+                    refs.extend(ref for ref in (parameters_ref, result_ref) if ref is not None)
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
                 cur.execute(self._q(f"DELETE FROM task_runs WHERE id IN {_in(chunk)}"), chunk)
-            return len(ids)
+            return len(ids), list(dict.fromkeys(refs))
 
         return await self.runner.transact(delete)
 
-    async def delete_unreferenced_blobs(
+    async def list_blobs(
         self,
+        created_from: float | None,
         created_before: float,
         after: tuple[float, str] | None,
         limit: int,
-        max_bytes: int = 8 * 1024 * 1024,
-    ) -> tuple[int, tuple[float, str] | None]:
-        """Look at up to ``limit`` blobs created before ``created_before``, oldest
-        first and past ``after``; delete those that no run references.
+    ) -> list[tuple[float, str]]:
+        """Up to ``limit`` blobs created in ``[created_from, created_before)``,
+        oldest first and past ``after``, as ``(created_at, ref)``.
 
-        Returns how many were deleted, and the ``after`` to pass to look at the
-        next ones (None once every blob has been looked at). The transaction
-        stops early once it has deleted ``max_bytes`` (but deletes one blob at
-        least): freeing a blob's pages takes time in proportion to its size.
+        Pass the last one as ``after`` for the next page; fewer than ``limit``:
+        there is no next page. ``created_from=None`` starts at the oldest.
+        """
+        where = ["created_at < ?"]
+        params: list[Any] = [created_before]
+        if after is not None:
+            # Alone: with ``created_at >= ?`` as well, SQLite would seek by that
+            # and step over every blob before ``after``, on every page.
+            where.append("(created_at, id) > (?, ?)")
+            params.extend(after)
+        elif created_from is not None:
+            where.append("created_at >= ?")
+            params.append(created_from)
+        sql = self._q(
+            f"SELECT created_at, id FROM blobs WHERE {' AND '.join(where)}"
+            " ORDER BY created_at, id LIMIT ?"
+        )
+
+        def page(cur: Cursor) -> list[tuple[float, str]]:
+            cur.execute(sql, [*params, limit])
+            return [(float(created), str(ref)) for created, ref in cur.fetchall()]
+
+        return await self.runner.transact(page)
+
+    async def delete_unreferenced_blobs(
+        self, refs: Sequence[str], created_before: float, max_bytes: int = 8 * 1024 * 1024
+    ) -> tuple[int, list[str]]:
+        """Delete those of ``refs`` that no run names and that were created
+        before ``created_before``.
+
+        Returns how many were deleted, and the refs it did not look at: the
+        transaction stops once it has deleted ``max_bytes`` (but deletes one
+        blob at least), since freeing a blob's pages takes time in proportion
+        to its size. Pass at most a few thousand refs at a time.
 
         A blob named by a run's ``parameters_ref`` or ``result_ref``, of any run
         in any state (cached runs share their original's result blob), is kept.
@@ -814,45 +850,36 @@ class Store:
         by a run is protected only by ``created_before`` (the caller's grace
         period).
         """
-        where = (
-            "created_at < ?" if after is None else "created_at < ? AND (created_at, id) > (?, ?)"
-        )
-        select = self._q(
-            f"SELECT created_at, id FROM blobs WHERE {where} ORDER BY created_at, id LIMIT ?"
-        )
-        params: list[Any] = [created_before, *(after or ()), limit]
+        refs = list(dict.fromkeys(refs))
 
-        def delete(cur: Cursor) -> tuple[int, tuple[float, str] | None]:
-            cur.execute(select, params)
-            seen = [(float(created), str(ref)) for created, ref in cur.fetchall()]
+        def delete(cur: Cursor) -> tuple[int, list[str]]:
             sizes: dict[str, int] = {}
-            for start in range(0, len(seen), 500):
-                chunk = [ref for _, ref in seen[start : start + 500]]
+            for start in range(0, len(refs), 500):
+                chunk = refs[start : start + 500]
                 cur.execute(
                     self._q(
                         f"SELECT id, LENGTH(data) FROM blobs WHERE id IN {_in(chunk)}"
+                        " AND created_at < ?"
                         " AND NOT EXISTS (SELECT 1 FROM task_runs WHERE parameters_ref = blobs.id)"
                         " AND NOT EXISTS (SELECT 1 FROM task_runs WHERE result_ref = blobs.id)"
                     ),
-                    chunk,
+                    [*chunk, created_before],
                 )
                 sizes.update((ref, int(size)) for ref, size in cur.fetchall())
             doomed: list[str] = []
+            left: list[str] = []
             budget = max_bytes
-            for position, (_, ref) in enumerate(seen):
+            for position, ref in enumerate(refs):
                 if ref not in sizes:
                     continue
                 if doomed and sizes[ref] > budget:
-                    # Look at this one again in the next transaction.
-                    resume: tuple[float, str] | None = seen[position - 1]
+                    left = refs[position:]
                     break
                 doomed.append(ref)
                 budget -= sizes[ref]
-            else:
-                resume = seen[-1] if len(seen) == limit else None
             for start in range(0, len(doomed), 500):
                 chunk = doomed[start : start + 500]
                 cur.execute(self._q(f"DELETE FROM blobs WHERE id IN {_in(chunk)}"), chunk)
-            return len(doomed), resume
+            return len(doomed), left
 
         return await self.runner.transact(delete)
