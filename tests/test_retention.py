@@ -76,9 +76,9 @@ def test_retention_takes_seconds_or_a_timedelta_and_zero_or_none_is_forever() ->
     assert retention_seconds(None) is None
     assert retention_seconds(0) is None
     assert retention_seconds(datetime.timedelta(0)) is None
-    for bad in (-1, math.inf, math.nan, datetime.timedelta(days=-1), 101 * 365 * DAY):
+    for bad in (-1, math.inf, math.nan, datetime.timedelta(days=-1), 101 * 365 * DAY, "7d"):
         with pytest.raises(ConfigurationError, match="retention must be"):
-            retention_seconds(bad)
+            retention_seconds(bad)  # type: ignore[arg-type]
     assert TaskServer().retention == DEFAULT_RETENTION == 7 * DAY
     assert TaskServer(retention=datetime.timedelta(days=1)).retention == DAY
     with pytest.raises(ConfigurationError):

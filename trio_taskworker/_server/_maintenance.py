@@ -26,8 +26,10 @@ run that names it is created (``POST /runs``), and a worker uploads a result
 blob before it reports the run finished. Between the two the blob is named by
 no run, and only its age protects it. A sweep never deletes a blob younger than
 the grace period, and once a run names it, it stays as long as any run (the
-run, or a cached copy sharing its result) does. Naming a blob a sweep has
-deleted is refused (``POST /runs`` answers 422), never silently accepted.
+run, or a cached copy sharing its result) does. A run created naming a blob a
+sweep has deleted is refused (``POST /runs`` answers 422); a worker's report is
+not checked that way, so a result reported more than the grace period after its
+upload would name a missing blob.
 
 Incremental vacuum needs ``auto_vacuum=INCREMENTAL``, which SQLite only sets
 before the first table exists (and before the file is put in WAL mode).
@@ -91,7 +93,10 @@ def retention_seconds(value: float | datetime.timedelta | None) -> float | None:
     """
     if value is None:
         return None
-    seconds = value.total_seconds() if isinstance(value, datetime.timedelta) else float(value)
+    try:
+        seconds = value.total_seconds() if isinstance(value, datetime.timedelta) else float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
     if not math.isfinite(seconds) or not 0 <= seconds <= MAX_RETENTION:
         raise ConfigurationError(
             f"retention must be 0 (forever) or a number of seconds up to 100 years, got {value!r}"
