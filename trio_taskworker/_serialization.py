@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import os
+import typing
 import uuid
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -165,6 +166,24 @@ def _structure_strings(value: object, _: type) -> tuple[str, ...]:
 
 
 converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_strings)
+
+
+def _is_list_tuple(tp: Any) -> bool:
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
+def _structure_tuple(value: object, tp: Any) -> tuple[Any, ...]:
+    # cattrs would take any iterable: a dict's keys, a string's characters.
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list, got {type(value).__name__}")
+    item = typing.get_args(tp)[0]
+    return tuple(converter.structure(element, item) for element in value)
+
+
+converter.register_structure_hook_func(
+    lambda t: _is_list_tuple(t) and t != tuple[str, ...], _structure_tuple
+)
 converter.register_structure_hook(float, _structure_float)
 
 _WORKER_TAGS = {

@@ -178,6 +178,9 @@ async def _body(request: Request, state: AppState) -> bytes:
 
 def _run_id(request: Request) -> uuid.UUID:
     raw = request.path_params[RUN_ID.name]
+    if raw == "wait":
+        # GET /runs/wait reaches the GET /runs/{run_id} route: it is a wrong method.
+        raise HTTPException(405, "use POST /runs/wait", headers={"Allow": "POST"})
     try:
         return uuid.UUID(raw)
     except ValueError:
@@ -189,10 +192,12 @@ def _query_number(request: Request, param: QueryNumber) -> float:
     if raw is None:
         return param.default
     try:
-        value = float(raw)
+        # An integer is parsed as one: past 2**53 a float would round into range.
+        value = int(raw) if param.integer else float(raw)
     except ValueError:
+        kind = "an integer" if param.integer else "a number"
         raise HTTPException(
-            422, f"query parameter {param.name!r} must be a number, got {raw!r}"
+            422, f"query parameter {param.name!r} must be {kind}, got {raw!r}"
         ) from None
     if not param.minimum <= value <= param.maximum:
         raise HTTPException(
@@ -356,7 +361,14 @@ class _Handlers:
             return _error(422, f"invalid wait request: {exc}")
         wanted = set(wait.ids)
         with state.waiters.watch(wanted) as watch:
-            ended = {r.id: r for r in await state.store.read_runs(wait.ids) if r.state.is_terminal}
+            known = await state.store.read_runs(wait.ids)
+            if len(known) < len(wanted):
+                # A run that does not exist (or was deleted by retention) would
+                # never end: say so now instead of holding the wait forever.
+                missing = sorted(str(i) for i in wanted - {r.id for r in known})
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                return _error(404, f"no run {', '.join(missing[:3])}{more}")
+            ended = {r.id: r for r in known if r.state.is_terminal}
             with trio.move_on_after(wait.timeout):
                 while not _satisfied(wait.return_when, len(ended), len(wanted)):
                     await watch.event.wait()

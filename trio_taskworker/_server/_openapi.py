@@ -44,11 +44,47 @@ _SCHEMA_MODELS = (
     _models.WaitRequest,
 )
 
+_NAME = {"maxLength": _models.MAX_NAME}
+_SECONDS = {"minimum": 0.0, "maximum": _models.MAX_SECONDS}
+_COUNT = {"minimum": 0, "maximum": _models.MAX_COUNT}
+_CREATE = _models.TaskRunCreate
+
 #: Limits the models' validators enforce, shown on the fields they bound.
 _FIELD_LIMITS: dict[tuple[type, str], dict[str, Any]] = {
-    (_models.TaskRunCreateBatch, "runs"): {"maxItems": _models.MAX_RUNS_PER_REQUEST},
+    (_CREATE, "task_key"): {"minLength": 1, **_NAME},
+    (_CREATE, "task_name"): _NAME,
+    (_CREATE, "name"): _NAME,
+    (_CREATE, "cache_key"): _NAME,
+    (_CREATE, "tags"): {"maxItems": _models.MAX_TAGS, "items": {"type": "string", **_NAME}},
+    (_CREATE, "retries"): _COUNT,
+    (_CREATE, "max_redeliveries"): _COUNT,
+    (_CREATE, "retry_delay_seconds"): _SECONDS,
+    (_CREATE, "cache_expiration"): _SECONDS,
+    (_CREATE, "timeout_seconds"): {"exclusiveMinimum": 0.0, "maximum": _models.MAX_SECONDS},
+    # 1970 to 9000 UTC is what the server accepts; these years are inside it in
+    # any time zone.
+    (_CREATE, "scheduled_time"): {"pattern": "^(197[1-9]|19[89][0-9]|[2-8][0-9]{3})-"},
+    (_models.TaskRunCreateBatch, "runs"): {
+        "minItems": 1,
+        "maxItems": _models.MAX_RUNS_PER_REQUEST,
+    },
     (_models.WaitRequest, "ids"): {"maxItems": _models.MAX_RUNS_PER_REQUEST},
     (_models.WaitRequest, "timeout"): {"minimum": 0.0, "maximum": _models.MAX_WAIT_SECONDS},
+}
+
+
+#: Rules across fields, as the models' own checks state them.
+_MODEL_RULES: dict[type, dict[str, Any]] = {
+    # "give parameters or parameters_ref, not both"
+    _CREATE: {
+        "not": {
+            "required": ["parameters", "parameters_ref"],
+            "properties": {
+                "parameters": {"type": "string"},
+                "parameters_ref": {"type": "string"},
+            },
+        }
+    },
 }
 
 
@@ -94,6 +130,7 @@ def _model_schema(cls: type) -> dict[str, Any]:
         "type": "object",
         "properties": properties,
         "additionalProperties": False,
+        **_MODEL_RULES.get(cls, {}),
     }
     if required:
         schema["required"] = required
@@ -145,7 +182,9 @@ def _operation(endpoint: Endpoint) -> dict[str, Any]:
     if endpoint.params:
         operation["parameters"] = [_parameter(p) for p in endpoint.params]
     if endpoint.body is not None:
-        operation["requestBody"] = {"required": True, "content": _content(endpoint.body)}
+        # Bytes may be empty (an empty blob is a blob); a JSON body may not.
+        required = endpoint.body != BYTES
+        operation["requestBody"] = {"required": required, "content": _content(endpoint.body)}
     operation["responses"] = {str(code): _reply(r) for code, r in endpoint.replies.items()}
     if endpoint.roles == PUBLIC:
         operation["security"] = []

@@ -154,6 +154,16 @@ _SUBMIT_OR_WORK = frozenset({Role.SUBMIT, Role.WORK})
 _MALFORMED = Reply(description="The request is malformed; `detail` says how.", body="Error")
 _NO_RUN = Reply(description="No such run.", body="Error")
 _THE_RUN = Reply(description="The run", body="TaskRun")
+#: What any route with a body may answer while reading it (see ``_app._body``).
+_BODY_LIMITS = {
+    408: Reply(description="The body did not arrive within the server's time.", body="Error"),
+    413: Reply(description="The body is larger than the server accepts.", body="Error"),
+    503: Reply(
+        description="The server holds too many large bodies right now; retry after "
+        "`Retry-After` seconds.",
+        body="Error",
+    ),
+}
 
 #: Every HTTP route, in matching order (``/runs/wait`` before ``/runs/{run_id}``).
 ENDPOINTS = (
@@ -176,8 +186,12 @@ ENDPOINTS = (
         body="TaskRunCreateBatch",
         replies={
             201: Reply(description="Created", body="CreatedRuns"),
-            413: Reply(description="The body is larger than the server accepts.", body="Error"),
+            409: Reply(
+                description="The `Idempotency-Key` was used before with another body.",
+                body="Error",
+            ),
             422: _MALFORMED,
+            **_BODY_LIMITS,
         },
     ),
     Endpoint(
@@ -202,7 +216,9 @@ ENDPOINTS = (
             200: Reply(
                 description="The ended runs among `ids` (empty after the timeout)", body="RunList"
             ),
+            404: Reply(description="One of `ids` names no run.", body="Error"),
             422: _MALFORMED,
+            **_BODY_LIMITS,
         },
     ),
     Endpoint(
@@ -250,7 +266,7 @@ ENDPOINTS = (
         body=BYTES,
         replies={
             201: Reply(description="Stored", body="BlobRef"),
-            413: Reply(description="The blob is larger than the server accepts.", body="Error"),
+            **_BODY_LIMITS,
         },
     ),
     Endpoint(
