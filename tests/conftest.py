@@ -82,26 +82,40 @@ class Proc:
         return self.log.read_text() if self.log.exists() else ""
 
 
-def _env(url: str | None = None) -> dict[str, str]:
-    env = dict(os.environ)
+def _env(url: str | None = None, **extra: str) -> dict[str, str]:
+    """This environment for a child process, without a developer's own
+    TRIO_TASKWORKER_* settings (keys, URL), plus ``url`` and ``extra``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("TRIO_TASKWORKER_") or k == "TRIO_TASKWORKER_HOME"
+    }
     env["PYTHONUNBUFFERED"] = "1"
     if url:
         env["TRIO_TASKWORKER_API_URL"] = url
+    env.update(extra)
     return env
 
 
-def start_server(data_dir: Path, port: int = 0, log_name: str = "server.log") -> Proc:
-    """Start ``trio-taskworker server start`` and wait for its ready line."""
+def cli(*args: str) -> list[str]:
+    """The command line of ``trio-taskworker *args`` in this interpreter."""
+    return [sys.executable, "-m", "trio_taskworker", *args]
+
+
+def start_server(
+    data_dir: Path, *args: str, port: int = 0, log_name: str = "server.log", **env: str
+) -> Proc:
+    """``trio-taskworker server start`` with extra flags and environment; waits for
+    its ready line and returns the process with the URL it printed."""
     log = data_dir.parent / log_name
     with open(log, "a") as err:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "trio_taskworker", "server", "start", "--port", str(port),
-             "--data-dir", str(data_dir)],
+            cli("server", "start", "--port", str(port), "--data-dir", str(data_dir), *args),
             stdout=subprocess.PIPE,
             stderr=err,
             text=True,
-            env=_env(),
-        )  # fmt: skip
+            env=_env(**env),
+        )
     assert popen.stdout is not None
     deadline = time.monotonic() + 30
     line = ""
@@ -114,19 +128,18 @@ def start_server(data_dir: Path, port: int = 0, log_name: str = "server.log") ->
         popen.kill()
         popen.wait()
         raise RuntimeError(f"server did not start: {line!r} {log.read_text()}")
-    url = line.split("ready at ")[1].split()[0]
-    return Proc(popen, log, url)
+    return Proc(popen, log, line.split("ready at ")[1].split()[0])
 
 
-def start_worker(url: str, *args: str, log: Path) -> Proc:
-    """Start ``trio-taskworker task serve`` with the given arguments."""
+def start_worker(url: str, *args: str, log: Path, **env: str) -> Proc:
+    """``trio-taskworker task serve *args`` against ``url``, from the repository root."""
     with open(log, "a") as out:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "trio_taskworker", "task", "serve", *args],
+            cli("task", "serve", *args),
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
-            env=_env(url),
+            env=_env(url, **env),
             cwd=TESTS.parent,
         )
     return Proc(popen, log, url)
@@ -139,3 +152,18 @@ def procs() -> Iterator[list[Proc]]:
     yield started
     for proc in reversed(started):
         proc.stop()
+
+
+@pytest.fixture
+def server_proc(tmp_path: Path, procs: list[Proc]) -> Proc:
+    """A real server process on a fresh data directory, stopped after the test."""
+    proc = start_server(tmp_path / "data")
+    procs.append(proc)
+    return proc
+
+
+def worker(server: Proc, procs: list[Proc], tmp_path: Path, *args: str, **env: str) -> Proc:
+    """A real worker process for ``server``, stopped after the test."""
+    proc = start_worker(server.url, *args, log=tmp_path / f"worker{len(procs)}.log", **env)
+    procs.append(proc)
+    return proc

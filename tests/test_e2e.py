@@ -25,25 +25,12 @@ from trio_taskworker import (
 )
 
 from . import e2e_tasks as t
-from .conftest import Proc, free_port, start_server, start_worker
+from .conftest import Proc, free_port, start_server, worker
 from .helpers import wait_for_runs, wait_until
 
 pytestmark = pytest.mark.e2e
 
 TASKS_FILE = "tests/e2e_tasks.py"
-
-
-@pytest.fixture
-def server_proc(tmp_path: Path, procs: list[Proc]) -> Proc:
-    proc = start_server(tmp_path / "data")
-    procs.append(proc)
-    return proc
-
-
-def worker(server: Proc, procs: list[Proc], tmp_path: Path, *args: str) -> Proc:
-    proc = start_worker(server.url, *args, log=tmp_path / f"worker{len(procs)}.log")
-    procs.append(proc)
-    return proc
 
 
 async def test_results_exceptions_and_map(

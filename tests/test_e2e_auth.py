@@ -4,11 +4,8 @@ server on https/wss with a certificate made for the test."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import attrs
@@ -19,7 +16,7 @@ import trio
 from trio_taskworker import TaskRunState, open_client
 
 from . import e2e_tasks as t
-from .conftest import TESTS, Proc
+from .conftest import TESTS, Proc, _env, cli, start_server, start_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -28,60 +25,6 @@ WORK_KEY = "e2e-work-0123456789abcdef"
 ADMIN_KEY = "e2e-admin-0123456789abcdef"
 #: As an operator would set it: one variable, comma-separated, with roles.
 SERVER_KEYS = f"{SUBMIT_KEY}:submit,{WORK_KEY}:work,{ADMIN_KEY}:admin"
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("TRIO_TASKWORKER_") or k == "TRIO_TASKWORKER_HOME"
-    }
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "trio_taskworker", *args]
-
-
-def start_server(data_dir: Path, *args: str, **env: str) -> Proc:
-    """``server start`` with extra flags and environment; wait for its ready line."""
-    log = data_dir.parent / "server.log"
-    with open(log, "a") as err:
-        popen = subprocess.Popen(
-            cli("server", "start", "--port", "0", "--data-dir", str(data_dir), *args),
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            env=_env(**env),
-        )
-    assert popen.stdout is not None
-    deadline = time.monotonic() + 30
-    line = ""
-    while time.monotonic() < deadline:
-        line = popen.stdout.readline()
-        if "ready at" in line or not line:
-            break
-    popen.stdout.close()
-    if "ready at" not in line:
-        popen.kill()
-        popen.wait()
-        raise RuntimeError(f"server did not start: {line!r} {log.read_text()}")
-    return Proc(popen, log, line.split("ready at ")[1].split()[0])
-
-
-def start_worker(url: str, log: Path, *args: str, **env: str) -> Proc:
-    with open(log, "a") as out:
-        popen = subprocess.Popen(
-            cli("task", "serve", *args),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=_env(TRIO_TASKWORKER_API_URL=url, **env),
-            cwd=TESTS.parent,
-        )
-    return Proc(popen, log, url)
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -150,9 +93,9 @@ async def test_keys_by_role_run_a_task_and_cancel_one(
 ) -> None:
     worker = start_worker(
         keyed_server.url,
-        tmp_path / "worker.log",
         "tests.e2e_tasks:add",
         "tests.e2e_tasks:wait_for_file",
+        log=tmp_path / "worker.log",
         TRIO_TASKWORKER_API_KEY=WORK_KEY,
     )
     procs.append(worker)
@@ -252,8 +195,8 @@ async def test_tls_round_trip_submit_over_https_work_over_wss(
     assert server.url.startswith("https://127.0.0.1:")
     worker = start_worker(
         server.url,
-        tmp_path / "worker.log",
         "tests.e2e_tasks:add",
+        log=tmp_path / "worker.log",
         TRIO_TASKWORKER_API_KEY=WORK_KEY,
         TRIO_TASKWORKER_CA_FILE=str(tls.ca_file),
     )

@@ -25,25 +25,12 @@ from trio_taskworker import (
 from trio_taskworker._exceptions import RemoteTraceback
 
 from . import e2e_futures_tasks as t
-from .conftest import Proc, start_server, start_worker
+from .conftest import Proc, worker
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).parents[1]
 TASKS = "tests/e2e_futures_tasks.py"
-
-
-@pytest.fixture
-def server_proc(tmp_path: Path, procs: list[Proc]) -> Proc:
-    proc = start_server(tmp_path / "data")
-    procs.append(proc)
-    return proc
-
-
-def worker(server: Proc, procs: list[Proc], tmp_path: Path, *args: str) -> Proc:
-    proc = start_worker(server.url, *args, log=tmp_path / f"worker{len(procs)}.log")
-    procs.append(proc)
-    return proc
 
 
 def run_script(code: str, url: str) -> subprocess.CompletedProcess[str]:

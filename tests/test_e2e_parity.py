@@ -16,25 +16,12 @@ import trio
 from trio_taskworker import TaskRunState, open_client
 
 from . import e2e_parity_tasks as t
-from .conftest import TESTS, Proc, start_server, start_worker
+from .conftest import TESTS, Proc, worker
 from .helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 
 TASKS = "tests.e2e_parity_tasks"
-
-
-@pytest.fixture
-def server_proc(tmp_path: Path, procs: list[Proc]) -> Proc:
-    proc = start_server(tmp_path / "data")
-    procs.append(proc)
-    return proc
-
-
-def worker(server: Proc, procs: list[Proc], tmp_path: Path, *args: str) -> Proc:
-    proc = start_worker(server.url, *args, log=tmp_path / f"worker{len(procs)}.log")
-    procs.append(proc)
-    return proc
 
 
 def script(server: Proc, procs: list[Proc], tmp_path: Path, name: str, body: str) -> Proc:

@@ -4,8 +4,6 @@ file shrinks."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,7 +16,7 @@ import trio
 from trio_taskworker import TaskRunState, gather_results, open_client
 
 from . import e2e_tasks as t
-from .conftest import Proc, _env, start_worker
+from .conftest import Proc, start_server, start_worker
 from .helpers import wait_for_runs
 
 pytestmark = pytest.mark.e2e
@@ -27,28 +25,6 @@ pytestmark = pytest.mark.e2e
 BIG = "x" * 300_000
 #: ``mul(BIG, 2)`` repeats the string: a blob of parameters and a bigger one of result.
 repeat: Any = t.mul
-
-
-def start_server(data_dir: Path, port: int, *args: str, log_name: str) -> Proc:
-    """``trio-taskworker server start`` with extra arguments; waits for its ready line."""
-    log = data_dir.parent / log_name
-    with open(log, "a") as err:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "trio_taskworker", "server", "start", "--port", str(port),
-             "--data-dir", str(data_dir), *args],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            env=_env(),
-        )  # fmt: skip
-    assert popen.stdout is not None
-    line = popen.stdout.readline()
-    popen.stdout.close()
-    if "ready at" not in line:
-        popen.kill()
-        popen.wait()
-        raise RuntimeError(f"server did not start: {line!r} {log.read_text()}")
-    return Proc(popen, log, line.split("ready at ")[1].split()[0])
 
 
 def file_size(data_dir: Path) -> int:
@@ -78,7 +54,7 @@ async def test_finished_runs_and_their_blobs_go_unfinished_ones_stay_and_the_fil
     data = tmp_path / "data"
     gate = tmp_path / "gate"
     # A server that keeps everything (as before retention existed) fills the file.
-    keeper = start_server(data, 0, "--retention", "forever", log_name="server1.log")
+    keeper = start_server(data, "--retention", "forever", log_name="server1.log")
     procs.append(keeper)
     url = keeper.url
     port = int(url.rsplit(":", 1)[1])
@@ -102,7 +78,7 @@ async def test_finished_runs_and_their_blobs_go_unfinished_ones_stay_and_the_fil
     assert before > 20_000_000
 
     # The same file, served with a retention of a second.
-    server = start_server(data, port, "--retention", "1s", log_name="server2.log")
+    server = start_server(data, "--retention", "1s", port=port, log_name="server2.log")
     procs.append(server)
     async with httpx.AsyncClient(base_url=url) as http:
 

@@ -53,10 +53,8 @@ def server(tmp_path: Path, procs: list[Proc], monkeypatch: pytest.MonkeyPatch) -
 
 def worker_with_key(server: Proc, procs: list[Proc], tmp_path: Path, key: str) -> Proc:
     """A worker serving add and explode, with ``key`` in its environment."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(SIGNING_KEY_ENV, key)  # start_worker passes on this process's environment
-        proc = start_worker(server.url, "tests/e2e_tasks.py:add", "tests.e2e_tasks:explode",
-                            log=tmp_path / "worker.log")  # fmt: skip
+    proc = start_worker(server.url, "tests/e2e_tasks.py:add", "tests.e2e_tasks:explode",
+                        log=tmp_path / "worker.log", **{SIGNING_KEY_ENV: key})  # fmt: skip
     procs.append(proc)
     return proc
 
