@@ -144,3 +144,35 @@ async def test_waiters_wake_on_terminal_only() -> None:
     with waiters.watch([run_id]) as watch:
         waiters.stop()
         assert watch.event.is_set()
+
+
+async def test_a_store_that_refuses_pauses_dispatch_and_it_resumes(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, memory_store: SQLiteStore
+) -> None:
+    from trio_taskworker._server._dispatch import STORE_RETRY_SECONDS
+    from trio_taskworker._server._store import StoreUnavailable
+
+    refusals = 3
+
+    class FullDisk:
+        """The store, except that its first claims fail as on a full disk."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(memory_store, name)
+
+        async def claim_runs(self, *args: object) -> object:
+            nonlocal refusals
+            if refusals:
+                refusals -= 1
+                raise StoreUnavailable("database or disk is full")
+            return await memory_store.claim_runs(*args)  # type: ignore[arg-type]
+
+    dispatcher = Dispatcher(FullDisk(), clock_now)  # type: ignore[arg-type]
+    await nursery.start(dispatcher.run)
+    sub = dispatcher.add(["k"], "w", credits=1)
+    await memory_store.create_runs([TaskRunCreate(task_key="k")], clock_now())
+    start = trio.current_time()
+    dispatcher.wake()
+    delivered = await next_delivery(sub)  # the dispatcher did not die: it retried
+    assert len(delivered.runs) == 1 and refusals == 0
+    assert trio.current_time() - start == pytest.approx(3 * STORE_RETRY_SECONDS)

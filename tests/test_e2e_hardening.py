@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -98,3 +99,38 @@ async def test_a_hostile_websocket_frame_is_refused_and_the_server_carries_on(
     assert reason in (closed.value.reason.reason or "")
     async with open_client(server.url):
         assert await (await t.add.delay(2, y=3)).result(timeout=30) == 5
+
+
+async def test_a_full_disk_answers_503_and_the_server_carries_on(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """SQLite's ``max_page_count`` stands in for a full disk: every write fails
+    with "database or disk is full" until it is raised again."""
+    from trio_taskworker import ServerError, TaskWorker
+
+    server = TaskServer(port=0, data_dir=tmp_path / "data")
+    await nursery.start(server.run)
+    assert server.state is not None
+    store = server.state.store
+    worker = TaskWorker(t.add, api_url=server.url, handle_signals=False)
+    await nursery.start(worker.start)
+    async with open_client(server.url) as client:
+        assert await (await t.add.delay(1)).result(timeout=30) == 2
+
+        def pages(cur: Any) -> int:
+            cur.execute("PRAGMA page_count")
+            return int(cur.fetchone()[0])
+
+        full = await store.runner.transact(pages)
+        await store.runner.transact(lambda cur: cur.execute(f"PRAGMA max_page_count = {full}"))
+        with pytest.raises(ServerError) as refused:
+            for i in range(200):  # fills the last free pages, then the disk is "full"
+                await t.add.map(["x" * 1000] * 50, [i] * 50)
+        assert refused.value.status_code == 503
+        assert "database or disk is full" in refused.value.detail
+        assert (await client.health())["status"] == "ok"  # reads still work
+        await store.runner.transact(lambda cur: cur.execute("PRAGMA max_page_count = 1073741823"))
+        assert await (await t.add.delay(41)).result(timeout=30) == 42
+        assert worker.started  # its connection was never dropped
+    await worker.stop()
+    await server.stop()

@@ -71,7 +71,14 @@ from ._routes import (
     QueryNumber,
     Role,
 )
-from ._store import Idempotency, IdempotencyConflict, Outcome, Store, StoreError
+from ._store import (
+    Idempotency,
+    IdempotencyConflict,
+    Outcome,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
 
 __all__ = ["AppState", "SubscriptionHandler", "build_app"]
 
@@ -224,6 +231,12 @@ def build_app(state: AppState) -> Starlette:
         response.headers.update(exc.headers or {})
         return response
 
+    async def store_unavailable(request: Request, exc: Exception) -> Response:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        response = _error(503, f"the server cannot store this now: {exc}")
+        response.headers["Retry-After"] = "5"
+        return response
+
     handlers = _Handlers(state)
     by_path: dict[str, dict[str, _Handler]] = {}
     for endpoint in ENDPOINTS:
@@ -238,7 +251,7 @@ def build_app(state: AppState) -> Starlette:
     return Starlette(
         routes=routes,
         middleware=[Middleware(Authenticate, keys=state.keys)] if state.keys.enabled else [],
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: http_error, StoreUnavailable: store_unavailable},
     )
 
 
@@ -482,8 +495,9 @@ class SubscriptionHandler:
                 try:
                     with trio.CancelScope(shield=True):
                         outcome = await state.store.release_owner(self.sub.id, state.now())
-                except StoreError:
-                    # The server is going down; the next start releases these leases.
+                except (StoreError, StoreUnavailable):
+                    # The server is going down, or its database refuses writes:
+                    # the next start (or the next release) frees these leases.
                     log.info("worker %r unsubscribed as the server stops", self.sub.client_id)
                 else:
                     state.changed(outcome)

@@ -18,13 +18,15 @@ import attrs
 import trio
 
 from .._models import Deliver, ServerMessage, TaskRun
-from ._store import Store
+from ._store import Store, StoreUnavailable
 
 __all__ = ["Dispatcher", "Subscriber", "Waiters", "Watch"]
 
 log = logging.getLogger(__name__)
 
 #: The most credits a connection may hold; a worker asking for more is refused.
+#: How long the dispatcher waits before trying a store that refused an operation.
+STORE_RETRY_SECONDS = 1.0
 MAX_CREDITS = 100_000
 
 
@@ -110,9 +112,17 @@ class Dispatcher:
         while True:
             # A fresh event before looking: a wake() during the pass is not lost.
             self._wakeup = trio.Event()
-            await self._dispatch_once()
-            keys = sorted({k for s in self._subscribers.values() if s.credits > 0 for k in s.keys})
-            due = await self.store.next_due(keys) if keys else None
+            try:
+                await self._dispatch_once()
+                keys = sorted(
+                    {k for s in self._subscribers.values() if s.credits > 0 for k in s.keys}
+                )
+                due = await self.store.next_due(keys) if keys else None
+            except StoreUnavailable as exc:
+                # A full disk or a damaged page must not stop the server: try again soon.
+                log.warning("dispatch paused: %s; retrying in %g s", exc, STORE_RETRY_SECONDS)
+                await trio.sleep(STORE_RETRY_SECONDS)
+                continue
             delay = math.inf if due is None else max(0.0, due - self.now())
             with trio.move_on_after(delay):
                 await self._wakeup.wait()

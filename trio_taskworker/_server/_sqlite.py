@@ -29,7 +29,7 @@ import outcome
 import trio
 
 from .._exceptions import ConfigurationError
-from ._store import Cursor, Store, StoreError
+from ._store import Cursor, Store, StoreError, StoreUnavailable
 
 __all__ = ["SQLiteRunner", "SQLiteStore"]
 
@@ -142,7 +142,9 @@ class SQLiteRunner:
             if not _run_batch(cur, batch, savepoints=False):
                 # One operation failed: undo the batch and run it again with a
                 # savepoint around each operation, so the failure undoes only its own.
-                cur.execute("ROLLBACK")
+                # (SQLite may have rolled back already: a full disk ends the transaction.)
+                if conn.in_transaction:
+                    cur.execute("ROLLBACK")
                 _run_batch(cur, batch, savepoints=True)
         except sqlite3.Error as exc:
             log.exception("SQLite transaction failed; %d operations refused", len(batch))
@@ -172,7 +174,12 @@ class SQLiteRunner:
         with trio.CancelScope(shield=True):
             await op.done.wait()
         assert op.result is not None
-        value: T = op.result.unwrap()
+        try:
+            value: T = op.result.unwrap()
+        except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
+            if isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError):
+                raise  # a bug in a query, not the database's state
+            raise StoreUnavailable(f"the database refused the operation: {exc}") from exc
         return value
 
 
@@ -201,6 +208,10 @@ def _run_batch(cur: sqlite3.Cursor, batch: list[_Op], *, savepoints: bool) -> bo
         if isinstance(op.result, outcome.Error):
             if not savepoints:
                 return False
+            if not cur.connection.in_transaction:
+                # SQLite ended the whole transaction (a full disk): every
+                # operation of the batch fails with this error.
+                raise op.result.error
             cur.execute("ROLLBACK TO op")
         if savepoints:
             cur.execute("RELEASE op")

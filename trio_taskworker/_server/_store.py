@@ -39,6 +39,7 @@ __all__ = [
     "Runner",
     "Store",
     "StoreError",
+    "StoreUnavailable",
 ]
 
 T = TypeVar("T")
@@ -55,6 +56,12 @@ class _Refused:
 
 class StoreError(Exception):
     """A request the store refuses (unknown blob reference, bad page size...)."""
+
+
+class StoreUnavailable(Exception):
+    """The database cannot do the operation now (a full disk, an I/O error, a
+    damaged page): not the request's fault, and not a reason to stop serving.
+    The HTTP routes answer 503; the dispatcher waits and tries again."""
 
 
 class IdempotencyConflict(StoreError):
