@@ -134,3 +134,37 @@ async def test_a_full_disk_answers_503_and_the_server_carries_on(
         assert worker.started  # its connection was never dropped
     await worker.stop()
     await server.stop()
+
+
+async def test_a_run_no_reader_can_use_is_crashed_and_the_queue_moves_on(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A row that validated once but breaks every reader now (written by an older
+    version, or by hand) must not stop dispatch, or the server, on every start."""
+    from trio_taskworker import TaskRunState, TaskWorker
+
+    server = TaskServer(port=0, data_dir=tmp_path / "data")
+    await nursery.start(server.run)
+    assert server.state is not None
+    bad = "00000000-0000-0000-0000-000000000bad"
+
+    def insert_unreadable(cur: Any) -> None:
+        cur.execute(
+            "INSERT INTO task_runs (id, task_key, task_name, state, created_at,"
+            " scheduled_time, attempt, retries, retry_count, retry_delay_seconds,"
+            " redeliveries, tags, seq, error)"
+            " VALUES (?, ?, 'add', 'SCHEDULED', 0, 0, 0, 0, 0, 0, 0, 'not json', 0, ?)",
+            (bad, t.add.key, "{not json either"),
+        )
+
+    await server.state.store.runner.transact(insert_unreadable)
+    worker = TaskWorker(t.add, api_url=server.url, handle_signals=False)
+    await nursery.start(worker.start)
+    async with open_client(server.url) as client:
+        assert await (await t.add.delay(1, y=1)).result(timeout=30) == 2
+        rows = await client.list_runs(state=TaskRunState.CRASHED)
+    (crashed,) = rows
+    assert str(crashed.id) == bad
+    assert (crashed.message or "").startswith("the stored run cannot be read:")
+    await worker.stop()
+    await server.stop()

@@ -123,6 +123,11 @@ class Dispatcher:
                 log.warning("dispatch paused: %s; retrying in %g s", exc, STORE_RETRY_SECONDS)
                 await trio.sleep(STORE_RETRY_SECONDS)
                 continue
+            except Exception:
+                # A bug must not take the whole server down with the dispatcher either.
+                log.exception("dispatch failed; retrying in %g s", STORE_RETRY_SECONDS)
+                await trio.sleep(STORE_RETRY_SECONDS)
+                continue
             delay = math.inf if due is None else max(0.0, due - self.now())
             with trio.move_on_after(delay):
                 await self._wakeup.wait()

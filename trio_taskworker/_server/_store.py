@@ -317,6 +317,32 @@ def _row_to_run(row: _Row) -> TaskRun:
     )
 
 
+def _readable(rows: Iterable[_Row]) -> list[TaskRun]:
+    """The runs of ``rows`` for a reader; a row that cannot be read comes back as
+    a CRASHED stand-in saying why, so one bad row never fails a whole answer."""
+    runs = []
+    for row in rows:
+        try:
+            runs.append(_row_to_run(row))
+        except Exception as exc:
+            try:
+                epoch = _dt(0.0)
+                runs.append(
+                    TaskRun(
+                        id=uuid.UUID(str(row.id)),
+                        task_key=str(row.task_key),
+                        task_name=str(row.task_name),
+                        state=TaskRunState.CRASHED,
+                        created_at=epoch,
+                        scheduled_time=epoch,
+                        message=f"the stored run cannot be read: {exc!r}",
+                    )
+                )
+            except Exception:
+                continue  # not even its id: nothing a reader could use
+    return runs
+
+
 @attrs.define(eq=False)
 class Store:
     """What the server stores: runs, leases and blobs, over a :class:`Runner`.
@@ -489,7 +515,7 @@ class Store:
 
         def read(cur: Cursor) -> list[TaskRun]:
             rows = self._read_rows(cur, [str(i) for i in ids])
-            return [_row_to_run(row) for row in rows.values()]
+            return _readable(rows.values())
 
         return await self.runner.transact(read)
 
@@ -523,7 +549,7 @@ class Store:
 
         def list_(cur: Cursor) -> list[TaskRun]:
             cur.execute(sql, [*params, limit, offset])
-            return [_row_to_run(_Row._make(raw)) for raw in cur.fetchall()]
+            return _readable(_Row._make(raw) for raw in cur.fetchall())
 
         return await self.runner.transact(list_)
 
@@ -567,23 +593,39 @@ class Store:
                         break
                     chosen.append(_Row._make(rows[depth]))
                 depth += 1
+            leased: list[TaskRun] = []
+            unreadable: list[tuple[str, str]] = []
+            for row in chosen:
+                try:
+                    leased.append(
+                        _row_to_run(
+                            row._replace(
+                                state=TaskRunState.PENDING.value,
+                                attempt=row.attempt + 1,
+                                lease_owner=owner,
+                            )
+                        )
+                    )
+                except Exception as exc:  # a row no reader can use (written by hand?)
+                    unreadable.append((f"the stored run cannot be read: {exc!r}", row.id))
             cur.executemany(
                 self._q(
                     "UPDATE task_runs SET state = 'PENDING', attempt = attempt + 1,"
                     " lease_owner = ? WHERE id = ? AND state = 'SCHEDULED'"
                 ),
-                [(owner, row.id) for row in chosen],
+                [(owner, str(run.id)) for run in leased],
             )
-            return [
-                _row_to_run(
-                    row._replace(
-                        state=TaskRunState.PENDING.value,
-                        attempt=row.attempt + 1,
-                        lease_owner=owner,
-                    )
+            if unreadable:
+                # Never delivered, never retried: CRASHED with the reason, so the
+                # queue moves on instead of failing on the same row forever.
+                cur.executemany(
+                    self._q(
+                        "UPDATE task_runs SET state = 'CRASHED', message = ?, finished_at = ?"
+                        " WHERE id = ? AND state = 'SCHEDULED'"
+                    ),
+                    [(reason, now, run_id) for reason, run_id in unreadable],
                 )
-                for row in chosen
-            ]
+            return leased
 
         return await self.runner.transact(claim)
 
