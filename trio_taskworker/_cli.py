@@ -31,6 +31,7 @@ import trio
 
 from ._definition import module_name_for_path
 from ._exceptions import TaskWorkerError, leaves
+from ._models import MAX_WAIT_SECONDS
 from ._task import Task
 from ._version import __version__
 
@@ -177,6 +178,14 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a silent worker keeps its leases (default 30)",
     )
     start.add_argument(
+        "--max-wait",
+        type=_positive_seconds,
+        default=MAX_WAIT_SECONDS,
+        metavar="SECONDS",
+        help="hold a wait request at most this long, whatever it asks (clients ask again;"
+        f" for proxies that cut idle connections; default {MAX_WAIT_SECONDS:g})",
+    )
+    start.add_argument(
         "--max-redeliveries",
         type=_count,
         default=3,
@@ -253,6 +262,7 @@ async def _run_server(args: argparse.Namespace) -> None:
         "host": args.host,
         "port": args.port,
         "lease_seconds": args.lease_seconds,
+        "max_wait_seconds": args.max_wait,
         "default_max_redeliveries": args.max_redeliveries,
         "retention": args.retention,
         "insecure": args.insecure,

@@ -27,6 +27,7 @@ from starlette.websockets import WebSocket
 
 from .._exceptions import leaves
 from .._models import (
+    MAX_WAIT_SECONDS,
     Cancel,
     CreatedRuns,
     Credit,
@@ -112,6 +113,8 @@ class AppState:
     max_bodies_in_flight: int = 256 * 1024 * 1024
     #: The longest a request body may take to arrive, in seconds.
     body_timeout: float = 60.0
+    #: The longest a wait request is held, whatever it asks: the client asks again.
+    max_wait_seconds: float = MAX_WAIT_SECONDS
     bodies_in_flight: int = 0
     lease_seconds: float = 30.0
     keys: KeyRing = attrs.field(factory=KeyRing)
@@ -359,7 +362,7 @@ class _Handlers:
             if not runs:
                 return _error(404, f"no run {run_id}")
             if not runs[0].state.is_terminal:
-                with trio.move_on_after(timeout):
+                with trio.move_on_after(min(timeout, self.state.max_wait_seconds)):
                     await watch.event.wait()
                 if run_id in watch.ended:
                     return _json(watch.ended[run_id])
@@ -382,7 +385,7 @@ class _Handlers:
                 more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
                 return _error(404, f"no run {', '.join(missing[:3])}{more}")
             ended = {r.id: r for r in known if r.state.is_terminal}
-            with trio.move_on_after(wait.timeout):
+            with trio.move_on_after(min(wait.timeout, state.max_wait_seconds)):
                 while not _satisfied(wait.return_when, len(ended), len(wanted)):
                     await watch.event.wait()
                     ended.update(watch.take())  # only what is new: no re-copying

@@ -19,6 +19,7 @@ import hypercorn.trio
 import trio
 
 from .._exceptions import ConfigurationError
+from .._models import MAX_WAIT_SECONDS
 from ._app import AppState, build_app
 from ._auth import KeyRing, exposure_problem, key_ring
 from ._dispatch import Dispatcher, Waiters
@@ -103,6 +104,8 @@ class TaskServer:
     max_body_bytes: int = 64 * 1024 * 1024
     sqlite_in_thread: bool = False
     lease_seconds: float = 30.0
+    #: The longest the server holds a wait request, whatever it asks for.
+    max_wait_seconds: float = MAX_WAIT_SECONDS
     retention: float | None = attrs.field(default=DEFAULT_RETENTION, converter=retention_seconds)
     now: Callable[[], float] = time.time
     #: ``KEY`` or ``KEY:ROLE+ROLE`` entries (see :mod:`._auth`); none means no
@@ -190,6 +193,7 @@ class TaskServer:
                 now=self.now,
                 max_body_bytes=self.max_body_bytes,
                 lease_seconds=self.lease_seconds,
+                max_wait_seconds=self.max_wait_seconds,
                 keys=self.api_keys,
             )
             config = hypercorn.config.Config()
