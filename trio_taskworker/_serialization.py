@@ -117,10 +117,11 @@ def _structure_str(value: object, _: type) -> str:
         raise ValueError(f"expected a string, got {type(value).__name__}")
     if len(value) > MAX_TEXT:
         raise ValueError(f"a string of {len(value)} characters is longer than {MAX_TEXT}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("a string is not valid Unicode (a lone surrogate)") from None
+    if not value.isascii():  # ASCII, the common case, cannot hold a surrogate
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a string is not valid Unicode (a lone surrogate)") from None
     return value
 
 
