@@ -3,6 +3,7 @@ cannot do to a real server process."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,31 @@ async def test_a_run_no_reader_can_use_is_crashed_and_the_queue_moves_on(
     assert (crashed.message or "").startswith("the stored run cannot be read:")
     await worker.stop()
     await server.stop()
+
+
+def test_a_password_in_a_url_never_reaches_a_log_line_or_an_error() -> None:
+    from trio_taskworker._client import redact_url
+
+    assert redact_url("http://user:s3cret@host:8080/x") == "http://user:***@host:8080/x"
+    assert redact_url("http://host:8080") == "http://host:8080"
+
+
+async def test_client_strings_cannot_forge_a_server_log_line(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    server = start_server(tmp_path / "data")
+    procs.append(server)
+    host, port = server.url.removeprefix("http://").split(":")
+    forged = "x\n2026-01-01 00:00:00,000 ERROR forged: the server was hacked"
+    frame = json.dumps(
+        [{"type": "subscribe", "keys": ["k\nforged"], "client_id": forged, "credits": 1}]
+    )
+    async with await trio.open_tcp_stream(host, int(port)) as stream, trio.open_nursery() as n:
+        ws = await trio_websocket.wrap_client_stream(n, stream, host, "/subscribe")
+        await ws.send_message(frame)
+        await ws.get_message()  # subscribed: the server has logged it
+        await ws.aclose()
+    server.stop()
+    lines = server.output().splitlines()
+    assert not any(line.startswith("2026-01-01 00:00:00,000 ERROR forged") for line in lines)
+    assert any("subscribed" in line and "\\n2026-01-01" in line for line in lines)
