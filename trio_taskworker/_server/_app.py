@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -150,26 +151,34 @@ def _json(value: Any, status: int = 200) -> Response:
     return Response(to_json(value), status_code=status, media_type="application/json")
 
 
-async def _body(request: Request, state: AppState) -> bytes:
-    """The request's body, within the server's limits.
+async def _receive(
+    request: Request, state: AppState, sink: Callable[[bytes], Awaitable[None]] | None
+) -> list[bytes]:
+    """Read the request's body within the server's limits, chunk by chunk.
 
-    413 over ``max_body_bytes``; 503 (with ``Retry-After``) when the bodies being
-    received at once would hold more than ``max_bodies_in_flight`` bytes, so a
-    burst of large uploads cannot take the server's memory; 408 when the body
-    has not arrived within ``body_timeout`` seconds (a slow or stalled sender).
+    Without a ``sink`` the chunks are held in memory and returned; with one,
+    each goes to the sink (a file) and nothing is held. 413 over
+    ``max_body_bytes``; 503 (with ``Retry-After``) when the bodies held in memory
+    at once would pass ``max_bodies_in_flight`` bytes, so a burst of large
+    requests cannot take the server's memory; 408 when the body has not arrived
+    within ``body_timeout`` seconds (a slow or stalled sender).
     """
     limit = state.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"the body is {declared} bytes; the limit is {limit}")
     chunks: list[bytes] = []
-    held = 0
+    size = held = 0
     try:
         with trio.move_on_after(state.body_timeout) as timer:
             async with contextlib.aclosing(request.stream()) as stream:
                 async for chunk in stream:
-                    if held + len(chunk) > limit:
+                    size += len(chunk)
+                    if size > limit:
                         raise HTTPException(413, f"the body is over the limit of {limit} bytes")
+                    if sink is not None:
+                        await sink(chunk)
+                        continue
                     if state.bodies_in_flight + len(chunk) > state.max_bodies_in_flight:
                         raise HTTPException(
                             503,
@@ -181,9 +190,14 @@ async def _body(request: Request, state: AppState) -> bytes:
                     chunks.append(chunk)
         if timer.cancelled_caught:
             raise HTTPException(408, f"the body did not arrive within {state.body_timeout:g} s")
-        return b"".join(chunks)
+        return chunks
     finally:
         state.bodies_in_flight -= held
+
+
+async def _body(request: Request, state: AppState) -> bytes:
+    """The request's body, held in memory, within the limits of :func:`_receive`."""
+    return b"".join(await _receive(request, state, None))
 
 
 def _run_id(request: Request) -> uuid.UUID:
@@ -284,6 +298,10 @@ def _by_method(handlers: dict[str, _Handler]) -> _Handler:
         return await handlers[request.method](request)
 
     return endpoint
+
+
+#: A blob upload is held in memory up to this size, and on disk past it.
+_SPOOL_BYTES = 1024 * 1024
 
 
 #: The header that makes ``POST /runs`` safe to retry (see ``Store.create_runs``).
@@ -406,8 +424,16 @@ class _Handlers:
 
     async def put_blob(self, request: Request) -> Response:
         state = self.state
-        data = await _body(request, state)
-        ref = await state.store.put_blob(data, state.now())
+        # Streamed to a temporary file (memory past the first MiB would be one
+        # upload's whole size), then copied into the store in chunks.
+        with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as spool:
+
+            async def write(chunk: bytes) -> None:
+                # A chunk (tens of KiB) to the page cache: cheaper than a thread hop.
+                spool.write(chunk)
+
+            await _receive(request, state, write)
+            ref = await state.store.put_blob_file(spool, state.now())
         return JSONResponse({"id": ref}, status_code=201)
 
     async def get_blob(self, request: Request) -> Response:
