@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -81,8 +82,10 @@ async def test_two_servers_in_one_process_on_one_directory(tmp_path: Path) -> No
         ('[{"type": "subscribe", "keys": ["k"], "client_id": "x", "credits": NaN}]',
          "NaN is not a JSON number"),
         ("[" * 5_000 + "]" * 5_000, "nested too deeply"),
+        ('[{"type": "subscribe", "keys": ["k"], "client_id": "x", "credits": 1, "\\ud800": 1}]',
+         "\\ud800"),
     ],
-    ids=["lone surrogate", "NaN", "deep nesting"],
+    ids=["lone surrogate", "NaN", "deep nesting", "lone surrogate in a field name"],
 )  # fmt: skip
 async def test_a_hostile_websocket_frame_is_refused_and_the_server_carries_on(
     tmp_path: Path, procs: list[Proc], frame: str, reason: str
@@ -195,8 +198,16 @@ async def test_client_strings_cannot_forge_a_server_log_line(
         await ws.send_message(frame)
         await ws.get_message()  # subscribed: the server has logged it
         await ws.aclose()
+    async with open_client(server.url) as client:
+        fut = await t.add.with_options().apply_async((1,))  # a normal run, then a forged key
+        create, payload = t.add.run_create((1,), {})
+        forged_key = "k\n2026-01-01 00:00:00,000 ERROR forged: from a task key"
+        (run_id,) = await client.submit([(attrs.evolve(create, task_key=forged_key), payload)])
+        await client.cancel_run(run_id)  # the server logs the run's new state
+        await fut.cancel()
     server.stop()
     lines = server.output().splitlines()
+    assert not any(line.startswith("2026-01-01 00:00:00,000 ERROR forged: from") for line in lines)
     assert not any(line.startswith("2026-01-01 00:00:00,000 ERROR forged") for line in lines)
     assert any("subscribed" in line and "\\n2026-01-01" in line for line in lines)
 
@@ -280,3 +291,22 @@ async def test_a_password_in_the_api_url_stays_out_of_the_workers_log(
     worker.stop()
     assert "s3cret-pw" not in log.read_text()
     assert "someone:***@" in log.read_text()
+
+
+async def test_a_result_ref_naming_no_blob_is_refused(memory_store: Any) -> None:
+    from trio_taskworker._models import Finished, Started, TaskRunCreate
+    from trio_taskworker._states import TaskRunState as S
+
+    (run_id,) = await memory_store.create_runs([TaskRunCreate(task_key="k")], 1.0)
+    (run,) = await memory_store.claim_runs(["k"], 1, "conn", 2.0)
+    outcome = await memory_store.apply_reports(
+        "conn",
+        [
+            Started(id=run_id, attempt=run.attempt),
+            Finished(id=run_id, attempt=run.attempt, state=S.COMPLETED, result_ref="nope"),
+        ],
+        3.0,
+    )
+    assert outcome.rejected == ((run_id, "no stored blob 'nope' for result_ref"),)
+    (after,) = await memory_store.read_runs([run_id])
+    assert after.state is S.RUNNING and after.result_ref is None  # never a dangling ref

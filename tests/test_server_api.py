@@ -118,6 +118,8 @@ async def test_blobs_round_trip(http: httpx.AsyncClient) -> None:
     [
         ("post", "/runs", {"content": b"{"}, 422, "not valid JSON"),
         ("post", "/runs", {"json": {"runs": []}}, 422, "at least one run"),
+        ("post", "/runs", {"content": b'{"runs": [{"task_key": "a"}], "\\ud800": 1}'}, 422,
+         "\\ud800"),
         ("post", "/runs", {"json": {"runs": [{}]}}, 422, "task_key"),
         ("post", "/runs", {"json": create_body(task_key="")}, 422, "task_key must not be empty"),
         ("post", "/runs", {"json": create_body(retries=-1)}, 422, "retries"),
@@ -167,6 +169,8 @@ async def test_blobs_round_trip(http: httpx.AsyncClient) -> None:
         ("get", "/runs?offset=4611686018427387905", {}, 422, "offset"),
         ("get", "/runs?offset=1.5", {}, 422, "an integer"),
         ("post", "/runs", {"json": {"runs": []}}, 422, "at least one run"),
+        ("post", "/runs", {"content": b'{"runs": [{"task_key": "a"}], "\\ud800": 1}'}, 422,
+         "\\ud800"),
         ("post", "/runs/wait", {"json": {"ids": [], "timeout": 1000}}, 422, "timeout"),
         ("post", "/runs/wait", {"json": {"ids": [], "return_when": "SOON"}}, 422, "return_when"),
         ("get", f"/blobs/{uuid.uuid4()}", {}, 404, "no blob"),

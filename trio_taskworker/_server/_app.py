@@ -140,11 +140,21 @@ class AppState:
         if outcome.requeued:
             self.dispatcher.wake()
         for run in outcome.changed:
-            log.info("run %s (%s) is %s", run.id, run.task_key, run.state)
+            log.info("run %s (%r) is %s", run.id, run.task_key, run.state)
+
+
+def _safe(text: str) -> str:
+    """``text`` with what cannot be sent or logged as one line escaped: lone
+    surrogates (not encodable) and control characters (a newline would start a
+    forged log line). Client data reaches error messages through parsers."""
+    if text.isascii() and text.isprintable():
+        return text
+    escaped = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in escaped)
 
 
 def _error(status: int, detail: str) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
+    return JSONResponse({"detail": _safe(detail)}, status_code=status)
 
 
 def _json(value: Any, status: int = 200) -> Response:
@@ -249,7 +259,7 @@ def build_app(state: AppState) -> Starlette:
         return response
 
     async def store_unavailable(request: Request, exc: Exception) -> Response:
-        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        log.warning("%s %r: %s", request.method, request.url.path, _safe(str(exc)))
         response = _error(503, f"the server cannot store this now: {exc}")
         response.headers["Retry-After"] = "5"
         return response
@@ -432,7 +442,10 @@ class _Handlers:
                 # A chunk (tens of KiB) to the page cache: cheaper than a thread hop.
                 spool.write(chunk)
 
-            await _receive(request, state, write)
+            try:
+                await _receive(request, state, write)
+            except OSError as exc:  # the temporary directory is full
+                return _error(503, f"the server cannot hold this upload now: {exc}")
             ref = await state.store.put_blob_file(spool, state.now())
         return JSONResponse({"id": ref}, status_code=201)
 
@@ -480,7 +493,7 @@ def _most_telling(group: BaseExceptionGroup[_Closed]) -> _Closed:
     chosen = min(closes, key=lambda c: rank.get(c.code, len(rank)))
     for other in closes:
         if other is not chosen:
-            log.info("subscription also closing (not sent): %s", other.reason)
+            log.info("subscription also closing (not sent): %s", _safe(other.reason))
     return chosen
 
 
@@ -513,7 +526,7 @@ class SubscriptionHandler:
                 # may both raise in the same tick; one close frame can carry one.
                 closed = _most_telling(group)
             if closed is not None:
-                log.info("closing subscription: %s", closed.reason)
+                log.info("closing subscription: %s", _safe(closed.reason))
                 await self._close(closed.code, closed.reason)
         finally:
             state.connections -= 1
@@ -540,7 +553,7 @@ class SubscriptionHandler:
         with trio.move_on_after(1):
             async with self._send_lock:
                 try:
-                    await self.websocket.close(code, reason[:120])
+                    await self.websocket.close(code, _safe(reason)[:120])
                 except Exception:  # the peer may already be gone
                     log.debug("close after disconnect", exc_info=True)
 
@@ -644,7 +657,7 @@ class SubscriptionHandler:
                 outcome = await state.store.apply_reports(sub.id, reports, state.now())
                 state.changed(outcome)
                 for run_id, reason in outcome.rejected:
-                    log.warning("refused a report on run %s: %s", run_id, reason)
+                    log.warning("refused a report on run %s: %s", run_id, _safe(reason))
                     sub.post(Rejected(id=run_id, reason=reason))
             for message in messages:
                 if isinstance(message, Credit):

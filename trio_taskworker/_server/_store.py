@@ -687,6 +687,12 @@ class Store:
                 if refusal is not None:
                     rejected.append((report.id, refusal))
                     continue
+                ref = getattr(report, "result_ref", None)
+                if ref is not None and not self._has_blob(cur, ref):
+                    # A result no caller could ever read: refused, as a
+                    # parameters_ref naming no blob is when a run is created.
+                    rejected.append((report.id, f"no stored blob {ref!r} for result_ref"))
+                    continue
                 try:
                     changes = _rules.on_report(
                         state=TaskRunState(row.state),
@@ -818,6 +824,10 @@ class Store:
     async def get_blob(self, ref: str) -> bytes | None:
         """Return a stored payload, or None."""
         return await self.runner.transact(lambda cur: self._get_blob(cur, ref))
+
+    def _has_blob(self, cur: Cursor, ref: str) -> bool:
+        cur.execute(self._q("SELECT 1 FROM blobs WHERE id = ?"), (ref,))
+        return cur.fetchone() is not None
 
     def _get_blob(self, cur: Cursor, ref: str) -> bytes | None:
         cur.execute(self._q("SELECT data FROM blobs WHERE id = ?"), (ref,))
