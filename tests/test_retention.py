@@ -168,8 +168,16 @@ async def test_a_crashed_run_counts_from_when_a_sweep_first_saw_it(
     await store.apply_reports("w", [Started(id=run_id, attempt=claim.attempt)], 1.0)
     await store.release_owner("w", 500.0)
     (run,) = await store.read_runs([run_id])
-    assert run.state is S.CRASHED and run.finished_at is None
-    # Without an end time it is not deleted, however old it is...
+    # A crash records when the run ended...
+    assert run.state is S.CRASHED and run.finished_at is not None
+    assert run.finished_at.timestamp() == 500.0
+    # ...but one stored by an older version has no end time:
+    await store.runner.transact(
+        lambda cur: cur.execute(
+            "UPDATE task_runs SET finished_at = NULL WHERE id = ?", (str(run_id),)
+        )
+    )
+    # without an end time it is not deleted, however old it is...
     assert (await store.delete_ended_runs(ended_before=1e12, limit=10))[0] == 0
     # ...until a sweep gives it one; then it is kept for the retention from there.
     assert await store.stamp_crashed_runs(now=600.0) == 1

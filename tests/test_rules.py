@@ -234,6 +234,7 @@ def test_a_running_run_crashes_at_the_limit(
     changes = lost(S.RUNNING, redeliveries=redeliveries, max_redeliveries=max_redeliveries)
     assert changes == {
         "state": S.CRASHED,
+        "finished_at": 10.0,  # it has ended: retention counts from here
         "lease_owner": None,
         "message": f"the worker's connection was lost; it had been redelivered"
         f" {redeliveries} times, the limit is {limit}",

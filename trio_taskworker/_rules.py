@@ -131,6 +131,7 @@ def on_lost_lease(
         }
     return {
         "state": _S.CRASHED,
+        "finished_at": now,
         "lease_owner": None,
         "message": f"{reason}; it had been redelivered {redeliveries} times, the limit is {limit}",
     }

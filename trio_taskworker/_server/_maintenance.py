@@ -4,7 +4,8 @@
 and then every :data:`SWEEP_SECONDS` (or every ``retention``, when that is
 shorter) it sweeps:
 
-1. CRASHED runs without an end time get one (see :meth:`Store.stamp_crashed_runs`);
+1. CRASHED runs without an end time (stored by an earlier version) get one
+   (see :meth:`Store.stamp_crashed_runs`);
 2. runs that ended (COMPLETED, FAILED, CANCELLED, CRASHED) more than
    ``retention`` ago are deleted, :data:`BATCH` rows per transaction, so the
    single writer is never held for long and other requests go in between;
