@@ -83,3 +83,20 @@ async def test_a_stalled_body_is_408_after_the_body_timeout(
     assert slow.value.status_code == 408
     assert trio.current_time() - start == pytest.approx(60.0)
     assert app.bodies_in_flight == 0
+
+
+async def test_a_streamed_upload_over_the_limit_is_413_and_holds_nothing(
+    memory_store: SQLiteStore,
+) -> None:
+    from trio_taskworker._server._app import _receive
+
+    app = state(memory_store, max_body_bytes=3)
+    written: list[bytes] = []
+
+    async def sink(chunk: bytes) -> None:
+        written.append(chunk)
+
+    with pytest.raises(HTTPException) as big:
+        await _receive(request([b"ab", b"cd"]), app, sink)  # chunked: no content-length
+    assert big.value.status_code == 413 and written == [b"ab"]
+    assert app.bodies_in_flight == 0  # a streamed body never counts as held
