@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ from ._models import TaskRun
 __all__ = ["TaskRunContext", "get_run_context", "run_context"]
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, slots=False)  # no slots: ``parameters`` is cached
 class TaskRunContext:
     """The run a worker is executing: ``task_run`` (its snapshot as delivered,
     with ``.id``), the ``task`` and the ``parameters`` by name (defaults filled in).
@@ -26,7 +27,16 @@ class TaskRunContext:
 
     task: Any
     task_run: TaskRun | None
-    parameters: dict[str, Any]
+    #: The call's arguments as given; ``parameters`` names them.
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = attrs.field(factory=dict)
+
+    @functools.cached_property
+    def parameters(self) -> dict[str, Any]:
+        """The arguments by parameter name, defaults filled in (bound when first
+        asked for: most runs never ask)."""
+        parameters: dict[str, Any] = self.task.parameters_of(self.args, self.kwargs)
+        return parameters
 
     @property
     def attempt(self) -> int:

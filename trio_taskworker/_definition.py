@@ -189,7 +189,7 @@ class TaskDefinition(Generic[P, R]):
         if local.task_run_name is not None or local.cache_key_fn is not None:
             parameters = self.parameters_of(args, kwargs)
             name = local.run_name(parameters)
-            cache_key = self._cache_key(parameters)
+            cache_key = self._cache_key(args, kwargs, parameters)
         create = TaskRunCreate(
             task_key=self.key,
             task_name=self.name,
@@ -201,11 +201,14 @@ class TaskDefinition(Generic[P, R]):
         )
         return create, payload
 
-    def _cache_key(self, parameters: dict[str, Any]) -> str | None:
+    def _cache_key(
+        self, args: Sequence[Any], kwargs: dict[str, Any], parameters: dict[str, Any]
+    ) -> str | None:
         fn = self.local.cache_key_fn
         if fn is None:
             return None
-        key = fn(TaskRunContext(task=self, task_run=None, parameters=parameters), parameters)
+        context = TaskRunContext(task=self, task_run=None, args=tuple(args), kwargs=kwargs)
+        key = fn(context, parameters)
         if key is not None and not isinstance(key, str):
             raise ConfigurationError(f"cache_key_fn returned {key!r}, not a string or None")
         return key

@@ -48,7 +48,9 @@ __all__ = [
     "TaskRunCreate",
     "TaskRunCreateBatch",
     "WaitRequest",
+    "check_number",
     "option_values",
+    "seconds_validator",
 ]
 
 #: The most runs one ``POST /runs`` creates, and the most ids one ``POST /runs/wait`` takes.
@@ -81,24 +83,33 @@ def _optional_count(instance: Any, attribute: attrs.Attribute[Any], value: Any) 
         _count(instance, attribute, value)
 
 
-def _seconds(*, positive: bool, optional: bool) -> Any:
-    bound = "greater than 0" if positive else "0 or more"
+def check_number(
+    name: str, value: Any, *, positive: bool = False, maximum: float = MAX_SECONDS
+) -> None:
+    """Raise :class:`ConfigurationError` naming ``name`` unless ``value`` is a
+    finite number from 0 (above 0 with ``positive``) to ``maximum``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigurationError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        bound = "greater than 0" if positive else "0 or more"
+        raise ConfigurationError(f"{name} must be {bound}, got {value!r}")
+    if value > maximum:
+        raise ConfigurationError(
+            f"{name} must be at most {MAX_SECONDS:.0f} s (100 years), got {value!r}"
+            if maximum == MAX_SECONDS
+            else f"{name} must be at most {maximum:g}, got {value!r}"
+        )
+
+
+def seconds_validator(
+    *, positive: bool = False, optional: bool = False, maximum: float = MAX_SECONDS
+) -> Any:
+    """An attrs validator: :func:`check_number` on the field (None allowed if ``optional``)."""
 
     def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         if value is None and optional:
             return
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
-            raise ConfigurationError(f"{attribute.name} must be a finite number, got {value!r}")
-        if value < 0 or (positive and value == 0):
-            raise ConfigurationError(f"{attribute.name} must be {bound}, got {value!r}")
-        if value > MAX_SECONDS:
-            raise ConfigurationError(
-                f"{attribute.name} must be at most {MAX_SECONDS:.0f} s (100 years), got {value!r}"
-            )
+        check_number(attribute.name, value, positive=positive, maximum=maximum)
 
     return check
 
@@ -149,10 +160,12 @@ class TaskOptions:
 
     retries: int = attrs.field(default=0, validator=_count)
     retry_delay_seconds: float = attrs.field(
-        default=0.0, converter=_to_float, validator=_seconds(positive=False, optional=False)
+        default=0.0, converter=_to_float, validator=seconds_validator()
     )
     timeout_seconds: float | None = attrs.field(
-        default=None, converter=_to_float, validator=_seconds(positive=True, optional=True)
+        default=None,
+        converter=_to_float,
+        validator=seconds_validator(positive=True, optional=True),
     )
     max_redeliveries: int | None = attrs.field(default=None, validator=_optional_count)
     tags: tuple[str, ...] = attrs.field(default=(), converter=_to_tags, validator=_tags)
@@ -248,7 +261,7 @@ class TaskRunCreate(TaskOptions):
     name: str | None = attrs.field(default=None, validator=_optional_text)
     cache_key: str | None = attrs.field(default=None, validator=_optional_text)
     cache_expiration: float | None = attrs.field(
-        default=None, converter=_to_float, validator=_seconds(positive=False, optional=True)
+        default=None, converter=_to_float, validator=seconds_validator(optional=True)
     )
 
     def __attrs_post_init__(self) -> None:
@@ -355,7 +368,7 @@ class Finished:
     message: str | None = None
     retry: bool = True
     retry_delay_seconds: float | None = attrs.field(
-        default=None, converter=_to_float, validator=_seconds(positive=False, optional=True)
+        default=None, converter=_to_float, validator=seconds_validator(optional=True)
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 
 from ._exceptions import ConfigurationError
-from ._models import MAX_SECONDS
+from ._models import MAX_SECONDS, check_number, seconds_validator
 from ._states import TaskRunState
 
 __all__ = [
@@ -72,10 +72,7 @@ def exponential_backoff(backoff_factor: float) -> DelayFunction:
 
     Pass it as ``retry_delay_seconds=exponential_backoff(10)`` (10, 20, 40 s...).
     """
-    if not isinstance(backoff_factor, int | float) or not math.isfinite(backoff_factor):
-        raise ConfigurationError(f"backoff_factor must be a finite number, got {backoff_factor!r}")
-    if backoff_factor < 0:
-        raise ConfigurationError(f"backoff_factor must be 0 or more, got {backoff_factor!r}")
+    check_number("backoff_factor", backoff_factor, maximum=math.inf)
 
     def delays(retries: int) -> list[float]:
         return [min(backoff_factor * 2.0**n, MAX_SECONDS) for n in range(retries)]
@@ -84,10 +81,7 @@ def exponential_backoff(backoff_factor: float) -> DelayFunction:
 
 
 def _check_delay(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigurationError(f"{name} must hold finite numbers, got {value!r}")
-    if not 0 <= value <= MAX_SECONDS:
-        raise ConfigurationError(f"{name} must hold delays from 0 to {MAX_SECONDS:.0f} s")
+    check_number(name, value)
     return float(value)
 
 
@@ -122,26 +116,6 @@ def _optional_function(_: Any, attribute: attrs.Attribute[Any], value: Any) -> N
         raise ConfigurationError(f"{attribute.name} must be callable, got {value!r}")
 
 
-def _jitter(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigurationError(f"{attribute.name} must be a finite number, got {value!r}")
-    if value < 0:
-        raise ConfigurationError(f"{attribute.name} must be 0 or more, got {value!r}")
-
-
-def _expiration(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigurationError(
-            f"{attribute.name} must be a timedelta or a number of seconds, got {value!r}"
-        )
-    if not 0 <= value <= MAX_SECONDS:
-        raise ConfigurationError(f"{attribute.name} must be from 0 to {MAX_SECONDS:.0f} s")
-
-
 def _run_name(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and not isinstance(value, str) and not callable(value):
         raise ConfigurationError(f"{attribute.name} must be a string or a function, got {value!r}")
@@ -169,7 +143,9 @@ class LocalOptions:
     retry_delays: tuple[float, ...] | DelayFunction | None = attrs.field(
         default=None, converter=_to_delays
     )
-    retry_jitter_factor: float | None = attrs.field(default=None, validator=_jitter)
+    retry_jitter_factor: float | None = attrs.field(
+        default=None, validator=seconds_validator(optional=True, maximum=math.inf)
+    )
     retry_condition_fn: Callable[[Any, Any, State], Any] | None = attrs.field(
         default=None, validator=_optional_function
     )
@@ -179,7 +155,7 @@ class LocalOptions:
         default=None, validator=_optional_function
     )
     cache_expiration: float | None = attrs.field(
-        default=None, converter=_to_seconds, validator=_expiration
+        default=None, converter=_to_seconds, validator=seconds_validator(optional=True)
     )
     task_run_name: str | Callable[..., str] | None = attrs.field(default=None, validator=_run_name)
 

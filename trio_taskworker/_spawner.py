@@ -332,9 +332,7 @@ class Spawner:
             with entry.cancelled, entry.lost:
                 with trio.move_on_after(math.inf if timeout is None else timeout) as timer:
                     args, kwargs = await self._read_parameters(task, run)
-                    context = TaskRunContext(
-                        task=task, task_run=run, parameters=task.parameters_of(args, kwargs)
-                    )
+                    context = TaskRunContext(task=task, task_run=run, args=args, kwargs=kwargs)
                     with run_context(context):
                         value = await self._invoke(task, args, kwargs)
         except StopTaskWorker as exc:
