@@ -15,6 +15,7 @@ Times are stored as UNIX seconds (floating point); payloads as opaque bytes.
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -429,7 +430,7 @@ class Store:
             rows = []
             cached: list[tuple[str, _Row]] = []
             for c in creates:
-                if c.parameters_ref is not None and self._get_blob(cur, c.parameters_ref) is None:
+                if c.parameters_ref is not None and not self._has_blob(cur, c.parameters_ref):
                     return _Refused(
                         StoreError(f"no stored blob {c.parameters_ref!r} for parameters_ref")
                     )
@@ -778,15 +779,8 @@ class Store:
     # --- blobs --------------------------------------------------------------------
 
     async def put_blob(self, data: bytes, now: float) -> str:
-        """Store a payload; return its reference."""
-        ref = str(uuid.uuid4())
-        sql = self._q("INSERT INTO blobs (id, data, created_at) VALUES (?, ?, ?)")
-
-        def put(cur: Cursor) -> str:
-            cur.execute(sql, (ref, data, now))
-            return ref
-
-        return await self.runner.transact(put)
+        """Store a payload; return its reference (see :meth:`put_blob_file`)."""
+        return await self.put_blob_file(io.BytesIO(data), now)
 
     async def put_blob_file(self, source: IO[bytes], now: float) -> str:
         """Store a payload read from ``source`` (from its start); return its reference.
