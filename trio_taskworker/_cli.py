@@ -8,7 +8,15 @@
     trio-taskworker task serve ENTRYPOINT... [--module MOD] [--limit N]
                                              [--status-server-port P]
                                              [--shutdown-timeout S]
+    trio-taskworker run ls [--state S] [--task KEY] [--tag T] [--limit N] [--json]
+    trio-taskworker run show RUN_ID [--json]
+    trio-taskworker run retry RUN_ID
     trio-taskworker run cancel RUN_ID
+    trio-taskworker worker ls [--json]
+    trio-taskworker task ls [--json]
+
+The commands that talk to a server take ``--api-url`` (default
+``$TRIO_TASKWORKER_API_URL``) and send ``$TRIO_TASKWORKER_API_KEY``.
 
 An ENTRYPOINT is ``pkg.mod:fn`` or ``path/to/mod.py:fn``. Errors print one
 line to stderr and exit 1; a usage error exits 2.
@@ -31,7 +39,9 @@ import trio
 
 from ._definition import module_name_for_path
 from ._exceptions import TaskWorkerError, leaves
+from ._inspect import InspectError
 from ._models import MAX_WAIT_SECONDS
+from ._states import TaskRunState
 from ._task import Task
 from ._version import __version__
 
@@ -231,28 +241,95 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--status-server-port", type=_port, default=None)
     serve.add_argument("--shutdown-timeout", type=_seconds, default=30.0)
     serve.add_argument("--api-url", default=None, help="default $TRIO_TASKWORKER_API_URL")
+    _client_command(task, "ls", "what each task key is doing (admin role)", json=True)
 
-    run = groups.add_parser("run", help="act on runs").add_subparsers(
+    run = groups.add_parser("run", help="see and act on runs").add_subparsers(
         dest="command", required=True
     )
-    cancel = run.add_parser("cancel", help="cancel a run")
-    cancel.add_argument("run_id", metavar="RUN_ID")
-    cancel.add_argument("--api-url", default=None, help="default $TRIO_TASKWORKER_API_URL")
+    ls = _client_command(run, "ls", "list runs, newest first (admin role)", json=True)
+    ls.add_argument("--state", type=_state, default=None, help="only runs in this state")
+    ls.add_argument("--task", default=None, metavar="KEY", help="only runs of this task key")
+    ls.add_argument("--tag", default=None, help="only runs with this tag")
+    ls.add_argument(
+        "--limit", type=_whole(1, 1000, "1 to 1000"), default=20, help="at most N (default 20)"
+    )
+    show = _client_command(run, "show", "a run's fields, history, error and logs", json=True)
+    retry = _client_command(run, "retry", "queue a FAILED, CRASHED or CANCELLED run again")
+    cancel = _client_command(run, "cancel", "cancel a run")
+    for command in (show, retry, cancel):
+        command.add_argument(
+            "run_id", metavar="RUN_ID", help="a run id, or its first 8 hex digits (admin role)"
+        )
+
+    worker = groups.add_parser("worker", help="see workers").add_subparsers(
+        dest="command", required=True
+    )
+    _client_command(worker, "ls", "the connected workers (admin role)", json=True)
     return parser
 
 
-def _cancel_run(args: argparse.Namespace) -> None:
-    import uuid
+def _client_command(
+    group: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help: str,
+    *,
+    json: bool = False,
+) -> argparse.ArgumentParser:
+    """A subcommand that talks to the server: ``--api-url``, and ``--json`` if asked."""
+    command = group.add_parser(name, help=help, description=help)
+    command.add_argument("--api-url", default=None, help="default $TRIO_TASKWORKER_API_URL")
+    if json:
+        command.add_argument("--json", action="store_true", help="print JSON for programs")
+    return command
 
-    from ._client import SyncClient, api_url_from_env
 
+def _state(value: str) -> TaskRunState:
     try:
-        run_id = uuid.UUID(args.run_id)
+        return TaskRunState(value.upper())
     except ValueError:
-        raise CLIError(f"{args.run_id!r} is not a run id (a UUID)") from None
-    with SyncClient(args.api_url or api_url_from_env()) as client:
-        run = client.cancel_run(run_id)
-    print(f"run {run.id} is {run.state}")
+        names = ", ".join(TaskRunState)
+        raise argparse.ArgumentTypeError(f"expected one of {names}, got {value!r}") from None
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    """``run ls|show|retry|cancel``, ``worker ls``, ``task ls``: ask, then print."""
+    import datetime
+    import io
+    import shutil
+
+    from . import _inspect as ins
+
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # Escaped text is printable, but perhaps not in this terminal's encoding.
+        sys.stdout.reconfigure(errors="backslashreplace")
+    width = shutil.get_terminal_size((80, 24)).columns
+    now = datetime.datetime.now(datetime.UTC)
+    with ins.open_inspector(args.api_url) as api:
+        command = (args.group, args.command)
+        if command == ("run", "ls"):
+            runs = api.list_runs(
+                state=args.state, task_key=args.task, tag=args.tag, limit=args.limit
+            )
+            print(ins.runs_json(runs) if args.json else ins.runs_text(runs, now, width))
+        elif command == ("run", "show"):
+            run = api.read_run(api.resolve(args.run_id))
+            history, logs = api.history(run.id), api.logs(run.id)
+            if args.json:
+                print(ins.run_json(run, history, logs))
+            else:
+                print(ins.run_text(run, history, logs, now))
+        elif command in (("run", "retry"), ("run", "cancel")):
+            run_id = api.resolve(args.run_id)
+            run = api.retry(run_id) if args.command == "retry" else api.cancel(run_id)
+            print(f"run {run.id} is {run.state}")
+        elif command == ("worker", "ls"):
+            workers = api.workers()
+            print(
+                ins.workers_json(workers) if args.json else ins.workers_text(workers, now, width)
+            )
+        else:
+            tasks = api.tasks()
+            print(ins.tasks_json(tasks) if args.json else ins.tasks_text(tasks, width))
 
 
 async def _run_server(args: argparse.Namespace) -> None:
@@ -312,14 +389,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # httpx logs every request at INFO; that is chatter, not news. --log-level
+        # DEBUG shows it again.
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         if args.group == "server":
             trio.run(_run_server, args)
-        elif args.group == "run":
-            _cancel_run(args)
-        else:
+        elif args.group == "task" and args.command == "serve":
             _serve_tasks(args)
-    except (CLIError, TaskWorkerError) as exc:
+        else:
+            _inspect(args)
+    except (CLIError, TaskWorkerError, InspectError) as exc:
         print(f"trio-taskworker: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
