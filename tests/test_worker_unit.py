@@ -266,7 +266,7 @@ async def test_status_shows_in_flight(autojump_clock: trio.testing.MockClock) ->
     assert worker.status()["in_flight"] == {}
     assert set(worker.status()) == {
         "client_id", "started_at", "stopping", "connected", "limit", "current", "available",
-        "tasks", "finished", "in_flight",
+        "tasks", "finished", "failed", "in_flight",
     }  # fmt: skip
 
 

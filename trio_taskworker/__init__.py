@@ -3,7 +3,13 @@
 Submit runs of a :func:`task` with ``await fn.delay(...)``; a server keeps
 them in a durable queue; :class:`TaskWorker` processes run them under a
 capacity limit; ``await future.result()`` brings the value back.
+
+As a library it logs through the ``trio_taskworker`` loggers and prints
+nothing unless the application configures logging (a ``NullHandler`` keeps
+Python's last-resort handler quiet).
 """
+
+import logging as _logging
 
 from ._client import SyncClient, TaskWorkerClient, open_client
 from ._context import TaskRunContext, get_run_context
@@ -40,11 +46,14 @@ from ._future import (
 )
 from ._models import ErrorInfo, TaskOptions, TaskRun
 from ._policy import State, exponential_backoff
+from ._runlog import get_run_logger
 from ._server import TaskServer
 from ._states import TaskRunState
 from ._task import Task, task
 from ._version import __version__
 from ._worker import TaskWorker, serve, should_try_to_read_parameters
+
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 # Plain sorted() order, which test_exports checks (ruff's isort-style order
 # would put the constants first).
@@ -87,6 +96,7 @@ __all__ = [  # noqa: RUF022
     "gather_results",
     "gather_results_sync",
     "get_run_context",
+    "get_run_logger",
     "open_client",
     "serve",
     "should_try_to_read_parameters",

@@ -44,6 +44,8 @@ from ._exceptions import (
 from ._guard import in_trio_run
 from ._models import (
     CreatedRuns,
+    LogBatch,
+    LogRecord,
     ReturnWhen,
     RunList,
     TaskRun,
@@ -401,6 +403,24 @@ def _suffix(message: str | None) -> str:
     return f": {message}" if message else ""
 
 
+#: How long one ``POST /logs`` may take; a run's end waits for its logs only so long.
+_LOGS_READ_TIMEOUT = 10.0
+
+
+def _op_post_logs(records: Sequence[LogRecord]) -> Operation[dict[str, int]]:
+    # Not retried here: the worker's log shipper retries a whole batch itself,
+    # with its own backoff, and gives up on it in the end.
+    response = yield _Call(
+        method="POST",
+        path="/logs",
+        content=to_json(LogBatch(records=tuple(records))),
+        read_timeout=_LOGS_READ_TIMEOUT,
+    )
+    _raise_for_status(response)
+    counts: dict[str, int] = response.json()
+    return counts
+
+
 def _op_health() -> Operation[dict[str, Any]]:
     response = yield _Call(method="GET", path="/health")
     _raise_for_status(response)
@@ -478,7 +498,7 @@ class TaskWorkerClient:
         limit: int = 200,
         offset: int = 0,
     ) -> list[TaskRun]:
-        """List runs, oldest first, without their payloads."""
+        """List runs, newest first, without their payloads."""
         return await self._drive(_op_list_runs(state, task_key, limit, offset))
 
     async def wait_run(self, run_id: uuid.UUID, timeout: float | None = None) -> TaskRun:
@@ -525,6 +545,15 @@ class TaskWorkerClient:
     async def health(self) -> dict[str, Any]:
         """Return the server's ``/health`` document."""
         return await self._drive(_op_health())
+
+    async def post_logs(self, records: Sequence[LogRecord]) -> dict[str, int]:
+        """Send run log records (at most ``MAX_LOG_RECORDS``) in one ``POST /logs``.
+
+        Returns the server's counts (``stored``, ``dropped``, ``unknown``). One
+        request, not retried: raises :class:`ServerUnavailable` or
+        :class:`ServerError` as the other methods do.
+        """
+        return await self._drive(_op_post_logs(records))
 
 
 def _offline(op: Operation[T]) -> T:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import functools
 import inspect
+import reprlib
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ import attrs
 
 from ._context import TaskRunContext
 from ._exceptions import ConfigurationError
-from ._models import TaskOptions, TaskRunCreate, option_values
+from ._models import MAX_PREVIEW, TaskOptions, TaskRunCreate, option_values
 from ._policy import LocalOptions, split_options
 from ._serialization import dumps_payload
 
@@ -32,6 +33,8 @@ __all__ = [
     "evolve_local",
     "evolve_options",
     "module_name_for_path",
+    "preview_call",
+    "preview_value",
     "unmapped",
 ]
 
@@ -86,6 +89,83 @@ def evolve_local(
     """Both kinds of options with ``changes`` (see :func:`split_options`)."""
     wire, local_changes = split_options(changes)
     return evolve_options(options, wire), attrs.evolve(local, **local_changes)
+
+
+# --- previews: what people read instead of the pickles -------------------------------
+
+#: What a preview says of a value whose ``repr`` raised.
+UNREPRESENTABLE = "<unrepresentable>"
+_CUT = "..."
+
+
+class _Limits(reprlib.Repr):
+    """``reprlib``'s shortening, with :data:`UNREPRESENTABLE` for a ``repr`` that raises.
+
+    reprlib shortens containers and strings on its own; the limits keep a
+    preview to a line or two whatever the value holds.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxstring = self.maxother = 200
+        self.maxlong = 100
+        self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = 10
+        self.maxdeque = self.maxarray = self.maxdict = 10
+
+    def repr_instance(self, x: Any, level: int) -> str:
+        # reprlib's own fallback names the object's address, which tells a
+        # reader nothing.
+        try:
+            text = repr(x)
+        except Exception:
+            return UNREPRESENTABLE
+        if not isinstance(text, str):
+            return UNREPRESENTABLE
+        if len(text) > self.maxother:
+            head = max(0, (self.maxother - 3) // 2)
+            tail = max(0, self.maxother - 3 - head)
+            text = text[:head] + "..." + text[len(text) - tail :]
+        return text
+
+
+_limits = _Limits()
+
+
+def _short(value: Any) -> str:
+    try:
+        return _limits.repr(value)
+    except Exception:  # a broken __class__ or __len__: reprlib does not catch those
+        return UNREPRESENTABLE
+
+
+def _cap(text: str) -> str:
+    return text if len(text) <= MAX_PREVIEW else text[: MAX_PREVIEW - len(_CUT)] + _CUT
+
+
+def preview_value(value: Any) -> str:
+    """A short ``repr`` of ``value`` (``reprlib``'s), at most ``MAX_PREVIEW`` characters.
+
+    Never raises: a value whose ``repr`` raises is ``<unrepresentable>``.
+    """
+    return _cap(_short(value))
+
+
+def preview_call(arguments: dict[str, Any]) -> str:
+    """A short, readable form of a call's arguments by name: ``x=1, y='abc'``.
+
+    Each value as :func:`preview_value` shows it; at most ``MAX_PREVIEW``
+    characters in all, and it never raises.
+    """
+    parts: list[str] = []
+    length = 0
+    for name, value in arguments.items():
+        part = f"{name}={_short(value)}"
+        parts.append(part)
+        length += len(part) + 2
+        if length > MAX_PREVIEW:
+            break  # the rest would be cut anyway
+    return _cap(", ".join(parts))
 
 
 @attrs.frozen
@@ -174,9 +254,11 @@ class TaskDefinition(Generic[P, R]):
     ) -> tuple[TaskRunCreate, bytes]:
         """Bind and pickle one call: the run to create and its pickled parameters.
 
-        Raises ``TypeError`` when the arguments do not fit the signature and
-        ``ValueError`` for a ``scheduled_time`` without a timezone. The client
-        decides whether the payload travels inline or as a blob.
+        The run carries a ``parameters_preview`` of the arguments as given
+        (see :func:`preview_call`), for people to read. Raises ``TypeError``
+        when the arguments do not fit the signature and ``ValueError`` for a
+        ``scheduled_time`` without a timezone. The client decides whether the
+        payload travels inline or as a blob.
         """
         if scheduled_time is not None and (
             not isinstance(scheduled_time, datetime.datetime) or scheduled_time.tzinfo is None
@@ -184,6 +266,7 @@ class TaskDefinition(Generic[P, R]):
             raise ValueError("scheduled_time must be a timezone-aware datetime")
         bound = self._bind(args, kwargs)
         payload = dumps_payload((bound.args, bound.kwargs))
+        preview = preview_call(bound.arguments)
         name = cache_key = None
         local = self.local
         if local.task_run_name is not None or local.cache_key_fn is not None:
@@ -197,6 +280,7 @@ class TaskDefinition(Generic[P, R]):
             name=name,
             cache_key=cache_key,
             cache_expiration=None if cache_key is None else local.cache_expiration,
+            parameters_preview=preview,
             **option_values(self.options),
         )
         return create, payload

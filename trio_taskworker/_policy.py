@@ -116,6 +116,11 @@ def _optional_function(_: Any, attribute: attrs.Attribute[Any], value: Any) -> N
         raise ConfigurationError(f"{attribute.name} must be callable, got {value!r}")
 
 
+def _optional_bool(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise ConfigurationError(f"{attribute.name} must be True, False or None, got {value!r}")
+
+
 def _run_name(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and not isinstance(value, str) and not callable(value):
         raise ConfigurationError(f"{attribute.name} must be a string or a function, got {value!r}")
@@ -137,7 +142,10 @@ class LocalOptions:
     - ``cache_key_fn(context, parameters) -> str | None`` and ``cache_expiration``
       (a timedelta or seconds): evaluated by the submitter (see ``Task.delay``);
     - ``task_run_name``: a template formatted with the run's parameters by
-      name, or a function (of nothing, or of the parameters dict).
+      name, or a function (of nothing, or of the parameters dict);
+    - ``log_prints``: ``True`` sends the run's ``print()`` calls (to stdout) to
+      its run logger at INFO instead of stdout; ``False`` never does; ``None``
+      (the default) follows the worker's ``TRIO_TASKWORKER_LOG_PRINTS``.
     """
 
     retry_delays: tuple[float, ...] | DelayFunction | None = attrs.field(
@@ -158,6 +166,7 @@ class LocalOptions:
         default=None, converter=_to_seconds, validator=seconds_validator(optional=True)
     )
     task_run_name: str | Callable[..., str] | None = attrs.field(default=None, validator=_run_name)
+    log_prints: bool | None = attrs.field(default=None, validator=_optional_bool)
 
     def retry_delay(
         self,

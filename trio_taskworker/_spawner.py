@@ -46,7 +46,7 @@ import trio
 
 from ._client import TaskWorkerClient, fits_inline, load_payload, store_payload
 from ._context import TaskRunContext, run_context
-from ._definition import TaskDefinition
+from ._definition import TaskDefinition, preview_value
 from ._exceptions import (
     ConfigurationError,
     ProtocolError,
@@ -57,6 +57,7 @@ from ._exceptions import (
 )
 from ._models import Credit, ErrorInfo, Finished, Released, Started, TaskRun, WorkerMessage
 from ._policy import Hook, State
+from ._runlog import LogShipper, run_logging
 from ._serialization import dumps_payload, loads_payload
 from ._states import TaskRunState
 
@@ -110,7 +111,10 @@ class Spawner:
     ``limit=None`` means no limit (the worker still asks for at most
     :data:`UNLIMITED_WINDOW` runs at a time). ``request_stop`` is called when
     a task raises :class:`StopTaskWorker`. ``client`` reads and stores large
-    payloads; it is set while the worker runs.
+    payloads; it is set while the worker runs. ``logs`` takes the runs' log
+    records (see :mod:`._runlog`); a run's records are flushed before it is
+    reported ended. ``log_prints`` is the default for tasks that leave their
+    ``log_prints`` option unset.
     """
 
     tasks: Mapping[str, TaskDefinition[Any, Any]]
@@ -118,9 +122,13 @@ class Spawner:
     report: Report
     request_stop: Callable[[], None]
     client: TaskWorkerClient | None = None
+    logs: LogShipper | None = None
+    log_prints: bool = False
     stopping: bool = attrs.field(init=False, default=False)
     #: Runs ended, per task key.
     finished: Counter[str] = attrs.field(init=False, factory=Counter)
+    #: Of those, the ones that ended FAILED, per task key (retried or not).
+    failed: Counter[str] = attrs.field(init=False, factory=Counter)
     _in_flight: dict[tuple[uuid.UUID, int], InFlight] = attrs.field(init=False, factory=dict)
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
     _thread_limiter: trio.CapacityLimiter = attrs.field(init=False)
@@ -308,6 +316,7 @@ class Spawner:
         task = self.tasks.get(run.task_key)
         if task is None:
             missing = ConfigurationError(f"this worker has no task {run.task_key!r}")
+            log.error("run %s failed: %s", run.id, missing)
             return _failed(run, missing), None
         entry = InFlight(
             run=run, generation=generation, started_at=datetime.datetime.now(datetime.UTC)
@@ -316,11 +325,17 @@ class Spawner:
         log.info("run %s (%s) attempt %d started", run.id, run.task_key, run.attempt)
         token = _inside_run.set(self)
         try:
-            return await self._call(task, entry)
+            report, hooks = await self._call(task, entry)
+            if self.logs is not None:
+                # So that the run's logs are there once its end is (bounded, shielded).
+                await self.logs.flush_run(run.id, run.attempt)
         finally:
             _inside_run.reset(token)
             del self._in_flight[run.id, run.attempt]
             self.finished[run.task_key] += 1
+        if isinstance(report, Finished) and report.state in _FAILED:
+            self.failed[run.task_key] += 1
+        return report, hooks
 
     async def _call(
         self, task: TaskDefinition[Any, Any], entry: InFlight
@@ -333,7 +348,15 @@ class Spawner:
                 with trio.move_on_after(math.inf if timeout is None else timeout) as timer:
                     args, kwargs = await self._read_parameters(task, run)
                     context = TaskRunContext(task=task, task_run=run, args=args, kwargs=kwargs)
-                    with run_context(context):
+                    log_prints = task.local.log_prints
+                    with (
+                        run_context(context),
+                        run_logging(
+                            run,
+                            self.logs,
+                            log_prints=self.log_prints if log_prints is None else log_prints,
+                        ),
+                    ):
                         value = await self._invoke(task, args, kwargs)
         except StopTaskWorker as exc:
             log.info("run %s raised StopTaskWorker: stopping the worker", run.id)
@@ -389,6 +412,7 @@ class Spawner:
         state = State(type=TaskRunState.FAILED, message=str(exc), exception=exc)
         on_failure = _Hooks.of("on_failure", task.local.on_failure, task, run, state)
         if run.retry_count >= run.retries:
+            _log_failure(run, exc, "no retries left" if run.retries else None, retried=False)
             return finished, on_failure
         local = task.local
         try:
@@ -397,11 +421,14 @@ class Spawner:
                 retry = bool(await self._call_user(local.retry_condition_fn, task, run, state))
             if retry:
                 delay = local.retry_delay(run.retry_count, run.retries, run.retry_delay_seconds)
+                retry_n = f"retry {run.retry_count + 1} of {run.retries} in {delay:g} s"
+                _log_failure(run, exc, retry_n, retried=True)
                 return attrs.evolve(finished, retry_delay_seconds=delay), None
             reason = "not retried: retry_condition_fn returned False"
         except Exception as error:
             log.exception("run %s: deciding whether to retry failed", run.id)
             reason = f"not retried: deciding whether to retry raised {error!r}"
+        _log_failure(run, exc, reason, retried=False)
         return attrs.evolve(finished, retry=False, message=reason), on_failure
 
     async def _call_user(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -470,6 +497,7 @@ class Spawner:
             state=TaskRunState.COMPLETED,
             result=stored.inline,
             result_ref=stored.ref,
+            result_preview=preview_value(value),
         )
 
 
@@ -504,8 +532,26 @@ def _hand_back(run: TaskRun, reason: str) -> Released:
     return Released(id=run.id, attempt=run.attempt, reason=reason)
 
 
+_FAILED = frozenset({TaskRunState.FAILED, TaskRunState.CRASHED})
+
+
+def _log_failure(run: TaskRun, exc: BaseException, outcome: str | None, *, retried: bool) -> None:
+    """One line for a failed attempt, with its traceback: WARNING when it will be
+    retried, ERROR when the run fails for good. ``outcome`` says which."""
+    log.log(
+        logging.WARNING if retried else logging.ERROR,
+        "run %s (%s) attempt %d failed: %r%s",
+        run.id,
+        run.task_key,
+        run.attempt,
+        exc,
+        f"; {outcome}" if outcome else "",
+        exc_info=exc,
+    )
+
+
 def _failed(run: TaskRun, exc: BaseException) -> Finished:
-    log.info("run %s (%s) failed: %r", run.id, run.task_key, exc)
+    """The report of a failed attempt: the exception pickled if it fits, and described."""
     try:
         data: bytes | None = dumps_payload(exc)
     except SerializationError:

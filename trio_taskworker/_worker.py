@@ -6,6 +6,7 @@ The worker is a nursery tree, one module per branch::
     └── nursery
         ├── subscription    (_subscription: the websocket, reconnects, outbox, credits)
         ├── spawner         (_spawner: CapacityLimiter(limit); a child and scopes per run)
+        ├── log shipper     (_runlog: the runs' log records to POST /logs, in batches)
         ├── status server   (_status: optional HTTP, GET /status)
         └── signal watcher  (SIGTERM/SIGINT -> stop; a second one stops at once)
 
@@ -42,6 +43,7 @@ from ._definition import TaskDefinition
 from ._exceptions import ConfigurationError, leaves
 from ._guard import in_trio_run, needs_trio
 from ._models import Released, TaskRun, WorkerMessage
+from ._runlog import LogShipper
 from ._spawner import Spawner, should_try_to_read_parameters
 from ._states import TaskRunState
 from ._status import StatusServer
@@ -71,6 +73,11 @@ class TaskWorker:
     the enclosing trio task and stops it gracefully when the block exits
     (inside an application that handles its own signals, pass
     ``handle_signals=False``). A worker runs once: start a new one to serve again.
+
+    Records that runs log through :func:`get_run_logger` go to the server
+    (``POST /logs``) as well as to this process's log; ``log_prints`` (default:
+    ``TRIO_TASKWORKER_LOG_PRINTS``, off when unset) is the worker's default for
+    tasks that do not set their own ``log_prints`` option.
     """
 
     def __init__(
@@ -83,6 +90,7 @@ class TaskWorker:
         handle_signals: bool = True,
         connect: Connect | None = None,
         api_key: str | None = None,
+        log_prints: bool | None = None,
     ) -> None:
         if not tasks:
             raise ConfigurationError("a TaskWorker needs at least one task")
@@ -99,6 +107,10 @@ class TaskWorker:
             raise ConfigurationError(f"limit must be a positive int or None, got {limit!r}")
         if shutdown_timeout < 0:
             raise ConfigurationError("shutdown_timeout must be 0 or more")
+        if log_prints is None:
+            log_prints = _flag_from_env("TRIO_TASKWORKER_LOG_PRINTS")
+        elif not isinstance(log_prints, bool):
+            raise ConfigurationError(f"log_prints must be True, False or None, got {log_prints!r}")
         self.tasks = by_key
         self.shutdown_timeout = float(shutdown_timeout)
         self.api_url = (api_url or api_url_from_env()).rstrip("/")
@@ -108,8 +120,14 @@ class TaskWorker:
         #: Names this worker in the server's logs: host, process id and a suffix
         #: that tells apart several workers in one process.
         self.client_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._logs = LogShipper()
         self._spawner = Spawner(
-            by_key, limit, report=self._report, request_stop=self._stop_from_a_run
+            by_key,
+            limit,
+            report=self._report,
+            request_stop=self._stop_from_a_run,
+            logs=self._logs,
+            log_prints=log_prints,
         )
         self._subscription = Subscription(
             connect=connect
@@ -160,6 +178,14 @@ class TaskWorker:
         return {key: self._spawner.finished[key] for key in self.tasks}
 
     @property
+    def failed_task_runs(self) -> dict[str, int]:
+        """Of :attr:`finished_task_runs`, those that ended FAILED here, per task key.
+
+        Every failed attempt counts, whether or not the server retries the run.
+        """
+        return {key: self._spawner.failed[key] for key in self.tasks}
+
+    @property
     def started(self) -> bool:
         """True between :meth:`start` being called and it returning."""
         return self._started
@@ -196,6 +222,7 @@ class TaskWorker:
             "available": self.available_tasks,
             "tasks": sorted(self.tasks),
             "finished": {key: n for key, n in self.finished_task_runs.items() if n},
+            "failed": {key: n for key, n in self.failed_task_runs.items() if n},
             "in_flight": in_flight,
         }
 
@@ -277,7 +304,9 @@ class TaskWorker:
                     )
                     client = TaskWorkerClient(self.api_url, http)
                 self._spawner.client = client
+                self._logs.post = client.post_logs
                 async with trio.open_nursery() as nursery:
+                    await nursery.start(self._logs.run)
                     if (
                         self.handle_signals
                         and threading.current_thread() is threading.main_thread()
@@ -290,9 +319,12 @@ class TaskWorker:
                     task_status.started()
                     await self._spawner.run()
                     await self._subscription.flush()
+                    # Records of runs handed back (bounded: the stop is under way).
+                    await self._logs.close()
                     nursery.cancel_scope.cancel()
         finally:
             self._spawner.client = None
+            self._logs.post = None
             self._started = False
             self._stopped.set()
             log.info("worker %s stopped", self.client_id)
@@ -377,6 +409,20 @@ class TaskWorker:
         if isinstance(report, Released):
             return TaskRunState.SCHEDULED
         return report.state
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+def _flag_from_env(name: str) -> bool:
+    """An on/off setting from the environment (unset: off); ConfigurationError otherwise."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigurationError(f"{name}={value!r}: use 1/true/yes/on or 0/false/no/off")
 
 
 def serve(
