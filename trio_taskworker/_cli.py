@@ -389,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+    if logging.getLevelName(args.log_level.upper()) != logging.DEBUG:
         # httpx logs every request at INFO; that is chatter, not news. --log-level
         # DEBUG shows it again.
         for name in ("httpx", "httpcore"):
