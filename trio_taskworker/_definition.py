@@ -135,7 +135,7 @@ _limits = _Limits()
 def _short(value: Any) -> str:
     try:
         return _limits.repr(value)
-    except Exception:  # a broken __class__ or __len__: reprlib does not catch those
+    except Exception:  # reprlib calls len() and iterates on its own, unguarded
         return UNREPRESENTABLE
 
 

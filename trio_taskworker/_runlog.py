@@ -238,11 +238,18 @@ class LogShipper:
                 old = self._buffer.popleft()
                 self._chars -= len(old.record.message)
                 self._note_dropped(old.key, 1)
+                self._forget(old)
             wake = len(self._buffer) >= self.batch and not self._wake_asked
             if wake:
                 self._wake_asked = True
         if wake:
             self._wake_soon()
+
+    def _forget(self, pending: _Pending) -> None:
+        # Called with the lock held, once ``pending`` is sent or dropped: when it
+        # was its run's last record, nothing of the run is left to wait for.
+        if self._last_seq.get(pending.key) == pending.seq:
+            del self._last_seq[pending.key]
 
     def _note_dropped(self, key: RunKey, n: int) -> None:
         # Called with the lock held. The notes are bounded like the buffer.
@@ -298,7 +305,7 @@ class LogShipper:
         self._wake = trio.Event()
         self._wake_asked = False
         while True:
-            batch = self._take()
+            batch, taken = self._take()
             if not batch:
                 return
             try:
@@ -308,10 +315,12 @@ class LogShipper:
             finally:
                 with self._lock:
                     self._sending_from = None
+                    for pending in taken:
+                        self._forget(pending)
                 self._progress.set()
                 self._progress = trio.Event()
 
-    def _take(self) -> list[LogRecord]:
+    def _take(self) -> tuple[list[LogRecord], list[_Pending]]:
         with self._lock:
             notes = [self._dropped_note(key, n) for key, n in self._dropped_by_run.items()]
             self._dropped_by_run.clear()
@@ -330,16 +339,13 @@ class LogShipper:
             self._chars -= sum(len(p.record.message) for p in taken)
             if taken:
                 self._sending_from = taken[0].seq
-            for pending in taken:
-                if self._last_seq.get(pending.key) == pending.seq:
-                    del self._last_seq[pending.key]  # nothing of this run is left
         if dropped:
             log.warning(
                 "the run log buffer was full (%d records): dropped the %d oldest",
                 self.max_records,
                 dropped,
             )
-        return notes + [p.record for p in taken]
+        return notes + [p.record for p in taken], taken
 
     def _dropped_note(self, key: RunKey, n: int) -> LogRecord:
         return LogRecord(
@@ -366,8 +372,8 @@ class LogShipper:
                 await trio.sleep(delay)
             else:
                 if self._failing:
-                    log.warning(
-                        "run logs reach the server again (%d records were lost meanwhile)",
+                    log.info(
+                        "run logs reach the server again (%d more records were lost meanwhile)",
                         self._lost_while_failing,
                     )
                     self._failing = False
