@@ -50,6 +50,7 @@ from trio_taskworker._runlog import (
 )
 from trio_taskworker._serialization import dumps_payload
 from trio_taskworker._spawner import Spawner
+from trio_taskworker.testing import TEST_CLUSTER_URL, open_test_cluster
 
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
@@ -605,3 +606,28 @@ async def test_adds_from_threads_wake_the_shipper() -> None:
         with trio.fail_after(10):
             await sent.wait()
     assert len(server.records) >= 100
+
+
+# --- through the in-process cluster (the real server handlers) ----------------------------
+
+
+async def test_the_cluster_stores_a_runs_logs_and_previews(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_test_cluster(chatty, printer, fails) as cluster:
+        future = await chatty.delay(41)
+        assert await future.result() == 42
+        printed = await printer.delay(5)
+        await printed.result()
+        await (await fails.delay()).wait()
+        async with cluster.server.open_http(TEST_CLUSTER_URL) as http:
+            logs = (await http.get(f"/runs/{future.task_run_id}/logs")).json()
+            run = (await http.get(f"/runs/{future.task_run_id}")).json()
+            printed_logs = (await http.get(f"/runs/{printed.task_run_id}/logs")).json()
+        assert [(r["level"], r["message"]) for r in logs["logs"]] == [
+            ("INFO", "adding 41"),
+            ("WARNING", "careful with this"),
+        ]
+        assert [r["message"] for r in printed_logs["logs"]] == ["hello-5"]
+        assert (run["parameters_preview"], run["result_preview"]) == ("x=41", "42")
+        assert cluster.worker.failed_task_runs[fails.key] == 1

@@ -164,8 +164,9 @@ class _Pending:
 def _retriable(exc: Exception) -> bool:
     if isinstance(exc, ServerUnavailable):
         return True
+    # 501: a server without POST /logs; asking again will not add it.
     return isinstance(exc, ServerError) and (
-        exc.status_code >= 500 or exc.status_code in (408, 429)
+        (exc.status_code >= 500 and exc.status_code != 501) or exc.status_code in (408, 429)
     )
 
 
