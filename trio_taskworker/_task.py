@@ -140,9 +140,10 @@ def task(
     - the local options, which stay in this process (Prefect's names and
       meanings): ``retry_delay_seconds`` as a list or a function such as
       :func:`exponential_backoff`, ``retry_jitter_factor``,
-      ``retry_condition_fn``, ``on_completion`` and ``on_failure`` (used by the
-      worker's definition of the task), ``cache_key_fn``, ``cache_expiration``
-      and ``task_run_name`` (used by the submitter's). See :class:`LocalOptions`.
+      ``retry_condition_fn``, ``on_completion``, ``on_failure`` and
+      ``log_prints`` (used by the worker's definition of the task),
+      ``cache_key_fn``, ``cache_expiration`` and ``task_run_name`` (used by the
+      submitter's). See :class:`LocalOptions`.
 
     Raises :class:`ConfigurationError` for an unknown option or one out of range.
     """
