@@ -631,3 +631,26 @@ async def test_the_cluster_stores_a_runs_logs_and_previews(
         assert [r["message"] for r in printed_logs["logs"]] == ["hello-5"]
         assert (run["parameters_preview"], run["result_preview"]) == ("x=41", "42")
         assert cluster.worker.failed_task_runs[fails.key] == 1
+
+
+async def test_close_waits_for_the_batch_in_flight(autojump_clock: trio.testing.MockClock) -> None:
+    server = Server()
+
+    started: list[int] = []
+
+    async def post(records: Sequence[LogRecord]) -> object:
+        started.append(len(records))
+        await trio.sleep(0.01 * len(records))  # a big batch takes longer than a small one
+        return await server.post(records)
+
+    shipper = LogShipper(post=post)
+    run_id = uuid.uuid4()
+    async with shipping(shipper):
+        for i in range(100):  # a full batch: the loop starts sending it at once
+            shipper.add(record(run_id, f"first {i}"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert started == [100] and not server.records  # in flight
+        shipper.add(record(run_id, "last"))
+        await shipper.close()
+    messages = [r.message for r in server.records]
+    assert messages == [*(f"first {i}" for i in range(100)), "last"]

@@ -216,6 +216,8 @@ class LogShipper:
     _wake: trio.Event = attrs.field(init=False, factory=trio.Event)
     _wake_asked: bool = attrs.field(init=False, default=False)
     _progress: trio.Event = attrs.field(init=False, factory=trio.Event)
+    #: One sender at a time (the loop, or close()), so batches leave in order.
+    _sending: trio.Lock = attrs.field(init=False, factory=trio.Lock)
 
     # --- taking records (any thread) ------------------------------------------------
 
@@ -303,6 +305,10 @@ class LogShipper:
 
     async def send_all(self) -> None:
         """Send every buffered record (those added meanwhile too), then return."""
+        async with self._sending:
+            await self._send_all()
+
+    async def _send_all(self) -> None:
         self._wake = trio.Event()
         self._wake_asked = False
         while True:
