@@ -208,21 +208,49 @@ def test_each_attempt_of_a_retried_run(metrics: ServerMetrics, clock: Clock) -> 
 
 
 def test_start_and_retried_failure_in_one_change(metrics: ServerMetrics, clock: Clock) -> None:
-    # The retry moved scheduled_time past the start: when the attempt became
-    # due is gone, so no delay is observed; its duration is.
+    # The retry moved scheduled_time past the start; the claim showed when the
+    # attempt was due.
     rid = uuid.uuid4()
     clock.offset = 3
-    metrics.runs_changed([snapshot(rid, S.PENDING)])
+    metrics.runs_changed([snapshot(rid, S.PENDING, scheduled=0.5)])
     metrics.runs_changed([snapshot(rid, S.SCHEDULED, scheduled=5, started=1, retry_count=1)])
     samples = scrape(metrics)
-    assert observed(samples, START) == (0, 0)
+    assert observed(samples, START) == (1, 0.5)
     assert observed(samples, DURATION) == (1, 2.0)
     metrics.runs_changed(
         [snapshot(rid, S.COMPLETED, attempt=2, scheduled=5, started=7, finished=8)]
     )
     samples = scrape(metrics)
-    assert observed(samples, START) == (1, 2.0)
-    assert observed(samples, DURATION) == (2, 3.0)
+    assert observed(samples, START) == (2, 0.5 + 2.0)
+    assert observed(samples, DURATION) == (2, 2.0 + 1.0)
+
+
+def test_retried_failure_of_a_claim_not_seen(metrics: ServerMetrics, clock: Clock) -> None:
+    # Without the claim, when the attempt was due is gone: no delay is
+    # observed (rather than a negative one); its duration is.
+    clock.offset = 3
+    metrics.runs_changed([snapshot(uuid.uuid4(), S.SCHEDULED, scheduled=5, started=1)])
+    samples = scrape(metrics)
+    assert observed(samples, START) == (0, 0)
+    assert observed(samples, DURATION) == (1, 2.0)
+
+
+def test_a_redelivered_attempt_is_due_when_it_was_queued_again(
+    metrics: ServerMetrics, clock: Clock
+) -> None:
+    rid = uuid.uuid4()
+    metrics.runs_changed([snapshot(rid, S.PENDING, scheduled=1)])
+    metrics.runs_changed([snapshot(rid, S.RUNNING, scheduled=1, started=2)])
+    clock.offset = 30  # the worker was lost; scheduled_time stays in the past
+    queued = snapshot(rid, S.SCHEDULED, scheduled=1, started=2, redeliveries=1)
+    metrics.runs_changed([queued])
+    clock.offset = 31
+    metrics.runs_changed([queued])  # shown again: still due since 30 s
+    metrics.runs_changed([snapshot(rid, S.PENDING, attempt=2, scheduled=1, started=2)])
+    metrics.runs_changed([snapshot(rid, S.RUNNING, attempt=2, scheduled=1, started=31.5)])
+    samples = scrape(metrics)
+    assert observed(samples, START) == (2, 1.0 + 1.5)
+    assert observed(samples, DURATION) == (1, 28.0)
 
 
 def test_a_stale_started_at_is_not_a_start(metrics: ServerMetrics, clock: Clock) -> None:

@@ -81,11 +81,16 @@ _PREFIX = "trio_taskworker_"
 
 @attrs.define
 class _Attempt:
-    """The start of a run's attempt that has been observed, and whether its end has."""
+    """What is known of one attempt of a run: the current one, or the next one
+    once the run is queued again."""
 
     attempt: int
-    started_at: datetime.datetime
-    ended: bool = False
+    #: When the attempt became due, when known.
+    due: datetime.datetime | None = None
+    #: The run's ``started_at`` when last seen (an earlier attempt's until this one starts).
+    started_at: datetime.datetime | None = None
+    #: The attempt's start is observed (so its end is timed).
+    running: bool = False
 
 
 def _seconds(later: datetime.datetime, earlier: datetime.datetime) -> float:
@@ -330,11 +335,17 @@ class ServerMetrics:
 
         The same run may come again, unchanged or several changes later:
         a run end is counted once, and each attempt's start delay and
-        duration are observed once. An attempt is known to have started when
-        its ``started_at`` is new for the run (the server sets it when the
-        worker reports the start, and keeps it until the next start); a run
-        may go from PENDING to an end state in one change, as a worker's
-        start and finish reports are applied together.
+        duration are observed once. An attempt has started when the run shows
+        a ``started_at`` not seen before (the server sets it when the worker
+        reports the start, and keeps it until the next start), which may first
+        show in an end state or in a retry: a worker's start and finish
+        reports are applied together. An attempt is due when the run was
+        claimed (its ``scheduled_time`` then) or, when it was queued again
+        (retried, redelivered, released), at its new ``scheduled_time`` or at
+        that change, whichever is later. The time between an attempt's start
+        and its end is observed whatever the end, including a failure that is
+        retried and a lost worker (timed to the change, as these carry no
+        ``finished_at``).
         """
         for run in runs:
             self._observe(run)
@@ -344,31 +355,43 @@ class ServerMetrics:
         end = hash((run.attempt, run.state, run.finished_at))
         if run.state.is_terminal and self._ends.get(run.id) == end:
             return  # this end is already counted
-        attempt = self._attempts.get(run.id)
-        if self._is_new_start(run, attempt):
+        known = self._attempts.get(run.id)
+        if self._is_new_start(run, known):
             assert run.started_at is not None
-            attempt = _Attempt(run.attempt, run.started_at)
-            self._remember(run.id, attempt)
-            # A retry moves scheduled_time past the failed attempt's start: when
-            # a start and the retry of its failure come in one change, when the
-            # attempt became due is gone, and its delay is not observed.
-            if run.started_at >= run.scheduled_time:
+            due = known.due if known is not None and known.attempt == run.attempt else None
+            if due is None and run.scheduled_time <= run.started_at:
+                # Not seen queued: due at its scheduled time. (A retry moves
+                # scheduled_time past the failed attempt's start; then when the
+                # attempt became due is not known, and no delay is observed.)
+                due = run.scheduled_time
+            if due is not None:
                 self._start_delay.labels(self._task_label(run.task_key)).observe(
-                    _seconds(run.started_at, run.scheduled_time)
+                    max(0.0, _seconds(run.started_at, due))
                 )
-        if attempt is not None and not attempt.ended and attempt.attempt == run.attempt:
+            known = _Attempt(run.attempt, started_at=run.started_at, running=True)
+            self._remember(run.id, known)
+        if known is not None and known.running and known.attempt == run.attempt:
+            seconds = None
             if run.state.is_terminal and run.finished_at is not None:
-                attempt.ended = True
-                seconds = _seconds(run.finished_at, attempt.started_at)
+                seconds = _seconds(run.finished_at, known.started_at or run.finished_at)
             elif run.state is TaskRunState.SCHEDULED:
                 # Retried, redelivered or released: no finished_at; the change is now.
-                attempt.ended = True
-                seconds = self.now() - attempt.started_at.timestamp()
-            else:
-                seconds = None
+                seconds = self.now() - (known.started_at or run.scheduled_time).timestamp()
             if seconds is not None:
+                # Once: the entry is replaced (queued again) or dropped (ended) below.
                 self._duration.labels(self._task_label(run.task_key)).observe(max(0.0, seconds))
-        if run.state.is_terminal:
+        if run.state is TaskRunState.SCHEDULED:
+            if known is None or known.attempt != run.attempt + 1:
+                # Queued (again): the next attempt is due at its scheduled time,
+                # or now when that has passed (a redelivery keeps the old one).
+                now = datetime.datetime.fromtimestamp(self.now(), datetime.UTC)
+                due = max(run.scheduled_time, now)
+                self._remember(run.id, _Attempt(run.attempt + 1, due, run.started_at))
+        elif run.state is TaskRunState.PENDING:
+            if known is None or known.attempt != run.attempt:
+                # Claimed without having been seen queued.
+                self._remember(run.id, _Attempt(run.attempt, run.scheduled_time, run.started_at))
+        elif run.state.is_terminal:
             self._ended.labels(self._task_label(run.task_key), run.state.value).inc()
             self._attempts.pop(run.id, None)
             self._ends[run.id] = end
@@ -377,13 +400,13 @@ class ServerMetrics:
                 self._ends.popitem(last=False)
 
     @staticmethod
-    def _is_new_start(run: TaskRun, attempt: _Attempt | None) -> bool:
+    def _is_new_start(run: TaskRun, known: _Attempt | None) -> bool:
         """True when ``run`` shows a start of its current attempt not yet observed."""
         if run.started_at is None or run.state is TaskRunState.PENDING:
             # A PENDING run has not started this attempt: a started_at is an earlier one's.
             return False
-        if attempt is not None:
-            return attempt.started_at != run.started_at
+        if known is not None:
+            return known.started_at != run.started_at
         # Unknown run: these states are also reached from PENDING, with an
         # earlier attempt's started_at. Better one observation missed than one
         # made up.
