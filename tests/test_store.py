@@ -247,7 +247,7 @@ async def test_file_store_survives_reopening(tmp_path: Path) -> None:
         assert {r.state for r in runs} == {S.SCHEDULED}
         ids2 = await store.create_runs([create()], 3.0)
         listed = await store.list_runs(None, None, 10, 0)
-        assert [r.id for r in listed] == [*ids, *ids2]  # the sequence carries on
+        assert [r.id for r in listed] == [*ids2, *reversed(ids)]  # newest first; seq carries on
         nursery.cancel_scope.cancel()
 
 

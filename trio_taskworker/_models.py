@@ -21,8 +21,12 @@ from ._exceptions import ConfigurationError
 from ._states import TaskRunState
 
 __all__ = [
+    "LOG_LEVELS",
     "MAX_COUNT",
+    "MAX_LOG_MESSAGE",
+    "MAX_LOG_RECORDS",
     "MAX_NAME",
+    "MAX_PREVIEW",
     "MAX_RUNS_PER_REQUEST",
     "MAX_SECONDS",
     "MAX_WAIT_SECONDS",
@@ -36,18 +40,27 @@ __all__ = [
     "ErrorInfo",
     "Finished",
     "Heartbeat",
+    "LogBatch",
+    "LogRecord",
     "Rejected",
     "Released",
     "ReturnWhen",
+    "RunHistory",
     "RunList",
+    "RunLogs",
     "Started",
+    "StateChange",
     "Subscribe",
     "Subscribed",
     "TaskOptions",
     "TaskRun",
     "TaskRunCreate",
     "TaskRunCreateBatch",
+    "TaskStats",
+    "TaskStatsList",
     "WaitRequest",
+    "WorkerInfo",
+    "WorkerList",
     "check_number",
     "option_values",
     "seconds_validator",
@@ -66,6 +79,15 @@ MAX_SECONDS = 100 * 365 * 24 * 3600.0
 MAX_NAME = 1000
 #: The most tags a run may carry.
 MAX_TAGS = 100
+#: The longest ``parameters_preview`` or ``result_preview``: a ``repr`` the client
+#: or worker shortened (``reprlib``) so that people can read a run without unpickling.
+MAX_PREVIEW = 2000
+#: The longest log message the server stores; a worker shortens longer ones first.
+MAX_LOG_MESSAGE = 16 * 1024
+#: The most records one ``POST /logs`` carries.
+MAX_LOG_RECORDS = 1000
+#: The level names a log record may carry (``logging``'s own).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 # --- validators: each raises ConfigurationError naming the option ------------------
@@ -233,6 +255,10 @@ class TaskRun(TaskOptions):
     name: str | None = None
     cache_key: str | None = None
     cache_expiration: float | None = None
+    #: A readable ``repr`` of the parameters, from the client (never unpickled).
+    parameters_preview: str | None = None
+    #: A readable ``repr`` of the return value, from the worker.
+    result_preview: str | None = None
 
 
 def _optional_text(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -240,6 +266,13 @@ def _optional_text(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         raise ConfigurationError(f"{attribute.name} must be a string, got {value!r}")
     if value is not None and len(value) > MAX_NAME:
         raise ConfigurationError(f"{attribute.name} must be at most {MAX_NAME} characters")
+
+
+def _preview(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ConfigurationError(f"{attribute.name} must be a string, got {value!r}")
+    if value is not None and len(value) > MAX_PREVIEW:
+        raise ConfigurationError(f"{attribute.name} must be at most {MAX_PREVIEW} characters")
 
 
 @attrs.frozen(kw_only=True)
@@ -251,6 +284,9 @@ class TaskRunCreate(TaskOptions):
     With a ``cache_key``, the server completes the run at once with the
     result of a COMPLETED run of the same task and key, if one ended less than
     its ``cache_expiration`` seconds ago (None: it never expires).
+    ``parameters_preview`` is a short, readable ``repr`` of the parameters made
+    by the client, shown by ``run show`` and the dashboard; the server never
+    reads the pickled ``parameters``.
     """
 
     task_key: str = attrs.field(validator=_non_empty)
@@ -263,6 +299,7 @@ class TaskRunCreate(TaskOptions):
     cache_expiration: float | None = attrs.field(
         default=None, converter=_to_float, validator=seconds_validator(optional=True)
     )
+    parameters_preview: str | None = attrs.field(default=None, validator=_preview)
 
     def __attrs_post_init__(self) -> None:
         if self.parameters is not None and self.parameters_ref is not None:
@@ -356,7 +393,8 @@ class Finished:
     ends it FAILED now (the task's ``retry_condition_fn`` said no), and
     ``retry_delay_seconds`` is how long it waits before the next attempt
     (None: the run's ``retry_delay_seconds`` option). ``message`` says why,
-    when the state alone does not.
+    when the state alone does not. ``result_preview`` is a short ``repr`` of a
+    COMPLETED run's return value, for people to read.
     """
 
     id: uuid.UUID
@@ -370,6 +408,7 @@ class Finished:
     retry_delay_seconds: float | None = attrs.field(
         default=None, converter=_to_float, validator=seconds_validator(optional=True)
     )
+    result_preview: str | None = attrs.field(default=None, validator=_preview)
 
 
 @attrs.frozen(kw_only=True)
@@ -439,6 +478,129 @@ class Cancel:
     """The caller cancelled run ``id``: cancel it on the worker."""
 
     id: uuid.UUID
+
+
+# --- observing: history, logs, workers, tasks -----------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class StateChange:
+    """One entry of a run's state history: it became ``state`` at ``timestamp``."""
+
+    timestamp: datetime.datetime
+    state: TaskRunState
+    attempt: int
+    message: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class RunHistory:
+    """The answer to ``GET /runs/{id}/history``: every state change, oldest first."""
+
+    history: tuple[StateChange, ...]
+
+
+def _log_level(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value not in LOG_LEVELS:
+        raise ConfigurationError(f"{attribute.name} must be one of {', '.join(LOG_LEVELS)}")
+
+
+def _log_message(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or len(value) > MAX_LOG_MESSAGE:
+        raise ConfigurationError(
+            f"{attribute.name} must be a string of at most {MAX_LOG_MESSAGE} characters"
+        )
+
+
+@attrs.frozen(kw_only=True)
+class LogRecord:
+    """One log record of a run: what a worker sends and ``GET /runs/{id}/logs`` returns."""
+
+    run_id: uuid.UUID
+    attempt: int = attrs.field(validator=_count)
+    timestamp: datetime.datetime
+    level: str = attrs.field(validator=_log_level)
+    logger: str = attrs.field(default="", validator=_optional_text)
+    message: str = attrs.field(validator=_log_message)
+
+
+def _log_batch_size(_: Any, attribute: attrs.Attribute[Any], value: tuple[Any, ...]) -> None:
+    if len(value) > MAX_LOG_RECORDS:
+        raise ConfigurationError(f"at most {MAX_LOG_RECORDS} {attribute.name} per request")
+
+
+@attrs.frozen(kw_only=True)
+class LogBatch:
+    """The body of ``POST /logs``: records of any runs, in the order they were made."""
+
+    records: tuple[LogRecord, ...] = attrs.field(validator=_log_batch_size)
+
+
+@attrs.frozen(kw_only=True)
+class RunLogs:
+    """The answer to ``GET /runs/{id}/logs``: the stored records, oldest first.
+
+    ``dropped`` counts records the server did not keep because the run had
+    reached its bound (the server's ``max_logs_per_run``).
+    """
+
+    logs: tuple[LogRecord, ...]
+    dropped: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class WorkerInfo:
+    """One connected worker, as ``GET /workers`` shows it.
+
+    ``limit`` is the credits it subscribed with (its ``limit``); ``in_flight``
+    the runs leased to it now; ``last_seen`` when it last sent anything.
+    """
+
+    connection_id: str
+    client_id: str
+    task_keys: tuple[str, ...]
+    limit: int
+    in_flight: int
+    connected_at: datetime.datetime
+    last_seen: datetime.datetime
+    draining: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class WorkerList:
+    """The answer to ``GET /workers``."""
+
+    workers: tuple[WorkerInfo, ...]
+
+
+@attrs.frozen(kw_only=True)
+class TaskStats:
+    """What one task key is doing, as ``GET /tasks`` shows it.
+
+    ``queued`` runs are due and waiting for a worker, ``scheduled`` ones wait
+    for their time; ``running`` counts PENDING, RUNNING and CANCELLING.
+    ``failed_last_hour`` counts FAILED and CRASHED runs that ended in the last
+    hour. ``ended_per_minute`` holds 60 counts of runs that ended in each minute
+    of the last hour, oldest first. ``workers`` counts the connected workers
+    that serve the key.
+    """
+
+    task_key: str
+    queued: int
+    scheduled: int
+    running: int
+    completed_last_hour: int
+    failed_last_hour: int
+    oldest_queued_seconds: float | None
+    ended_per_minute: tuple[int, ...]
+    workers: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class TaskStatsList:
+    """The answer to ``GET /tasks``, by task key."""
+
+    tasks: tuple[TaskStats, ...]
 
 
 WorkerMessage = Subscribe | Credit | Started | Finished | Released | Drain | Heartbeat

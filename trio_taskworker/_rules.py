@@ -96,6 +96,7 @@ def on_report(
         "lease_owner": None,
         "result": report.result,
         "result_ref": report.result_ref,
+        "result_preview": report.result_preview,
         "error": report.error,
     }
     if report.message is not None:

@@ -8,12 +8,13 @@ never unpickles anything it is sent.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import logging
 import re
 import tempfile
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -22,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
@@ -36,16 +37,23 @@ from .._models import (
     Drained,
     Finished,
     Heartbeat,
+    LogBatch,
     Rejected,
     Released,
     ReturnWhen,
+    RunHistory,
     RunList,
+    RunLogs,
     Started,
     Subscribe,
     Subscribed,
     TaskRun,
     TaskRunCreateBatch,
+    TaskStats,
+    TaskStatsList,
     WaitRequest,
+    WorkerInfo,
+    WorkerList,
 )
 from .._serialization import (
     InvalidPayload,
@@ -58,6 +66,8 @@ from .._states import IllegalTransition, TaskRunState
 from .._version import __version__
 from ._auth import Authenticate, KeyRing
 from ._dispatch import MAX_CREDITS, Dispatcher, Subscriber, Waiters
+from ._events import Events
+from ._metrics import ServerMetrics
 from ._openapi import openapi_document
 from ._routes import (
     BLOB_ID,
@@ -68,6 +78,7 @@ from ._routes import (
     RUN_ID,
     STATE,
     SUBSCRIBE_ROLES,
+    TAG,
     TASK_KEY,
     WAIT_TIMEOUT,
     QueryNumber,
@@ -81,6 +92,7 @@ from ._store import (
     StoreError,
     StoreUnavailable,
 )
+from ._ui import ui_routes
 
 __all__ = ["AppState", "SubscriptionHandler", "build_app"]
 
@@ -96,6 +108,13 @@ CLOSE_LEASE_EXPIRED = 3008
 CLOSE_TRY_AGAIN = 1013
 #: How long a new connection has to send its ``subscribe`` message.
 SUBSCRIBE_TIMEOUT = 10.0
+#: How often an idle ``GET /events`` stream sends a comment, so that proxies
+#: and the browser keep it open and a dead peer is noticed.
+EVENTS_KEEPALIVE = 15.0
+
+
+def _utc(timestamp: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
 
 
 @attrs.define(eq=False)
@@ -122,6 +141,18 @@ class AppState:
     stopping: trio.Event = attrs.field(factory=trio.Event)
     connections: int = 0
     connections_closed: trio.Event = attrs.field(factory=trio.Event)
+    #: What ``GET /events`` streams are told.
+    events: Events = attrs.field(factory=Events)
+    #: What ``GET /metrics`` shows.
+    metrics: ServerMetrics = attrs.field(factory=ServerMetrics)
+
+    def __attrs_post_init__(self) -> None:
+        self.dispatcher.on_claimed = self.claimed
+
+    def claimed(self, runs: Sequence[TaskRun]) -> None:
+        """The dispatcher leased ``runs`` to a worker (they are PENDING now)."""
+        self.events.runs(runs)
+        self.metrics.runs_changed(runs)
 
     async def cancel(self, run_id: uuid.UUID) -> TaskRun:
         """Cancel a run and tell the worker holding its lease, if any.
@@ -136,6 +167,10 @@ class AppState:
         return run
 
     def changed(self, outcome: Outcome) -> None:
+        self.events.runs(outcome.changed)
+        self.metrics.runs_changed(outcome.changed)
+        if outcome.redelivered:
+            self.metrics.runs_redelivered(outcome.redelivered)
         self.waiters.notify(outcome.changed)
         if outcome.requeued:
             self.dispatcher.wake()
@@ -275,6 +310,7 @@ def build_app(state: AppState) -> Starlette:
         for path, methods in by_path.items()
     ]
     routes.append(WebSocketRoute("/subscribe", subscribe))
+    routes.extend(ui_routes())
     return Starlette(
         routes=routes,
         middleware=[Middleware(Authenticate, keys=state.keys)] if state.keys.enabled else [],
@@ -359,6 +395,9 @@ class _Handlers:
             return _error(422, str(exc))
         state.dispatcher.wake()
         log.info("created %d runs", len(ids))
+        state.metrics.runs_created([c.task_key for c in batch.runs])
+        if state.events.watched:
+            state.events.runs(await state.store.read_runs(ids))
         return _json(CreatedRuns(ids=tuple(ids)), 201)
 
     async def list_runs(self, request: Request) -> Response:
@@ -370,7 +409,11 @@ class _Handlers:
         limit = int(_query_number(request, LIMIT))
         offset = int(_query_number(request, OFFSET))
         runs = await self.state.store.list_runs(
-            run_state, request.query_params.get(TASK_KEY.name), limit, offset
+            run_state,
+            request.query_params.get(TASK_KEY.name),
+            limit,
+            offset,
+            tag=request.query_params.get(TAG.name),
         )
         return _json(RunList(runs=tuple(runs)))
 
@@ -460,6 +503,108 @@ class _Handlers:
             return _error(404, f"no blob {ref!r}")
         return Response(data, media_type="application/octet-stream")
 
+    async def run_history(self, request: Request) -> Response:
+        run_id = _run_id(request)
+        history = await self.state.store.read_history(run_id)
+        if history is None:
+            return _error(404, f"no run {run_id}")
+        return _json(RunHistory(history=tuple(history)))
+
+    async def run_logs(self, request: Request) -> Response:
+        run_id = _run_id(request)
+        found = await self.state.store.read_logs(run_id)
+        if found is None:
+            return _error(404, f"no run {run_id}")
+        records, dropped = found
+        return _json(RunLogs(logs=tuple(records), dropped=dropped))
+
+    async def retry_run(self, request: Request) -> Response:
+        state = self.state
+        run_id = _run_id(request)
+        try:
+            run = await state.store.retry_run(run_id, state.now())
+        except StoreError:
+            return _error(404, f"no run {run_id}")
+        except IllegalTransition as exc:
+            return _error(
+                409,
+                f"run {run_id} is {exc.current.value}: only a FAILED, CRASHED or CANCELLED"
+                " run can be retried",
+            )
+        state.changed(Outcome(changed=(run,)))
+        state.dispatcher.wake()
+        log.info("run %s retried by request", run_id)
+        return _json(run)
+
+    async def put_logs(self, request: Request) -> Response:
+        try:
+            batch = from_json(await _body(request, self.state), LogBatch)
+        except InvalidPayload as exc:
+            return _error(422, f"invalid log batch: {exc}")
+        stored, dropped, unknown = await self.state.store.put_logs(batch.records)
+        return JSONResponse(
+            {"stored": stored, "dropped": dropped, "unknown": unknown}, status_code=202
+        )
+
+    async def _workers(self) -> list[WorkerInfo]:
+        state = self.state
+        leases = await state.store.lease_counts()
+        return [
+            WorkerInfo(
+                connection_id=sub.id,
+                client_id=sub.client_id,
+                task_keys=sub.keys,
+                limit=sub.limit,
+                in_flight=leases.get(sub.id, 0),
+                connected_at=_utc(sub.connected_at),
+                last_seen=_utc(sub.last_seen),
+                draining=sub.draining,
+            )
+            for sub in sorted(state.dispatcher.subscribers, key=lambda s: s.connected_at)
+        ]
+
+    async def list_workers(self, request: Request) -> Response:
+        return _json(WorkerList(workers=tuple(await self._workers())))
+
+    async def list_tasks(self, request: Request) -> Response:
+        return _json(TaskStatsList(tasks=tuple(await self._task_stats())))
+
+    async def _task_stats(self) -> list[TaskStats]:
+        state = self.state
+        served: dict[str, int] = {}
+        for sub in state.dispatcher.subscribers:
+            for key in sub.keys:
+                served[key] = served.get(key, 0) + 1
+        return await state.store.task_stats(state.now(), served)
+
+    async def events(self, request: Request) -> Response:
+        state = self.state
+
+        async def stream() -> AsyncIterator[bytes]:
+            with state.events.open_stream() as events:
+                yield b"event: ready\ndata: {}\n\n"
+                while not events.closed:
+                    # No yield inside the cancel scope: this is an async generator.
+                    taken = None
+                    with trio.move_on_after(EVENTS_KEEPALIVE):
+                        taken = await events.take()
+                    if taken is None:
+                        yield b": keepalive\n\n"
+                    elif taken:
+                        yield b"".join(event.encode() for event in taken)
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    async def metrics(self, request: Request) -> Response:
+        body, media_type = self.state.metrics.render(
+            await self._task_stats(), await self._workers()
+        )
+        return Response(body, headers={"Content-Type": media_type})
+
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document())
 
@@ -534,6 +679,7 @@ class SubscriptionHandler:
                 state.connections_closed.set()
             if self.sub is not None:
                 state.dispatcher.remove(self.sub)
+                state.events.workers(len(state.dispatcher.subscribers))
                 try:
                     with trio.CancelScope(shield=True):
                         outcome = await state.store.release_owner(self.sub.id, state.now())
@@ -594,6 +740,7 @@ class SubscriptionHandler:
         if not 0 <= hello.credits <= MAX_CREDITS:
             raise _Closed(CLOSE_POLICY, f"credits must be in [0, {MAX_CREDITS}]")
         self.sub = state.dispatcher.add(hello.keys, hello.client_id, hello.credits)
+        state.events.workers(len(state.dispatcher.subscribers))
         # %r: the id and keys come from the client, and a newline must not
         # forge a log line.
         log.info(
@@ -636,6 +783,7 @@ class SubscriptionHandler:
                 )
             if data is None:
                 return
+            sub.last_seen = state.now()
             try:
                 messages = decode_worker_frame(data)
             except InvalidPayload as exc:

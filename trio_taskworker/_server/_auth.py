@@ -36,7 +36,7 @@ import attrs
 from starlette.responses import JSONResponse
 
 from .._exceptions import ConfigurationError
-from ._routes import ANY_ROLE, ENDPOINTS, PUBLIC, Role
+from ._routes import ANY_ROLE, ENDPOINTS, PUBLIC, UI_PREFIX, Role
 
 __all__ = [
     "CLOSE_FORBIDDEN",
@@ -224,6 +224,11 @@ _PUBLIC_PATHS = frozenset(
 _Scope = dict[str, Any]
 
 
+def _is_public(path: str) -> bool:
+    """True for the public endpoints and the dashboard's files (see ``_ui``)."""
+    return path in _PUBLIC_PATHS or path == UI_PREFIX or path.startswith(f"{UI_PREFIX}/")
+
+
 class Authenticate:
     """ASGI middleware: an HTTP request without a valid key gets 401 before routing.
 
@@ -238,7 +243,7 @@ class Authenticate:
         self.keys = keys
 
     async def __call__(self, scope: _Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] not in _PUBLIC_PATHS:
+        if scope["type"] == "http" and not _is_public(scope["path"]):
             refusal = self.keys.check(header(scope, b"authorization"), ANY_ROLE)
             if refusal is not None:
                 await refusal.response()(scope, receive, send)

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import attrs
 import trio
@@ -32,7 +32,11 @@ MAX_CREDITS = 100_000
 
 @attrs.define(eq=False)
 class Subscriber:
-    """One worker connection as the dispatcher sees it."""
+    """One worker connection as the dispatcher sees it.
+
+    ``limit`` is the credits it subscribed with; ``connected_at`` and
+    ``last_seen`` (updated on every frame it sends) are server clock times.
+    """
 
     id: str
     keys: tuple[str, ...]
@@ -40,6 +44,9 @@ class Subscriber:
     credits: int = 0
     draining: bool = False
     closed: bool = False
+    limit: int = 0
+    connected_at: float = 0.0
+    last_seen: float = 0.0
     _outbox: list[ServerMessage] = attrs.field(factory=list)
     _has_mail: trio.Event = attrs.field(factory=trio.Event)
 
@@ -69,6 +76,8 @@ class Dispatcher:
     _subscribers: dict[str, Subscriber] = attrs.field(init=False, factory=dict)
     _wakeup: trio.Event = attrs.field(init=False, factory=trio.Event)
     _rotation: int = attrs.field(init=False, default=0)
+    #: Called with the runs each claim leased (now PENDING), for watchers.
+    on_claimed: Callable[[Sequence[TaskRun]], None] | None = None
 
     def wake(self) -> None:
         """Something changed (runs queued, credits granted): look again."""
@@ -76,7 +85,15 @@ class Dispatcher:
 
     def add(self, keys: Iterable[str], client_id: str, credits: int) -> Subscriber:
         """Register a new connection; it starts with ``credits``."""
-        sub = Subscriber(id=uuid.uuid4().hex, keys=tuple(dict.fromkeys(keys)), client_id=client_id)
+        now = self.now()
+        sub = Subscriber(
+            id=uuid.uuid4().hex,
+            keys=tuple(dict.fromkeys(keys)),
+            client_id=client_id,
+            limit=credits,
+            connected_at=now,
+            last_seen=now,
+        )
         sub.credits = credits
         self._subscribers[sub.id] = sub
         self.wake()
@@ -150,6 +167,8 @@ class Dispatcher:
                 continue
             sub.credits -= len(runs)
             log.debug("leased %d runs to connection %s", len(runs), sub.id)
+            if self.on_claimed is not None:
+                self.on_claimed(runs)
             sub.post(Deliver(runs=tuple(runs)))
 
 

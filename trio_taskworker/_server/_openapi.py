@@ -42,6 +42,15 @@ _SCHEMA_MODELS = (
     _models.CreatedRuns,
     _models.RunList,
     _models.WaitRequest,
+    _models.StateChange,
+    _models.RunHistory,
+    _models.LogRecord,
+    _models.LogBatch,
+    _models.RunLogs,
+    _models.WorkerInfo,
+    _models.WorkerList,
+    _models.TaskStats,
+    _models.TaskStatsList,
 )
 
 _NAME = {"maxLength": _models.MAX_NAME}
@@ -222,6 +231,15 @@ def openapi_document() -> dict[str, Any]:
         "type": "object",
         "properties": {"id": {"type": "string", "format": "uuid"}},
         "required": ["id"],
+    }
+    schemas["LogsAccepted"] = {
+        "type": "object",
+        "properties": {
+            "stored": {"type": "integer", "minimum": 0},
+            "dropped": {"type": "integer", "minimum": 0},
+            "unknown": {"type": "integer", "minimum": 0},
+        },
+        "required": ["stored", "dropped", "unknown"],
     }
     schemas["Health"] = {
         "type": "object",

@@ -35,7 +35,9 @@ __all__ = [
     "RUN_ID",
     "STATE",
     "SUBSCRIBE_ROLES",
+    "TAG",
     "TASK_KEY",
+    "UI_PREFIX",
     "WAIT_TIMEOUT",
     "Endpoint",
     "Param",
@@ -45,6 +47,10 @@ __all__ = [
     "Reply",
     "Role",
 ]
+
+#: Where the dashboard's files are served (see ``_ui``); every path under it is
+#: public: the files hold no data, the page asks the API for it with a key.
+UI_PREFIX = "/ui"
 
 #: A body of raw bytes, where a body is otherwise named by its JSON schema.
 BYTES = "application/octet-stream"
@@ -136,6 +142,7 @@ RUN_ID = PathId(name="run_id")
 BLOB_ID = PathId(name="blob_id")
 STATE = QueryText(name="state", choices=TaskRunState)
 TASK_KEY = QueryText(name="task_key")
+TAG = QueryText(name="tag")
 LIMIT = QueryNumber(name="limit", default=200, minimum=1, maximum=1000, integer=True)
 # The store keeps offsets in a signed 64-bit SQLite integer.
 OFFSET = QueryNumber(name="offset", default=0, minimum=0, maximum=2**62, integer=True)
@@ -200,8 +207,8 @@ ENDPOINTS = (
         handler="list_runs",
         roles=ADMIN_ONLY,
         operation_id="listRuns",
-        summary="List runs, oldest first, without payloads",
-        params=(STATE, TASK_KEY, LIMIT, OFFSET),
+        summary="List runs, newest first, without payloads",
+        params=(STATE, TASK_KEY, TAG, LIMIT, OFFSET),
         replies={200: Reply(description="A page of runs", body="RunList"), 422: _MALFORMED},
     ),
     Endpoint(
@@ -255,6 +262,99 @@ ENDPOINTS = (
             409: Reply(description="The run has already ended.", body="Error"),
             422: _MALFORMED,
         },
+    ),
+    Endpoint(
+        method="GET",
+        path="/runs/{run_id}/history",
+        handler="run_history",
+        roles=_SUBMIT,
+        operation_id="readRunHistory",
+        summary="The run's state changes, oldest first",
+        params=(RUN_ID,),
+        replies={
+            200: Reply(description="The history", body="RunHistory"),
+            404: _NO_RUN,
+            422: _MALFORMED,
+        },
+    ),
+    Endpoint(
+        method="GET",
+        path="/runs/{run_id}/logs",
+        handler="run_logs",
+        roles=_SUBMIT,
+        operation_id="readRunLogs",
+        summary="The run's log records, oldest first",
+        params=(RUN_ID,),
+        replies={
+            200: Reply(description="The records", body="RunLogs"),
+            404: _NO_RUN,
+            422: _MALFORMED,
+        },
+    ),
+    Endpoint(
+        method="POST",
+        path="/runs/{run_id}/retry",
+        handler="retry_run",
+        roles=_SUBMIT,
+        operation_id="retryRun",
+        summary="Queue a FAILED, CRASHED or CANCELLED run again, as a new attempt",
+        params=(RUN_ID,),
+        replies={
+            200: Reply(description="The run, now SCHEDULED", body="TaskRun"),
+            404: _NO_RUN,
+            409: Reply(description="The run is not FAILED, CRASHED or CANCELLED.", body="Error"),
+            422: _MALFORMED,
+        },
+    ),
+    Endpoint(
+        method="POST",
+        path="/logs",
+        handler="put_logs",
+        roles=frozenset({Role.WORK}),
+        operation_id="putLogs",
+        summary="Store log records of runs (a worker sends them in batches)",
+        body="LogBatch",
+        replies={
+            202: Reply(description="Stored", body="LogsAccepted"),
+            422: _MALFORMED,
+            **_BODY_LIMITS,
+        },
+    ),
+    Endpoint(
+        method="GET",
+        path="/workers",
+        handler="list_workers",
+        roles=ADMIN_ONLY,
+        operation_id="listWorkers",
+        summary="The connected workers",
+        replies={200: Reply(description="The workers", body="WorkerList")},
+    ),
+    Endpoint(
+        method="GET",
+        path="/tasks",
+        handler="list_tasks",
+        roles=ADMIN_ONLY,
+        operation_id="listTasks",
+        summary="Per task key: queued, running and scheduled runs, and the last hour's ends",
+        replies={200: Reply(description="The task keys", body="TaskStatsList")},
+    ),
+    Endpoint(
+        method="GET",
+        path="/events",
+        handler="events",
+        roles=ADMIN_ONLY,
+        operation_id="events",
+        summary="Server-sent events: every run created or changed, and worker changes",
+        replies={200: Reply(description="A `text/event-stream` that stays open")},
+    ),
+    Endpoint(
+        method="GET",
+        path="/metrics",
+        handler="metrics",
+        roles=ADMIN_ONLY,
+        operation_id="metrics",
+        summary="Metrics in the Prometheus text format",
+        replies={200: Reply(description="The metrics")},
     ),
     Endpoint(
         method="POST",

@@ -24,7 +24,7 @@ from ._app import AppState, build_app
 from ._auth import KeyRing, exposure_problem, key_ring
 from ._dispatch import Dispatcher, Waiters
 from ._maintenance import DEFAULT_RETENTION, Maintenance, prepare_sqlite_file, retention_seconds
-from ._sqlite import SQLiteStore
+from ._sqlite import SQLiteRunner, SQLiteStore
 from ._store import Store
 
 __all__ = ["TaskServer", "default_data_dir"]
@@ -196,6 +196,8 @@ class TaskServer:
                 max_wait_seconds=self.max_wait_seconds,
                 keys=self.api_keys,
             )
+            if isinstance(store.runner, SQLiteRunner):
+                store.runner.on_batch = self._state.metrics.store_batch
             config = hypercorn.config.Config()
             config.bind = [f"{self.host}:{self.port}"]
             config.accesslog = None
@@ -234,6 +236,7 @@ class TaskServer:
         if state is not None and not state.stopping.is_set():
             state.stopping.set()
             state.waiters.stop()
+            state.events.close()
             if state.connections:
                 with trio.move_on_after(2):
                     await state.connections_closed.wait()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -62,6 +63,9 @@ class SQLiteRunner:
 
     path: str | Path
     threaded: bool = True
+    #: Called after each batch with how many operations it ran and how long
+    #: it took, in seconds (for metrics).
+    on_batch: Callable[[int, float], None] | None = None
     _send: trio.MemorySendChannel[_Op] = attrs.field(init=False, repr=False)
     _receive: trio.MemoryReceiveChannel[_Op] = attrs.field(init=False, repr=False)
 
@@ -111,7 +115,10 @@ class SQLiteRunner:
                         batch.append(self._receive.receive_nowait())
                     except trio.WouldBlock:
                         break
+                began = time.perf_counter()
                 await self._call_sync(partial(self._execute, conn, batch))
+                if self.on_batch is not None:
+                    self.on_batch(len(batch), time.perf_counter() - began)
                 for op in batch:
                     op.done.set()
                 batch = []

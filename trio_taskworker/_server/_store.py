@@ -18,14 +18,24 @@ import datetime
 import io
 import json
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import IO, Any, NamedTuple, Protocol, TypeVar
 
 import attrs
 import trio
 
 from .. import _rules
-from .._models import OPTION_NAMES, ErrorInfo, TaskOptions, TaskRun, TaskRunCreate, option_values
+from .._models import (
+    OPTION_NAMES,
+    ErrorInfo,
+    LogRecord,
+    StateChange,
+    TaskOptions,
+    TaskRun,
+    TaskRunCreate,
+    TaskStats,
+    option_values,
+)
 from .._rules import Changes, Report
 from .._serialization import converter
 from .._states import TERMINAL_STATES, IllegalTransition, TaskRunState, check_transition
@@ -83,10 +93,15 @@ class Idempotency:
 
 @attrs.frozen(kw_only=True)
 class Outcome:
-    """What a batch of changes did: runs whose state changed, and refused reports."""
+    """What a batch of changes did: runs whose state changed, and refused reports.
+
+    ``redelivered`` holds the task keys of the RUNNING runs among ``changed``
+    that went back to the queue because their worker was lost.
+    """
 
     changed: tuple[TaskRun, ...] = ()
     rejected: tuple[tuple[uuid.UUID, str], ...] = ()
+    redelivered: tuple[str, ...] = ()
 
     @property
     def requeued(self) -> bool:
@@ -168,18 +183,23 @@ class _Row(NamedTuple):
     name: str | None
     cache_key: str | None
     cache_expiration: float | None
+    parameters_preview: str | None
+    result_preview: str | None
 
 
 _COLUMNS = ", ".join(_Row._fields)
+#: What lists leave out: the payloads and their previews, which can be long.
+_PAYLOADS = ("parameters", "result", "parameters_preview", "result_preview")
 #: Lists leave the payloads out; the names stay in place.
 _LIGHT_COLUMNS = ", ".join(
-    "NULL" if name in ("parameters", "result") else name for name in _Row._fields
+    "NULL" if name in _PAYLOADS else name for name in _Row._fields
 )
 
 # The option columns come from the one declaration of the options.
 _INSERT_NAMES = (
     "id", "task_key", "task_name", "state", "created_at", "scheduled_time", "parameters",
-    "parameters_ref", "seq", "name", "cache_key", "cache_expiration", *OPTION_NAMES,
+    "parameters_ref", "seq", "name", "cache_key", "cache_expiration", "parameters_preview",
+    *OPTION_NAMES,
 )  # fmt: skip
 _INSERT = (
     f"INSERT INTO task_runs ({', '.join(_INSERT_NAMES)}, attempt, retry_count, redeliveries)"
@@ -214,7 +234,9 @@ SCHEMA = (
         seq BIGINT NOT NULL,
         name TEXT,
         cache_key TEXT,
-        cache_expiration DOUBLE PRECISION
+        cache_expiration DOUBLE PRECISION,
+        parameters_preview TEXT,
+        result_preview TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS ix_task_runs_queue"
     " ON task_runs (state, task_key, scheduled_time, seq)",
@@ -246,6 +268,33 @@ SCHEMA = (
     # created_at is stored after the payload: without this index, reading it
     # would read every blob's bytes.
     "CREATE INDEX IF NOT EXISTS ix_blobs_created ON blobs (created_at, id)",
+    # What people read (see docs/howto/watch-your-runs): each run's state
+    # changes and log records, and how many records each run has, so that the
+    # bound is checked without counting.
+    """CREATE TABLE IF NOT EXISTS run_history (
+        id INTEGER PRIMARY KEY,
+        run_id VARCHAR(36) NOT NULL,
+        at DOUBLE PRECISION NOT NULL,
+        state VARCHAR(16) NOT NULL,
+        attempt INTEGER NOT NULL,
+        message TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS ix_run_history_run ON run_history (run_id, id)",
+    """CREATE TABLE IF NOT EXISTS run_logs (
+        id INTEGER PRIMARY KEY,
+        run_id VARCHAR(36) NOT NULL,
+        attempt INTEGER NOT NULL,
+        at DOUBLE PRECISION NOT NULL,
+        level VARCHAR(8) NOT NULL,
+        logger TEXT NOT NULL,
+        message TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS ix_run_logs_run ON run_logs (run_id, id)",
+    """CREATE TABLE IF NOT EXISTS run_log_counts (
+        run_id VARCHAR(36) PRIMARY KEY,
+        stored INTEGER NOT NULL,
+        dropped INTEGER NOT NULL
+    )""",
 )
 
 
@@ -255,7 +304,35 @@ ADDED_COLUMNS = {
     "name": "TEXT",
     "cache_key": "TEXT",
     "cache_expiration": "DOUBLE PRECISION",
+    "parameters_preview": "TEXT",
+    "result_preview": "TEXT",
 }
+
+#: Where a run's rows are, and the column naming it: retention deletes them all.
+_RUN_TABLES = (
+    ("run_history", "run_id"),
+    ("run_logs", "run_id"),
+    ("run_log_counts", "run_id"),
+    ("task_runs", "id"),
+)
+#: The states ``Store.retry_run`` takes a run from.
+RETRYABLE_STATES = frozenset({TaskRunState.FAILED, TaskRunState.CRASHED, TaskRunState.CANCELLED})
+#: The states counted as running in task statistics.
+_RUNNING = (TaskRunState.PENDING.value, TaskRunState.RUNNING.value, TaskRunState.CANCELLING.value)
+#: One entry of ``run_history``: (run id, at, state, attempt, message).
+_Entry = tuple[str, float, str, int, str | None]
+_HISTORY_INSERT = (
+    "INSERT INTO run_history (run_id, at, state, attempt, message) VALUES (?, ?, ?, ?, ?)"
+)
+
+
+def _entry(row: _Row, now: float) -> _Entry:
+    return (row.id, now, row.state, row.attempt, row.message)
+
+
+def _like(text: str) -> str:
+    """``text`` as a literal inside a LIKE pattern (with ``ESCAPE '\\'``)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 #: How much of a blob is copied into its row at a time.
@@ -318,6 +395,8 @@ def _row_to_run(row: _Row) -> TaskRun:
         name=row.name,
         cache_key=row.cache_key,
         cache_expiration=row.cache_expiration,
+        parameters_preview=row.parameters_preview,
+        result_preview=row.result_preview,
         **options,
     )
 
@@ -361,6 +440,8 @@ class Store:
 
     runner: Runner
     default_max_redeliveries: int = 3
+    #: The most log records kept per run; later ones are counted, not stored.
+    max_logs_per_run: int = 1000
     _placeholder: str = attrs.field(init=False, repr=False)
     #: The last ``seq`` given out; ``seq`` orders runs by creation.
     _seq: int = attrs.field(init=False, default=0)
@@ -443,7 +524,7 @@ class Store:
                         str(run_id), c.task_key, c.task_name or c.task_key,
                         TaskRunState.SCHEDULED.value, now, scheduled, c.parameters,
                         c.parameters_ref, self._seq, c.name, c.cache_key, c.cache_expiration,
-                        *_option_columns(c),
+                        c.parameters_preview, *_option_columns(c),
                     )
                 )  # fmt: skip
                 if c.cache_key is not None and scheduled <= now:
@@ -452,7 +533,12 @@ class Store:
                     if hit is not None:
                         cached.append((str(run_id), hit))
             cur.executemany(self._q(_INSERT), rows)
+            history: list[_Entry] = [
+                (str(run_id), now, TaskRunState.SCHEDULED.value, 0, None) for run_id in ids
+            ]
             for cached_id, hit in cached:
+                message = f"cached: the result of run {hit.id}"
+                history.append((cached_id, now, TaskRunState.COMPLETED.value, 0, message))
                 self._update(
                     cur,
                     cached_id,
@@ -461,9 +547,11 @@ class Store:
                         "finished_at": now,
                         "result": hit.result,
                         "result_ref": hit.result_ref,
-                        "message": f"cached: the result of run {hit.id}",
+                        "result_preview": hit.result_preview,
+                        "message": message,
                     },
                 )
+            cur.executemany(self._q(_HISTORY_INSERT), history)
             if idempotency is not None:
                 cur.execute(
                     self._q(
@@ -537,9 +625,14 @@ class Store:
         return rows
 
     async def list_runs(
-        self, state: TaskRunState | None, task_key: str | None, limit: int, offset: int
+        self,
+        state: TaskRunState | None,
+        task_key: str | None,
+        limit: int,
+        offset: int,
+        tag: str | None = None,
     ) -> list[TaskRun]:
-        """Return a page of runs, oldest first, without payloads."""
+        """Return a page of runs, newest first, without payloads or previews."""
         where, params = [], []
         if state is not None:
             where.append("state = ?")
@@ -547,9 +640,20 @@ class Store:
         if task_key is not None:
             where.append("task_key = ?")
             params.append(task_key)
+        if tag is not None:
+            # Tags are stored as a JSON list with ", " between items. A quote
+            # inside a tag is escaped in that text, so an item, quotes included,
+            # is found only where it starts after "[" or ", " and ends before
+            # "]" or ",": never inside another tag.
+            item = _like(json.dumps(tag))
+            where.append(
+                "(tags LIKE ? ESCAPE '\\' OR tags LIKE ? ESCAPE '\\'"
+                " OR tags LIKE ? ESCAPE '\\' OR tags LIKE ? ESCAPE '\\')"
+            )
+            params.extend([f"[{item}]", f"[{item},%", f"%, {item}]", f"%, {item},%"])
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         sql = self._q(
-            f"SELECT {_LIGHT_COLUMNS} FROM task_runs {clause} ORDER BY seq LIMIT ? OFFSET ?"
+            f"SELECT {_LIGHT_COLUMNS} FROM task_runs {clause} ORDER BY seq DESC LIMIT ? OFFSET ?"
         )
 
         def list_(cur: Cursor) -> list[TaskRun]:
@@ -557,6 +661,263 @@ class Store:
             return _readable(_Row._make(raw) for raw in cur.fetchall())
 
         return await self.runner.transact(list_)
+
+    async def read_history(self, run_id: uuid.UUID) -> list[StateChange] | None:
+        """The run's state changes, oldest first; None when there is no such run."""
+
+        def read(cur: Cursor) -> list[StateChange] | None:
+            if not self._exists(cur, str(run_id)):
+                return None
+            cur.execute(
+                self._q(
+                    "SELECT at, state, attempt, message FROM run_history"
+                    " WHERE run_id = ? ORDER BY id"
+                ),
+                (str(run_id),),
+            )
+            return [
+                StateChange(
+                    timestamp=_dt(at), state=TaskRunState(state), attempt=attempt, message=message
+                )
+                for at, state, attempt, message in cur.fetchall()
+            ]
+
+        return await self.runner.transact(read)
+
+    def _exists(self, cur: Cursor, run_id: str) -> bool:
+        cur.execute(self._q("SELECT 1 FROM task_runs WHERE id = ?"), (run_id,))
+        return cur.fetchone() is not None
+
+    async def put_logs(self, records: Sequence[LogRecord]) -> tuple[int, int, int]:
+        """Store log records, at most :attr:`max_logs_per_run` per run.
+
+        Returns how many were stored, how many were dropped because their run
+        had reached the bound (counted with the run, see :meth:`read_logs`),
+        and how many named no run.
+        """
+        by_run: dict[str, list[LogRecord]] = {}
+        for record in records:
+            by_run.setdefault(str(record.run_id), []).append(record)
+
+        def put(cur: Cursor) -> tuple[int, int, int]:
+            ids = list(by_run)
+            known: dict[str, int] = {}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                cur.execute(
+                    self._q(
+                        "SELECT task_runs.id, run_log_counts.stored FROM task_runs"
+                        " LEFT JOIN run_log_counts ON run_log_counts.run_id = task_runs.id"
+                        f" WHERE task_runs.id IN {_in(chunk)}"
+                    ),
+                    chunk,
+                )
+                known.update((run_id, int(stored or 0)) for run_id, stored in cur.fetchall())
+            rows: list[tuple[Any, ...]] = []
+            counts: list[tuple[str, int, int]] = []
+            stored = dropped = unknown = 0
+            for run_id, run_records in by_run.items():
+                if run_id not in known:
+                    unknown += len(run_records)
+                    continue
+                room = max(0, self.max_logs_per_run - known[run_id])
+                kept = run_records[:room]
+                rows.extend(
+                    (run_id, r.attempt, r.timestamp.timestamp(), r.level, r.logger, r.message)
+                    for r in kept
+                )
+                counts.append((run_id, len(kept), len(run_records) - len(kept)))
+                stored += len(kept)
+                dropped += len(run_records) - len(kept)
+            cur.executemany(
+                self._q(
+                    "INSERT INTO run_logs (run_id, attempt, at, level, logger, message)"
+                    " VALUES (?, ?, ?, ?, ?, ?)"
+                ),
+                rows,
+            )
+            cur.executemany(
+                self._q(
+                    "INSERT INTO run_log_counts (run_id, stored, dropped) VALUES (?, ?, ?)"
+                    " ON CONFLICT (run_id) DO UPDATE SET"
+                    " stored = run_log_counts.stored + excluded.stored,"
+                    " dropped = run_log_counts.dropped + excluded.dropped"
+                ),
+                counts,
+            )
+            return stored, dropped, unknown
+
+        return await self.runner.transact(put)
+
+    async def read_logs(self, run_id: uuid.UUID) -> tuple[list[LogRecord], int] | None:
+        """The run's log records, oldest first, and how many were dropped; None
+        when there is no such run."""
+
+        def read(cur: Cursor) -> tuple[list[LogRecord], int] | None:
+            key = str(run_id)
+            if not self._exists(cur, key):
+                return None
+            cur.execute(
+                self._q(
+                    "SELECT attempt, at, level, logger, message FROM run_logs"
+                    " WHERE run_id = ? ORDER BY id"
+                ),
+                (key,),
+            )
+            records = [
+                LogRecord(
+                    run_id=run_id,
+                    attempt=attempt,
+                    timestamp=_dt(at),
+                    level=level,
+                    logger=logger,
+                    message=message,
+                )
+                for attempt, at, level, logger, message in cur.fetchall()
+            ]
+            cur.execute(self._q("SELECT dropped FROM run_log_counts WHERE run_id = ?"), (key,))
+            row = cur.fetchone()
+            return records, 0 if row is None else int(row[0])
+
+        return await self.runner.transact(read)
+
+    async def retry_run(self, run_id: uuid.UUID, now: float) -> TaskRun:
+        """Queue an ended run again (FAILED, CRASHED or CANCELLED), due now.
+
+        Its next delivery is a new attempt. The result, error and times of the
+        last attempt are cleared and its redeliveries start again from zero; its
+        ``retry_count`` stays, so a task's own ``retries`` are not given back.
+        This is the one way out of an end state, and only on request: no rule
+        of :mod:`trio_taskworker._rules` takes it. Raises :class:`StoreError`
+        (unknown run) or :class:`IllegalTransition` (any other state).
+        """
+
+        def retry(cur: Cursor) -> TaskRun | _Refused:
+            row = self._read_rows(cur, [str(run_id)]).get(str(run_id))
+            if row is None:
+                return _Refused(StoreError(f"no run {run_id}"))
+            state = TaskRunState(row.state)
+            if state not in RETRYABLE_STATES:
+                return _Refused(IllegalTransition(state, TaskRunState.SCHEDULED))
+            values: dict[str, Any] = {
+                "state": TaskRunState.SCHEDULED.value,
+                "scheduled_time": now,
+                "started_at": None,
+                "finished_at": None,
+                "result": None,
+                "result_ref": None,
+                "result_preview": None,
+                "error": None,
+                "message": f"retried by request after {state.value}",
+                "lease_owner": None,
+                "redeliveries": 0,
+            }
+            self._update(cur, row.id, values)
+            updated = row._replace(**values)
+            cur.execute(self._q(_HISTORY_INSERT), _entry(updated, now))
+            return _row_to_run(updated)
+
+        return await self._transact(retry)
+
+    async def lease_counts(self) -> dict[str, int]:
+        """How many runs each connection holds a lease on, by connection id."""
+
+        def count(cur: Cursor) -> dict[str, int]:
+            cur.execute(
+                "SELECT lease_owner, COUNT(*) FROM task_runs"
+                " WHERE lease_owner IS NOT NULL GROUP BY lease_owner"
+            )
+            return {str(owner): int(n) for owner, n in cur.fetchall()}
+
+        return await self.runner.transact(count)
+
+    async def task_stats(self, now: float, served: Mapping[str, int]) -> list[TaskStats]:
+        """What each task key is doing (see :class:`~trio_taskworker._models.TaskStats`).
+
+        ``served`` maps the keys connected workers serve to how many serve each;
+        those keys are listed even with no runs.
+        """
+        hour_ago = now - 3600.0
+
+        def stats(cur: Cursor) -> list[TaskStats]:
+            keys: dict[str, dict[str, Any]] = {}
+
+            def of(key: str) -> dict[str, Any]:
+                return keys.setdefault(
+                    key,
+                    {
+                        "queued": 0,
+                        "scheduled": 0,
+                        "running": 0,
+                        "completed": 0,
+                        "failed": 0,
+                        "oldest": None,
+                        "minutes": [0] * 60,
+                    },
+                )
+
+            # The queue index leads with state: each of these reads only the
+            # unended runs, however many ended ones the table holds.
+            cur.execute(
+                self._q(
+                    "SELECT task_key, COUNT(*), MIN(scheduled_time) FROM task_runs"
+                    " WHERE state = 'SCHEDULED' AND scheduled_time <= ? GROUP BY task_key"
+                ),
+                (now,),
+            )
+            for key, n, oldest in cur.fetchall():
+                entry = of(key)
+                entry["queued"] = int(n)
+                entry["oldest"] = max(0.0, now - float(oldest))
+            cur.execute(
+                self._q(
+                    "SELECT task_key, COUNT(*) FROM task_runs"
+                    " WHERE state = 'SCHEDULED' AND scheduled_time > ? GROUP BY task_key"
+                ),
+                (now,),
+            )
+            for key, n in cur.fetchall():
+                of(key)["scheduled"] = int(n)
+            cur.execute(
+                "SELECT task_key, COUNT(*) FROM task_runs"
+                f" WHERE state IN ('{_RUNNING[0]}', '{_RUNNING[1]}', '{_RUNNING[2]}')"
+                " GROUP BY task_key"
+            )
+            for key, n in cur.fetchall():
+                of(key)["running"] = int(n)
+            # Ended in the last hour: by the index on finished_at.
+            cur.execute(
+                self._q(
+                    "SELECT task_key, state, finished_at FROM task_runs WHERE finished_at >= ?"
+                ),
+                (hour_ago,),
+            )
+            for key, state, finished_at in cur.fetchall():
+                entry = of(key)
+                if state == TaskRunState.COMPLETED.value:
+                    entry["completed"] += 1
+                elif state in (TaskRunState.FAILED.value, TaskRunState.CRASHED.value):
+                    entry["failed"] += 1
+                minute = min(59, max(0, int((float(finished_at) - hour_ago) // 60)))
+                entry["minutes"][minute] += 1
+            for key in served:
+                of(key)
+            return [
+                TaskStats(
+                    task_key=key,
+                    queued=entry["queued"],
+                    scheduled=entry["scheduled"],
+                    running=entry["running"],
+                    completed_last_hour=entry["completed"],
+                    failed_last_hour=entry["failed"],
+                    oldest_queued_seconds=entry["oldest"],
+                    ended_per_minute=tuple(entry["minutes"]),
+                    workers=served.get(key, 0),
+                )
+                for key, entry in sorted(keys.items())
+            ]
+
+        return await self.runner.transact(stats)
 
     async def counts(self) -> dict[str, int]:
         """The number of runs in each state."""
@@ -630,6 +991,13 @@ class Store:
                     ),
                     [(reason, now, run_id) for reason, run_id in unreadable],
                 )
+            history: list[_Entry] = [
+                (str(run.id), now, TaskRunState.PENDING.value, run.attempt, None) for run in leased
+            ]
+            crashed = TaskRunState.CRASHED.value
+            history.extend((run_id, now, crashed, 0, reason) for reason, run_id in unreadable)
+            if history:
+                cur.executemany(self._q(_HISTORY_INSERT), history)
             return leased
 
         return await self.runner.transact(claim)
@@ -652,10 +1020,12 @@ class Store:
 
     # --- state changes ------------------------------------------------------------
 
-    def _write(self, cur: Cursor, row: _Row, changes: Changes) -> _Row:
-        """Check the transition, update the row in the database, return it as updated."""
+    def _write(self, cur: Cursor, row: _Row, changes: Changes, now: float) -> _Row:
+        """Check the transition, update the row in the database and its history,
+        return it as updated."""
         updated, values = _change(row, changes)
         self._update(cur, row.id, values)
+        cur.execute(self._q(_HISTORY_INSERT), _entry(updated, now))
         return updated
 
     def _update(self, cur: Cursor, run_id: str, values: dict[str, Any]) -> None:
@@ -677,6 +1047,7 @@ class Store:
             # "started" and "finished" together) cost one UPDATE.
             dirty: dict[str, dict[str, Any]] = {}
             rejected: list[tuple[uuid.UUID, str]] = []
+            history: list[_Entry] = []
             for report in reports:
                 row = rows.get(str(report.id))
                 if row is None:
@@ -709,8 +1080,11 @@ class Store:
                     continue
                 rows[row.id] = changed[row.id] = updated
                 dirty.setdefault(row.id, {}).update(values)
+                history.append(_entry(updated, now))
             for run_id, values in dirty.items():
                 self._update(cur, run_id, values)
+            if history:
+                cur.executemany(self._q(_HISTORY_INSERT), history)
             return Outcome(
                 changed=tuple(_row_to_run(row) for row in changed.values()),
                 rejected=tuple(rejected),
@@ -721,6 +1095,7 @@ class Store:
     def _release(self, cur: Cursor, reason: str, now: float) -> Outcome:
         """Requeue, redeliver or crash the leased rows just selected on ``cur``."""
         changed = []
+        redelivered = []
         for raw in cur.fetchall():
             row = _Row._make(raw)
             changes = _rules.on_lost_lease(
@@ -731,8 +1106,11 @@ class Store:
                 reason=reason,
                 now=now,
             )
-            changed.append(_row_to_run(self._write(cur, row, changes)))
-        return Outcome(changed=tuple(changed))
+            updated = self._write(cur, row, changes, now)
+            if updated.redeliveries > row.redeliveries:
+                redelivered.append(row.task_key)
+            changed.append(_row_to_run(updated))
+        return Outcome(changed=tuple(changed), redelivered=tuple(redelivered))
 
     async def release_owner(self, owner: str, now: float) -> Outcome:
         """``owner``'s connection is gone: requeue, redeliver or crash its runs."""
@@ -771,7 +1149,7 @@ class Store:
             except IllegalTransition as exc:  # it has ended already
                 return _Refused(exc)
             if changes is not None:
-                row = self._write(cur, row, changes)
+                row = self._write(cur, row, changes, now)
             return _row_to_run(row), owner
 
         return await self._transact(cancel)
@@ -883,7 +1261,10 @@ class Store:
                     refs.extend(ref for ref in (parameters_ref, result_ref) if ref is not None)
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
-                cur.execute(self._q(f"DELETE FROM task_runs WHERE id IN {_in(chunk)}"), chunk)
+                for table, column in _RUN_TABLES:
+                    cur.execute(
+                        self._q(f"DELETE FROM {table} WHERE {column} IN {_in(chunk)}"), chunk
+                    )
             return len(ids), list(dict.fromkeys(refs))
 
         return await self.runner.transact(delete)
