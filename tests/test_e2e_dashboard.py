@@ -18,18 +18,20 @@ wait is Playwright's auto-waiting ``expect``, never a sleep.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from playwright.sync_api import ConsoleMessage, Locator, Page, expect, sync_playwright
 
 from . import e2e_dashboard_tasks as t
-from .conftest import Proc, start_server, worker
+from .conftest import Proc, free_port, start_server, worker
 
 pytestmark = pytest.mark.e2e
 
@@ -88,11 +90,23 @@ def test_runs_appear_change_state_and_are_cancelled_and_retried_from_the_page(
     problems: list[str] = []
     try:
         with browser_page(problems) as page:
+            listings: list[str] = []
+            page.on(
+                "request",
+                lambda request: (
+                    listings.append(request.url) if urlsplit(request.url).path == "/runs" else None
+                ),
+            )
+            page.clock.install()
             page.goto(f"{server.url}/ui/")
             expect(page.locator("#live")).to_have_text("live")
             expect(page.locator("#runs-table + .empty")).to_be_visible()
             # Set on this document: still there at the end means no reload happened.
             page.evaluate("window.loadedOnce = true")
+            # Stop the page's timers: what changes from now on can only come
+            # through the event stream, not from polling.
+            now = page.evaluate("Date.now()") / 1000
+            page.clock.pause_at(datetime.datetime.fromtimestamp(now + 0.001, datetime.UTC))
 
             # Runs submitted now appear and move through their states, pushed.
             held = t.hold.delay_sync(str(gate), str(marker))
@@ -109,6 +123,10 @@ def test_runs_appear_change_state_and_are_cancelled_and_retried_from_the_page(
             # Newest first.
             expect(rows.first).to_have_attribute("data-run-id", str(to_retry.task_run_id))
             expect(rows.last).to_have_attribute("data-run-id", str(held.task_run_id))
+            # The list was fetched when the page was shown and again when the
+            # event stream said it was ready, and not since.
+            assert len(listings) == 2, listings
+            page.clock.resume()
             screenshot(page, "runs")
 
             # Filters: by state (the select applies at once), then by tag.
@@ -237,3 +255,60 @@ def test_the_page_asks_for_an_api_key_and_says_when_it_lacks_the_role(
     refused = re.compile(r"^console: Failed to load resource: .* status of 40[13] ")
     assert [p for p in problems if not refused.match(p)] == []
     assert any(" 401 " in p for p in problems) and any(" 403 " in p for p in problems)
+
+
+#: One stream of events with every kind of line end, comments and a data field
+#: on two lines; the parser must find the same three events wherever it is cut.
+SSE_TEXT = (
+    ": keepalive\r\n\r\n"
+    'event: run\r\ndata: {"a": 1}\r\n\r\n'
+    "event: multi\ndata: [1,\ndata:2]\n\n"
+    ": a comment\rdata: {}\r\r"
+)
+PARSE_EVERY_CUT = """async (text) => {
+    const { SSEParser } = await import(new URL("live.js", document.baseURI).href);
+    const seen = new Set();
+    for (let cut = 0; cut <= text.length; cut++) {
+        const events = [];
+        const parser = new SSEParser((type, data) => events.push([type, data]));
+        parser.push(text.slice(0, cut));
+        parser.push(text.slice(cut));
+        seen.add(JSON.stringify(events));
+    }
+    return [...seen].map((events) => JSON.parse(events));
+}"""
+
+
+def test_the_event_stream_is_parsed_and_reconnected_after_a_server_restart(
+    tmp_path: Path, procs: list[Proc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = free_port()
+    server = start_server(tmp_path / "data", port=port)
+    procs.append(server)
+    monkeypatch.setenv("TRIO_TASKWORKER_API_URL", server.url)
+    problems: list[str] = []
+    with browser_page(problems) as page:
+        page.goto(f"{server.url}/ui/")
+        live = page.locator("#live")
+        expect(live).to_have_text("live")
+        assert page.evaluate(PARSE_EVERY_CUT, SSE_TEXT) == [
+            [["run", '{"a": 1}'], ["multi", "[1,\n2]"], ["message", "{}"]]
+        ]
+        # The server dies and the stream breaks: the page says so and tries
+        # again, waiting longer each time, until a server is back on the port.
+        page.evaluate("window.loadedOnce = true")
+        server.popen.kill()
+        server.wait()
+        expect(live).to_contain_text("reconnecting")
+        procs.append(start_server(tmp_path / "data", port=port, log_name="server2.log"))
+        expect(live).to_have_text("live")
+        # Live again: a run submitted now appears without a reload.
+        fresh = t.greet.delay_sync("after the restart")  # no worker: it stays SCHEDULED
+        expect(row(page, fresh.task_run_id).locator(".badge")).to_have_text("SCHEDULED")
+        assert page.evaluate("window.loadedOnce") is True
+    # Chromium logs the broken stream and each connection refused while no server ran.
+    refused = re.compile(
+        r"^console: Failed to load resource: "
+        r"net::ERR_(CONNECTION_REFUSED|INCOMPLETE_CHUNKED_ENCODING) "
+    )
+    assert [p for p in problems if not refused.match(p)] == []

@@ -19,18 +19,21 @@ export class SSEParser {
   constructor(dispatch) {
     this.dispatch = dispatch;
     this.buffer = "";
+    this.skipLF = false;
     this.type = "";
     this.data = [];
   }
 
   push(chunk) {
-    let text = this.buffer + chunk;
-    // A "\r" at the very end may be the first half of a "\r\n": keep it for later.
-    const held = text.endsWith("\r") ? "\r" : "";
-    if (held) text = text.slice(0, -1);
+    if (!chunk) return;
+    // A "\r" ends a line at once; a "\n" right after it (perhaps in the next
+    // chunk) belongs to the same line end.
+    let text = this.skipLF && chunk.startsWith("\n") ? chunk.slice(1) : chunk;
+    text = this.buffer + text;
+    this.skipLF = text.endsWith("\r");
     const lines = text.split(/\r\n|\r|\n/);
     // The last piece has no line end yet ("" after a complete line).
-    this.buffer = lines.pop() + held;
+    this.buffer = lines.pop();
     for (const line of lines) this.line(line);
   }
 

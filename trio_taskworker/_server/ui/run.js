@@ -199,7 +199,7 @@ export class RunView extends View {
       ["State", stateBadge(run.state)],
       ["Message", run.message],
       ["Attempt", run.attempt],
-      ["Retries used", `${run.retry_count} of ${run.retries}`],
+      ["Retries used", run.retries ? `${run.retry_count} of ${run.retries}` : null],
       ["Redeliveries", run.redeliveries],
       ["Created", timeEl(run.created_at)],
       ["Scheduled for", timeEl(run.scheduled_time)],
