@@ -251,6 +251,23 @@ def test_the_page_asks_for_an_api_key_and_says_when_it_lacks_the_role(
         expect(form).to_be_hidden()
         fresh = t.greet.delay_sync("after the reload")
         expect(row(page, fresh.task_run_id).locator(".badge")).to_have_text("SCHEDULED")
+
+        # Pages: 32 runs, 25 a page.
+        t.greet.map_sync([f"guest {i}" for i in range(30)])
+        rows = page.locator("#runs-table tbody tr")
+        expect(rows).to_have_count(32)
+        page.select_option("#filter-limit", "25")
+        expect(rows).to_have_count(25)
+        expect(page.locator(".pager")).to_contain_text("runs 1\u201325")
+        page.click("text=Older →")
+        expect(page.locator(".pager")).to_contain_text("runs 26\u201332")
+        expect(rows).to_have_count(7)
+        expect(rows.last).to_have_attribute("data-run-id", str(waiting.task_run_id))
+        # A run submitted meanwhile is not slipped into this page: a note offers it.
+        newest = t.greet.delay_sync("newest")
+        page.click("text=1 newer run: show")
+        expect(page.locator(".pager")).to_contain_text("runs 1\u201325")
+        expect(rows.first).to_have_attribute("data-run-id", str(newest.task_run_id))
     # Chromium logs each 401 and 403 answer it received; nothing else may appear.
     refused = re.compile(r"^console: Failed to load resource: .* status of 40[13] ")
     assert [p for p in problems if not refused.match(p)] == []

@@ -9,6 +9,9 @@ const MAX_DELAY_MS = 15000;
 // The server sends a keepalive comment every 15 s; after three missed ones the
 // connection is taken for dead (a laptop that slept, a proxy that dropped it).
 const SILENCE_MS = 45000;
+// Only a stream that stayed open this long starts the backoff again: a server
+// that is stopping may still say `ready` and then end every stream at once.
+const STEADY_MS = 10000;
 
 /**
  * Feed text chunks in, get `{type, data}` events out, as the SSE format
@@ -120,7 +123,9 @@ export class LiveEvents {
           }
           throw new ApiError(response.status, detail, "/events");
         } else {
+          const opened = Date.now();
           await this.read(response.body, signal);
+          if (Date.now() - opened >= STEADY_MS) this.delay = FIRST_DELAY_MS;
         }
       } catch (err) {
         if (signal.aborted) continue;
@@ -169,10 +174,7 @@ export class LiveEvents {
       this.onError(`Live updates: the server sent an event that is not JSON (${type})`);
       return;
     }
-    if (type === "ready") {
-      this.delay = FIRST_DELAY_MS;
-      this.onStatus("live", "live");
-    }
+    if (type === "ready") this.onStatus("live", "live");
     try {
       this.onEvent(type, data);
     } catch (err) {
