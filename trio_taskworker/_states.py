@@ -11,6 +11,10 @@ The server owns the state machine: every change goes through
 
 A SCHEDULED or PENDING run that is cancelled becomes CANCELLED at once.
 
+The end states are final for workers and for every rule. One request, and only
+that, leaves them: a retry by request (``POST /runs/{id}/retry``) puts a FAILED,
+CRASHED or CANCELLED run back to SCHEDULED (see ``Store.retry_run``).
+
 This module imports no I/O library.
 """
 
@@ -35,7 +39,8 @@ class TaskRunState(enum.StrEnum):
 
     @property
     def is_terminal(self) -> bool:
-        """True when the run will never change state again."""
+        """True when the run has ended: no worker or rule changes it again (only a
+        retry by request queues a FAILED, CRASHED or CANCELLED run again)."""
         return self in TERMINAL_STATES
 
 
