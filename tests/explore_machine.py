@@ -1186,6 +1186,8 @@ class _Errors(logging.Handler):
         self.into = into
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.name == "trio_taskworker._spawner" and hasattr(record, "run_id"):
+            return  # a task's own failure (logged at ERROR with its run id): not trouble
         self.into.append(f"{record.name}: {record.getMessage()}")
 
 

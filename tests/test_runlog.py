@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import math
 import sys
 import uuid
 from collections.abc import Sequence
@@ -406,6 +407,7 @@ async def test_failures_are_logged_with_traceback_and_counted(
         (logging.ERROR, str(last.id)),
     ]
     assert all(r.exc_info for r in lines)
+    assert [r.run_id for r in lines] == [str(failing.id), str(retried.id), str(last.id)]  # type: ignore[attr-defined]
     assert "KeyError: 'nope'" in caplog.text and "retry 1 of 2 in 7 s" in caplog.text
     assert "no retries left" in caplog.text
     assert worker.failed_task_runs == {fails.key: 1, fails_with_retries.key: 2, quiet.key: 0}
@@ -654,3 +656,18 @@ async def test_close_waits_for_the_batch_in_flight(autojump_clock: trio.testing.
         await shipper.close()
     messages = [r.message for r in server.records]
     assert messages == [*(f"first {i}" for i in range(100)), "last"]
+
+
+async def test_an_idle_shipper_sets_no_timer(autojump_clock: trio.testing.MockClock) -> None:
+    # A worker with nothing to send must not wake every half second (a long
+    # stretch of virtual time would cost a wake-up per tick).
+    server = Server()
+    shipper = LogShipper(post=server.post)
+    async with shipping(shipper):
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.lowlevel.current_statistics().seconds_to_next_deadline == math.inf
+        shipper.add(record(uuid.uuid4()))
+        await trio.sleep(1)
+        assert server.posts == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.lowlevel.current_statistics().seconds_to_next_deadline == math.inf

@@ -213,6 +213,9 @@ class LogShipper:
     _running: bool = attrs.field(init=False, default=False)
     _token: trio.lowlevel.TrioToken | None = attrs.field(init=False, default=None)
     _trio_thread: int | None = attrs.field(init=False, default=None)
+    #: Set when records wait (the pass's timer starts), and when they must go now.
+    _pending: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _pending_asked: bool = attrs.field(init=False, default=False)
     _wake: trio.Event = attrs.field(init=False, factory=trio.Event)
     _wake_asked: bool = attrs.field(init=False, default=False)
     _progress: trio.Event = attrs.field(init=False, factory=trio.Event)
@@ -242,11 +245,13 @@ class LogShipper:
                 self._chars -= len(old.record.message)
                 self._note_dropped(old.key, 1)
                 self._forget(old)
+            pending = not self._pending_asked
+            self._pending_asked = True
             wake = len(self._buffer) >= self.batch and not self._wake_asked
             if wake:
                 self._wake_asked = True
-        if wake:
-            self._wake_soon()
+        if pending or wake:
+            self._signal(self._set_pending if not wake else self._set_wake)
 
     def _forget(self, pending: _Pending) -> None:
         # Called with the lock held, once ``pending`` is sent or dropped: when it
@@ -261,16 +266,20 @@ class LogShipper:
         if key in self._dropped_by_run or len(self._dropped_by_run) < MAX_LOG_RECORDS // 2:
             self._dropped_by_run[key] += n
 
-    def _wake_soon(self) -> None:
+    def _signal(self, setter: Callable[[], None]) -> None:
         if self._token is None:
-            return  # not running: the first pass of run() sends what is here
+            return  # not running: run() looks at the buffer when it starts
         if threading.get_ident() == self._trio_thread:
-            self._wake.set()
+            setter()
         else:
             with contextlib.suppress(trio.RunFinishedError):
-                self._token.run_sync_soon(self._set_wake)
+                self._token.run_sync_soon(setter)
+
+    def _set_pending(self) -> None:
+        self._pending.set()
 
     def _set_wake(self) -> None:
+        self._pending.set()
         self._wake.set()
 
     def _resolved(self) -> int:
@@ -288,14 +297,18 @@ class LogShipper:
         """Send buffered records until cancelled. ``task_status.started()`` at once.
 
         Never raises on the server's account: an unexpected error is logged
-        and the next pass goes on.
+        and the next pass goes on. With nothing buffered it sleeps without a
+        timer, so an idle worker wakes for nothing.
         """
         self._token = trio.lowlevel.current_trio_token()
         self._trio_thread = threading.get_ident()
         self._running = True
+        if self._buffer:
+            self._pending.set()
         task_status.started()
         try:
             while True:
+                await self._pending.wait()
                 with trio.move_on_after(self.interval):
                     await self._wake.wait()
                 await self.send_all()
@@ -309,8 +322,10 @@ class LogShipper:
             await self._send_all()
 
     async def _send_all(self) -> None:
-        self._wake = trio.Event()
-        self._wake_asked = False
+        with self._lock:
+            # A record added from here on signals the new events: none is missed.
+            self._pending, self._pending_asked = trio.Event(), False
+            self._wake, self._wake_asked = trio.Event(), False
         while True:
             batch, taken = self._take()
             if not batch:
@@ -414,7 +429,7 @@ class LogShipper:
             return
         with trio.CancelScope(shield=True), trio.move_on_after(self.flush_timeout):
             while self._resolved() < target:
-                self._wake.set()
+                self._set_wake()
                 await self._progress.wait()
 
     async def close(self, timeout: float | None = None) -> None:

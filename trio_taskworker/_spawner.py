@@ -547,6 +547,8 @@ def _log_failure(run: TaskRun, exc: BaseException, outcome: str | None, *, retri
         exc,
         f"; {outcome}" if outcome else "",
         exc_info=exc,
+        # As on the run logger's records, for handlers that route by run.
+        extra={"run_id": str(run.id), "task_key": run.task_key, "attempt": run.attempt},
     )
 
 
