@@ -123,7 +123,9 @@ export async function api(path, { method = "GET", body } = {}) {
     const detail = await detailOf(response);
     const error = new ApiError(response.status, detail, path);
     if (response.status === 403) {
-      error.message = `This API key may not do that (${detail}). The dashboard needs a key with the admin role.`;
+      error.message =
+        `The server refused this API key here: ${detail}. The dashboard needs a key ` +
+        `with the admin role ("Forget API key" at the top right lets you give another).`;
     }
     throw error;
   }

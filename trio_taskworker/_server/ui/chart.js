@@ -36,7 +36,8 @@ export function throughputChart(counts, { width = 720, height = 160, now = Date.
     role: "img",
     "aria-label": `Runs ended per minute over the last ${counts.length} minutes`,
   });
-  for (const fraction of [0, 0.5, 1]) {
+  // Whole runs only: a middle line only where it falls on a whole number.
+  for (const fraction of ceiling % 2 === 0 ? [0, 0.5, 1] : [0, 1]) {
     const y = top + plotH * (1 - fraction);
     chart.append(svg("line", { class: "grid", x1: left, x2: width - right, y1: y, y2: y }));
     chart.append(
@@ -45,7 +46,7 @@ export function throughputChart(counts, { width = 720, height = 160, now = Date.
         x: left - 6,
         y: y + 4,
         "text-anchor": "end",
-        text: Number.isInteger(ceiling * fraction) ? ceiling * fraction : (ceiling * fraction).toFixed(1),
+        text: ceiling * fraction,
       }),
     );
   }

@@ -72,10 +72,9 @@ export class RunView extends View {
       h("thead", {}, h("tr", {}, ["Time", "Level", "Attempt", "Message"].map((t) => h("th", { text: t })))),
       this.logs,
     );
-    fill(
-      root,
-      h("p", { class: "crumbs" }, h("a", { href: runsHash({}), text: "← Runs" })),
-      this.head,
+    this.body = h(
+      "div",
+      {},
       h("div", { class: "action-bar" }, this.actions, this.actionMessage),
       h(
         "div",
@@ -103,6 +102,12 @@ export class RunView extends View {
         ),
       ),
     );
+    fill(
+      root,
+      h("p", { class: "crumbs" }, h("a", { href: runsHash({}), text: "← Runs" })),
+      this.head,
+      this.body,
+    );
     this.every(LOG_REFRESH_MS, () => {
       if (this.run && LIVE.has(this.run.state)) this.loadLogs();
     });
@@ -118,6 +123,7 @@ export class RunView extends View {
   failed(err) {
     if (err.status === 404) {
       fill(this.head, h("h1", { text: "No such run" }), h("p", { class: "muted", text: this.id }));
+      this.body.hidden = true;
     }
   }
 
@@ -132,6 +138,7 @@ export class RunView extends View {
 
   show({ run, history }) {
     this.run = run;
+    this.body.hidden = false;
     this.showHead(run);
     this.showActions(run);
     this.showSummary(run);

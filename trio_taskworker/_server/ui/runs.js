@@ -123,8 +123,8 @@ export class RunsView extends View {
     this.newNote = h("button", { type: "button", class: "new-note", hidden: true });
     this.newNote.addEventListener("click", () => this.ctx.navigate(runsHash({ ...this.filters, offset: 0 })));
     this.summary = h("span", { class: "muted" });
-    this.newer = h("button", { type: "button", class: "secondary", text: "← Newer" });
-    this.older = h("button", { type: "button", class: "secondary", text: "Older →" });
+    this.newer = h("button", { type: "button", class: "secondary", text: "← Newer", disabled: true });
+    this.older = h("button", { type: "button", class: "secondary", text: "Older →", disabled: true });
     this.newer.addEventListener("click", () =>
       this.ctx.navigate(runsHash({ ...f, offset: Math.max(0, f.offset - f.limit) })),
     );
