@@ -129,6 +129,7 @@ def test_a_failure_with_no_retries_left_fails_the_run() -> None:
         "lease_owner": None,
         "result": b"e",
         "result_ref": None,
+        "result_preview": None,
         "error": ERROR,
     }
 
@@ -157,13 +158,15 @@ def test_a_run_the_worker_ends_cancelled_keeps_the_workers_reason() -> None:
 
 
 def test_completed_keeps_the_result() -> None:
-    changes = report_on(S.RUNNING, finished(S.COMPLETED, result_ref="blob"), retries=3)
+    report = finished(S.COMPLETED, result_ref="blob", result_preview="[1, 2]")
+    changes = report_on(S.RUNNING, report, retries=3)
     assert changes == {
         "state": S.COMPLETED,
         "finished_at": 10.0,
         "lease_owner": None,
         "result": None,
         "result_ref": "blob",
+        "result_preview": "[1, 2]",
         "error": None,
     }
 

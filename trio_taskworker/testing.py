@@ -320,7 +320,7 @@ class TaskCluster:
             )
             runs.extend(page)
             if len(page) < _PAGE:
-                return runs
+                return runs[::-1]  # the server lists newest first
 
     async def _stop_workers(self) -> None:
         for worker in self._workers:
