@@ -80,6 +80,21 @@ def error_line(*args: str, **env: str) -> str:
     return line.removeprefix("trio-taskworker: error: ")
 
 
+def reader_gone(*args: str) -> tuple[int, str]:
+    """The exit code and stderr of a command whose stdout reader closed first."""
+    with subprocess.Popen(
+        cli(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=TESTS.parent,
+    ) as piped:
+        assert piped.stdout is not None and piped.stderr is not None
+        piped.stdout.close()  # before the command has even started
+        return piped.wait(60), piped.stderr.read()
+
+
 def as_json(*args: str) -> Any:
     return json.loads(ok(*args, "--json"))
 
@@ -117,6 +132,9 @@ async def test_see_runs_workers_and_tasks_retry_and_cancel_from_the_cli(
         assert [row.split()[2] for row in rows] == ["RUNNING", "FAILED", "COMPLETED"]
         assert all(len(line) <= 80 for line in [header, *rows])
         assert rows[2].split()[1].endswith(":greet")
+
+        # A reader that goes away first (``run ls | head``) gets no error line.
+        assert await trio.to_thread.run_sync(reader_gone, "run", "ls", *api) == (0, "")
 
         listed = as_json("run", "ls", *api)["runs"]
         assert [r["id"] for r in listed] == ids

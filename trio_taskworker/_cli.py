@@ -404,6 +404,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, TaskWorkerError, InspectError) as exc:
         print(f"trio-taskworker: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (``run ls | head``): nothing to say, and nowhere
+        # to say it. Point stdout at /dev/null so the interpreter's own flush at
+        # exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except OSError as exc:
         print(f"trio-taskworker: error: {exc}", file=sys.stderr)
         return 1
