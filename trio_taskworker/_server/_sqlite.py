@@ -30,7 +30,7 @@ import outcome
 import trio
 
 from .._exceptions import ConfigurationError
-from ._store import Cursor, Store, StoreError, StoreUnavailable
+from ._store import SQLITE, Cursor, Dialect, Store, StoreError, StoreUnavailable
 
 __all__ = ["SQLiteRunner", "SQLiteStore"]
 
@@ -59,7 +59,7 @@ class SQLiteRunner:
     clock deterministic.
     """
 
-    placeholder: ClassVar[str] = "?"
+    dialect: ClassVar[Dialect] = SQLITE
 
     path: str | Path
     threaded: bool = True
@@ -88,6 +88,9 @@ class SQLiteRunner:
                 f"{self.path} is not a usable SQLite database ({exc}); move it aside,"
                 " or start with another --data-dir"
             ) from None
+        except BaseException:  # a schema newer than this version knows
+            conn.close()
+            raise
         return conn
 
     async def run(

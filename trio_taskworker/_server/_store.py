@@ -9,6 +9,18 @@ rewritten for drivers that want ``%s``), rows are read by column name, and
 every state decision is a pure rule of :mod:`trio_taskworker._rules`: the SQL
 reads a row, asks the rule, checks the transition and writes.
 
+What does differ between databases is declared once, in the runner's
+:class:`Dialect` (SQLite's is the default, :data:`SQLITE`; PostgreSQL's is in
+:mod:`._postgres`): where ``seq`` comes from, the row locks that keep
+concurrent transactions from claiming one run twice or overwriting each
+other's change, the key column of the append-only tables, and the lock that
+lets several servers create the schema at once. The store never asks which
+database it runs on.
+
+The schema is versioned (table ``schema_version``, :data:`SCHEMA_VERSION`): a
+server creates or upgrades it on start, and refuses a database that a newer
+version has upgraded.
+
 Times are stored as UNIX seconds (floating point); payloads as opaque bytes.
 """
 
@@ -25,6 +37,7 @@ import attrs
 import trio
 
 from .. import _rules
+from .._exceptions import ConfigurationError
 from .._models import (
     OPTION_NAMES,
     ErrorInfo,
@@ -42,7 +55,10 @@ from .._states import TERMINAL_STATES, IllegalTransition, TaskRunState, check_tr
 
 __all__ = [
     "IDEMPOTENCY_SECONDS",
+    "SCHEMA_VERSION",
+    "SQLITE",
     "Cursor",
+    "Dialect",
     "Idempotency",
     "IdempotencyConflict",
     "Outcome",
@@ -120,12 +136,53 @@ class Cursor(Protocol):
     def description(self) -> Any: ...
 
 
+@attrs.frozen(kw_only=True)
+class Dialect:
+    """What differs between databases in the store's SQL; the defaults are SQLite's.
+
+    A runner names its dialect, and :class:`Store` reads these values instead
+    of testing which database it runs on.
+    """
+
+    name: str = "sqlite"
+    #: The driver's parameter marker: ``?`` for sqlite3, ``%s`` for psycopg.
+    placeholder: str = "?"
+    #: The key column type of the append-only tables (run_history, run_logs),
+    #: numbered by the database in insertion order.
+    identity: str = "INTEGER PRIMARY KEY"
+    #: Run first in the schema's transaction, so that servers starting at once
+    #: on an empty database create and upgrade it one at a time. None: the
+    #: database already lets one writer at a time in (SQLite's BEGIN IMMEDIATE).
+    schema_lock: str | None = None
+    #: Statements run after the portable schema.
+    extra_schema: tuple[str, ...] = ()
+    #: A query giving ``?`` new ``seq`` values, one per row. None: one process
+    #: owns the database, and ``seq`` counts in memory from ``MAX(seq)`` at start
+    #: (no statement per create).
+    next_seqs: str | None = None
+    #: Appended to a read whose rows the transaction then changes, so that a
+    #: concurrent transaction waits instead of writing over the change. SQLite
+    #: needs none: its one writer runs one transaction at a time.
+    lock_rows: str = ""
+    #: Appended to the claim's read of due runs: rows that another transaction
+    #: is claiming are passed over, never leased twice.
+    skip_locked: str = ""
+
+
+#: SQLite's dialect.
+SQLITE = Dialect()
+
+#: The schema this version creates (see ``schema_version``). Raise it with
+#: each change to the schema, and upgrade older databases in ``_init_schema``.
+SCHEMA_VERSION = 1
+
+
 class Runner(Protocol):
     """A backend: it runs functions of a cursor, each inside a transaction."""
 
     @property
-    def placeholder(self) -> str:
-        """The driver's parameter marker: ``?`` for sqlite3, ``%s`` for psycopg."""
+    def dialect(self) -> Dialect:
+        """How the database's SQL differs from the portable SQL (see :class:`Dialect`)."""
 
     async def run(
         self, setup: Callable[[Cursor], None], *, task_status: trio.TaskStatus[None]
@@ -191,9 +248,7 @@ _COLUMNS = ", ".join(_Row._fields)
 #: What lists leave out: the payloads and their previews, which can be long.
 _PAYLOADS = ("parameters", "result", "parameters_preview", "result_preview")
 #: Lists leave the payloads out; the names stay in place.
-_LIGHT_COLUMNS = ", ".join(
-    "NULL" if name in _PAYLOADS else name for name in _Row._fields
-)
+_LIGHT_COLUMNS = ", ".join("NULL" if name in _PAYLOADS else name for name in _Row._fields)
 
 # The option columns come from the one declaration of the options.
 _INSERT_NAMES = (
@@ -272,7 +327,7 @@ SCHEMA = (
     # changes and log records, and how many records each run has, so that the
     # bound is checked without counting.
     """CREATE TABLE IF NOT EXISTS run_history (
-        id INTEGER PRIMARY KEY,
+        id {identity},
         run_id VARCHAR(36) NOT NULL,
         at DOUBLE PRECISION NOT NULL,
         state VARCHAR(16) NOT NULL,
@@ -281,7 +336,7 @@ SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS ix_run_history_run ON run_history (run_id, id)",
     """CREATE TABLE IF NOT EXISTS run_logs (
-        id INTEGER PRIMARY KEY,
+        id {identity},
         run_id VARCHAR(36) NOT NULL,
         attempt INTEGER NOT NULL,
         at DOUBLE PRECISION NOT NULL,
@@ -295,6 +350,8 @@ SCHEMA = (
         stored INTEGER NOT NULL,
         dropped INTEGER NOT NULL
     )""",
+    # One row: the version of the schema (see SCHEMA_VERSION).
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
 )
 
 
@@ -442,18 +499,27 @@ class Store:
     default_max_redeliveries: int = 3
     #: The most log records kept per run; later ones are counted, not stored.
     max_logs_per_run: int = 1000
+    _dialect: Dialect = attrs.field(init=False, repr=False)
     _placeholder: str = attrs.field(init=False, repr=False)
-    #: The last ``seq`` given out; ``seq`` orders runs by creation.
+    #: Appended to a read by id of rows about to change ("" when the dialect needs no lock).
+    _lock_by_id: str = attrs.field(init=False, repr=False)
+    #: The last ``seq`` given out, when the dialect counts it in memory; ``seq``
+    #: orders runs by creation.
     _seq: int = attrs.field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
-        self._placeholder = self.runner.placeholder
+        self._dialect = self.runner.dialect
+        self._placeholder = self._dialect.placeholder
+        lock = self._dialect.lock_rows
+        self._lock_by_id = f" ORDER BY id{lock}" if lock else ""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the backend until cancelled; ``task_status.started()`` once the schema exists.
 
         On the way out the backend closes its connections, and every operation
-        still waiting fails with :class:`StoreError`.
+        still waiting fails with :class:`StoreError`. Raises
+        :class:`ConfigurationError` when the database's schema is newer than
+        this version knows.
         """
         await self.runner.run(self._init_schema, task_status=task_status)
 
@@ -461,17 +527,50 @@ class Store:
         return sql if self._placeholder == "?" else sql.replace("?", self._placeholder)
 
     def _init_schema(self, cur: Cursor) -> None:
-        table, *rest = SCHEMA
+        """Create or upgrade the schema, in the runner's first transaction."""
+        dialect = self._dialect
+        if dialect.schema_lock is not None:
+            cur.execute(dialect.schema_lock)
+        table, *rest = (s.replace("{identity}", dialect.identity) for s in SCHEMA)
         cur.execute(table)
         cur.execute("SELECT * FROM task_runs LIMIT 0")
         present = {column[0] for column in cur.description}
         for name, kind in ADDED_COLUMNS.items():
             if name not in present:
                 cur.execute(f"ALTER TABLE task_runs ADD COLUMN {name} {kind}")
-        for statement in rest:
+        for statement in (*rest, *dialect.extra_schema):
             cur.execute(statement)
-        cur.execute("SELECT MAX(seq) FROM task_runs")
-        self._seq = int(cur.fetchone()[0] or 0)
+        cur.execute("SELECT version FROM schema_version")
+        found = [int(row[0]) for row in cur.fetchall()]
+        version = max(found, default=0)
+        if version > SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"the database's schema is version {version}, made by a newer"
+                f" trio_taskworker; this one knows up to version {SCHEMA_VERSION}: upgrade it"
+            )
+        if not found:
+            cur.execute(
+                self._q("INSERT INTO schema_version (version) VALUES (?)"), (SCHEMA_VERSION,)
+            )
+        elif version < SCHEMA_VERSION or len(found) > 1:
+            # (Upgrades from an older version go here, before the version is raised.)
+            cur.execute("DELETE FROM schema_version")
+            cur.execute(
+                self._q("INSERT INTO schema_version (version) VALUES (?)"), (SCHEMA_VERSION,)
+            )
+        if dialect.next_seqs is None:
+            cur.execute("SELECT MAX(seq) FROM task_runs")
+            self._seq = int(cur.fetchone()[0] or 0)
+
+    def _next_seqs(self, cur: Cursor, n: int) -> Sequence[int]:
+        """``n`` new ``seq`` values, ascending."""
+        sql = self._dialect.next_seqs
+        if sql is None:
+            first = self._seq + 1
+            self._seq += n
+            return range(first, first + n)
+        cur.execute(self._q(sql), (n,))
+        return sorted(int(row[0]) for row in cur.fetchall())
 
     # --- runs ---------------------------------------------------------------------
 
@@ -510,20 +609,20 @@ class Store:
             ids = []
             rows = []
             cached: list[tuple[str, _Row]] = []
-            for c in creates:
+            seqs = self._next_seqs(cur, len(creates))
+            for c, seq in zip(creates, seqs, strict=True):
                 if c.parameters_ref is not None and not self._has_blob(cur, c.parameters_ref):
                     return _Refused(
                         StoreError(f"no stored blob {c.parameters_ref!r} for parameters_ref")
                     )
                 run_id = uuid.uuid4()
                 ids.append(run_id)
-                self._seq += 1
                 scheduled = now if c.scheduled_time is None else c.scheduled_time.timestamp()
                 rows.append(
                     (
                         str(run_id), c.task_key, c.task_name or c.task_key,
                         TaskRunState.SCHEDULED.value, now, scheduled, c.parameters,
-                        c.parameters_ref, self._seq, c.name, c.cache_key, c.cache_expiration,
+                        c.parameters_ref, seq, c.name, c.cache_key, c.cache_expiration,
                         c.parameters_preview, *_option_columns(c),
                     )
                 )  # fmt: skip
@@ -612,12 +711,23 @@ class Store:
 
         return await self.runner.transact(read)
 
-    def _read_rows(self, cur: Cursor, ids: Sequence[str]) -> dict[str, _Row]:
+    def _read_rows(
+        self, cur: Cursor, ids: Sequence[str], *, lock: bool = False
+    ) -> dict[str, _Row]:
+        """The rows of ``ids`` that exist; with ``lock``, locked until the
+        transaction ends, because it is about to change them."""
+        suffix = ""
+        if lock and self._lock_by_id:
+            # In one order, so that two transactions locking some of the same
+            # runs wait for each other instead of deadlocking.
+            ids = sorted(ids)
+            suffix = self._lock_by_id
         rows: dict[str, _Row] = {}
         for start in range(0, len(ids), 500):
             chunk = list(ids[start : start + 500])
             cur.execute(
-                self._q(f"SELECT {_COLUMNS} FROM task_runs WHERE id IN {_in(chunk)}"), chunk
+                self._q(f"SELECT {_COLUMNS} FROM task_runs WHERE id IN {_in(chunk)}{suffix}"),
+                chunk,
             )
             for raw in cur.fetchall():
                 row = _Row._make(raw)
@@ -793,7 +903,7 @@ class Store:
         """
 
         def retry(cur: Cursor) -> TaskRun | _Refused:
-            row = self._read_rows(cur, [str(run_id)]).get(str(run_id))
+            row = self._read_rows(cur, [str(run_id)], lock=True).get(str(run_id))
             if row is None:
                 return _Refused(StoreError(f"no run {run_id}"))
             state = TaskRunState(row.state)
@@ -942,7 +1052,7 @@ class Store:
             select = self._q(
                 f"SELECT {_COLUMNS} FROM task_runs WHERE state = 'SCHEDULED'"
                 " AND task_key = ? AND scheduled_time <= ?"
-                " ORDER BY scheduled_time, seq LIMIT ?"
+                f" ORDER BY scheduled_time, seq LIMIT ?{self._dialect.skip_locked}"
             )
             per_key: list[list[Any]] = []
             for key in keys:
@@ -1039,7 +1149,7 @@ class Store:
         """Apply a worker's reports in order, refusing those that do not hold the lease."""
 
         def apply(cur: Cursor) -> Outcome:
-            rows = self._read_rows(cur, list(dict.fromkeys(str(r.id) for r in reports)))
+            rows = self._read_rows(cur, list(dict.fromkeys(str(r.id) for r in reports)), lock=True)
             # Each report sees the row as the reports before it left it; each run
             # changed is returned once, as it ends up.
             changed: dict[str, _Row] = {}
@@ -1117,7 +1227,10 @@ class Store:
 
         def release(cur: Cursor) -> Outcome:
             cur.execute(
-                self._q(f"SELECT {_COLUMNS} FROM task_runs WHERE lease_owner = ?"), (owner,)
+                self._q(
+                    f"SELECT {_COLUMNS} FROM task_runs WHERE lease_owner = ?{self._lock_by_id}"
+                ),
+                (owner,),
             )
             return self._release(cur, "the worker's connection was lost", now)
 
@@ -1127,7 +1240,9 @@ class Store:
         """At start-up: every lease belongs to a connection of a previous process."""
 
         def release(cur: Cursor) -> Outcome:
-            cur.execute(f"SELECT {_COLUMNS} FROM task_runs WHERE lease_owner IS NOT NULL")
+            cur.execute(
+                f"SELECT {_COLUMNS} FROM task_runs WHERE lease_owner IS NOT NULL{self._lock_by_id}"
+            )
             return self._release(cur, "the server restarted", now)
 
         return await self.runner.transact(release)
@@ -1140,7 +1255,7 @@ class Store:
         """
 
         def cancel(cur: Cursor) -> tuple[TaskRun, str | None] | _Refused:
-            row = self._read_rows(cur, [str(run_id)]).get(str(run_id))
+            row = self._read_rows(cur, [str(run_id)], lock=True).get(str(run_id))
             if row is None:
                 return _Refused(StoreError(f"no run {run_id}"))
             owner = row.lease_owner
@@ -1247,7 +1362,7 @@ class Store:
         # ended run has a finished_at, so the check is a second guard.
         select = self._q(
             "SELECT id, state, parameters_ref, result_ref FROM task_runs"
-            " WHERE finished_at < ? ORDER BY finished_at LIMIT ?"
+            f" WHERE finished_at < ? ORDER BY finished_at LIMIT ?{self._dialect.skip_locked}"
         )
         terminal = {state.value for state in TERMINAL_STATES}
 
