@@ -418,3 +418,24 @@ async def test_dashboard_files_need_no_key_but_its_data_does(
         listed = await http.get("/workers", headers={"authorization": f"Bearer {key}"})
         assert listed.status_code == 200
     await srv.stop()
+
+
+# --- the error a reader sees ----------------------------------------------------------
+
+
+@task
+def sync_fails() -> None:
+    raise KeyError("from a sync task")
+
+
+async def test_a_failed_runs_traceback_starts_in_the_users_code(autojump_clock: Any) -> None:
+    async with open_test_cluster(boom, sync_fails) as cluster:
+        for failing in (boom, sync_fails):
+            fut = await failing.delay()
+            await fut.wait()
+            error = (await cluster.client.read_run(fut.task_run_id)).error
+            assert error is not None
+            first_frame = error.traceback.splitlines()[1]
+            assert first_frame.strip().startswith(f'File "{__file__}"'), error.traceback
+            for machinery in ("_spawner.py", "trio/_threads.py", "outcome/"):
+                assert machinery not in error.traceback

@@ -39,9 +39,11 @@ import traceback
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import attrs
+import outcome
 import trio
 
 from ._client import TaskWorkerClient, fits_inline, load_payload, store_payload
@@ -569,6 +571,27 @@ def _failed(run: TaskRun, exc: BaseException) -> Finished:
         error=ErrorInfo(
             type=f"{kind.__module__}.{kind.__qualname__}",
             message=str(exc),
-            traceback="".join(traceback.format_exception(exc)),
+            traceback=user_traceback(exc),
         ),
     )
+
+
+#: Where the frames that call a task come from: this package, trio (the thread
+#: hop of a sync task) and outcome (trio's way of carrying an error back).
+_MACHINERY = tuple(f"{Path(path).parent}/" for path in (trio.__file__, outcome.__file__, __file__))
+
+
+def user_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback as text, from the first frame of the user's code.
+
+    The frames that led from the worker to the task (the spawner, trio's
+    thread hop, ``outcome``) say nothing about the failure; a reader of the
+    run's error wants its own code first, as with a plain call. When no frame
+    is the user's (a failure in the worker itself), nothing is left out.
+    """
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_MACHINERY):
+        tb = tb.tb_next
+    if tb is None:
+        tb = exc.__traceback__
+    return "".join(traceback.TracebackException(type(exc), exc, tb).format())
