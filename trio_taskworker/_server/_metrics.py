@@ -13,8 +13,8 @@ at most ``max_task_keys`` distinct task keys become ``task_key`` label values
 :data:`OTHER_TASK_KEY`. The names and their meaning are listed in
 ``docs/reference/metrics.rst``.
 
-Only :meth:`ServerMetrics.store_batch` may be called from another thread (the
-SQLite writer's); the other methods run on the server's trio thread.
+Only :meth:`ServerMetrics.store_batch` may be called from another thread (a
+store's); the other methods run on the server's trio thread.
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ class ServerMetrics:
         )
         self._batch_operations = Histogram(
             _PREFIX + "store_batch_operations",
-            "Operations committed together in one store transaction (group commit).",
+            "Operations committed together in one store transaction (SQLite's group commit).",
             registry=registry,
             buckets=BATCH_SIZE_BUCKETS,
         )
