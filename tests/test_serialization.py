@@ -76,6 +76,7 @@ def test_run_json_round_trip() -> None:
         ("[]", "non-empty JSON array"),
         ('[{"type": "nope"}]', "nope"),
         ('[{"type": "credit", "n": "5"}]', "expected an integer"),
+        ('[{"type": "credit", "n": 5.5}]', "expected an integer"),
         ('[{"type": "credit", "n": 1, "extra": 2}]', "extra"),
         ('[{"type": "started", "id": "zzz", "attempt": 1}]', "id"),
     ],
@@ -83,6 +84,11 @@ def test_run_json_round_trip() -> None:
 def test_bad_worker_frames(frame: str, needle: str) -> None:
     with pytest.raises(InvalidPayload, match=needle):
         decode_worker_frame(frame)
+
+
+def test_an_integral_json_number_is_an_integer() -> None:
+    # JSON has one number type, and JSON Schema calls 5.0 an integer.
+    assert decode_worker_frame('[{"type": "credit", "n": 5.0}]') == [Credit(n=5)]
 
 
 def test_naive_datetime_refused() -> None:

@@ -134,7 +134,7 @@ async def test_blobs_round_trip(http: httpx.AsyncClient) -> None:
          "no timezone"),
         ("post", "/runs", {"json": create_body(parameters_ref=str(uuid.uuid4()))}, 422,
          "not both"),
-        ("post", "/runs", {"json": {"runs": [{"task_key": "k", "parameters_ref": "nope"}]}}, 422,
+        ("post", "/runs", {"json": {"runs": [{"task_key": "k", "parameters_ref": "nope"}]}}, 404,
          "no stored blob"),
         ("post", "/runs", {"json": create_body(surprise=1)}, 422, "surprise"),
         ("post", "/runs", {"json": create_body(tags="io")}, 422, "list of strings"),

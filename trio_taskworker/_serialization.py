@@ -126,6 +126,9 @@ def _structure_str(value: object, _: type) -> str:
 
 
 def _structure_int(value: object, _: type) -> int:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        # JSON has one number type: 776.0 is the integer 776 (as JSON Schema says).
+        value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"expected an integer, got {type(value).__name__}")
     if not -(2**63) <= value < 2**63:

@@ -391,8 +391,8 @@ class _Handlers:
             ids = await state.store.create_runs(batch.runs, state.now(), idempotency)
         except IdempotencyConflict as exc:
             return _error(409, str(exc))
-        except StoreError as exc:
-            return _error(422, str(exc))
+        except StoreError as exc:  # a parameters_ref that names no stored blob
+            return _error(404, str(exc))
         state.dispatcher.wake()
         log.info("created %d runs", len(ids))
         state.metrics.runs_created([c.task_key for c in batch.runs])

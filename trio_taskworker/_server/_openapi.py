@@ -57,6 +57,7 @@ _NAME = {"maxLength": _models.MAX_NAME}
 _SECONDS = {"minimum": 0.0, "maximum": _models.MAX_SECONDS}
 _COUNT = {"minimum": 0, "maximum": _models.MAX_COUNT}
 _CREATE = _models.TaskRunCreate
+_LOG = _models.LogRecord
 
 #: Limits the models' validators enforce, shown on the fields they bound.
 _FIELD_LIMITS: dict[tuple[type, str], dict[str, Any]] = {
@@ -79,6 +80,13 @@ _FIELD_LIMITS: dict[tuple[type, str], dict[str, Any]] = {
     },
     (_models.WaitRequest, "ids"): {"maxItems": _models.MAX_RUNS_PER_REQUEST},
     (_models.WaitRequest, "timeout"): {"minimum": 0.0, "maximum": _models.MAX_WAIT_SECONDS},
+    (_CREATE, "parameters_preview"): {"maxLength": _models.MAX_PREVIEW},
+    (_LOG, "attempt"): _COUNT,
+    (_LOG, "level"): {"enum": list(_models.LOG_LEVELS)},
+    (_LOG, "logger"): _NAME,
+    (_LOG, "message"): {"maxLength": _models.MAX_LOG_MESSAGE},
+    (_LOG, "timestamp"): {"pattern": "^(197[1-9]|19[89][0-9]|[2-8][0-9]{3})-"},
+    (_models.LogBatch, "records"): {"maxItems": _models.MAX_LOG_RECORDS},
 }
 
 

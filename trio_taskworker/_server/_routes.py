@@ -193,6 +193,10 @@ ENDPOINTS = (
         body="TaskRunCreateBatch",
         replies={
             201: Reply(description="Created", body="CreatedRuns"),
+            404: Reply(
+                description="A `parameters_ref` names no stored blob; no run was created.",
+                body="Error",
+            ),
             409: Reply(
                 description="The `Idempotency-Key` was used before with another body.",
                 body="Error",
