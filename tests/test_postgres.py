@@ -6,15 +6,25 @@ Like the contract suite, these FAIL when PostgreSQL cannot be reached, unless
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from trio_taskworker import ConfigurationError
+from trio_taskworker import (
+    ConfigurationError,
+    TaskRunState,
+    TaskServer,
+    TaskWorker,
+    open_client,
+    task,
+)
 from trio_taskworker._models import TaskRunCreate
+from trio_taskworker._server._maintenance import Maintenance
 from trio_taskworker._server._store import SCHEMA_VERSION, StoreUnavailable
 
 from .test_store_contract import admin_url, postgres_database
@@ -135,3 +145,46 @@ async def test_lost_connections_are_replaced_and_an_unavailable_database_is_a_50
                 except StoreUnavailable:
                     await trio.sleep(0.2)
         nursery.cancel_scope.cancel()
+
+
+# --- the server on PostgreSQL -------------------------------------------------------
+
+
+@task
+async def add(x: int, y: int = 1) -> int:
+    return x + y
+
+
+@task
+async def big(n: int) -> bytes:
+    return b"z" * n
+
+
+async def test_a_server_on_postgresql_runs_tasks_and_sweeps(
+    nursery: trio.Nursery, database_url: str, tmp_path: Path
+) -> None:
+    server = TaskServer(port=0, database_url=database_url, data_dir=tmp_path / "unused")
+    assert "postgresql://" in repr(server)
+    await nursery.start(server.run)
+    assert not (tmp_path / "unused").exists()  # no data directory, no lock
+    worker = TaskWorker(add, big, api_url=str(server.url), handle_signals=False)
+    await nursery.start(worker.start)
+    async with open_client(server.url):
+        fut = await add.delay(1, y=2)
+        assert await fut.result(timeout=20) == 3
+        assert await (await big.delay(200_000)).result(timeout=20) == b"z" * 200_000
+        run = await fut.wait()
+        assert run.state is TaskRunState.COMPLETED and run.attempt == 1
+    state = server.state
+    assert state is not None
+    # Retention runs on PostgreSQL too (without SQLite's vacuum steps).
+    sweep = await Maintenance(state.store, 1.0, lambda: time.time() + 3600).sweep()
+    assert sweep.runs == 2 and sweep.blobs >= 1 and sweep.bytes_freed == 0
+    await worker.stop()
+    await server.stop()
+
+
+async def test_a_database_url_must_be_postgresql(tmp_path: Path) -> None:
+    server = TaskServer(port=0, database_url="sqlite:///x.db", data_dir=tmp_path)
+    with pytest.raises(ConfigurationError, match="postgresql://"):
+        await server.run()

@@ -19,7 +19,9 @@ shorter) it sweeps:
 4. with the SQLite file, the freed pages go back to the OS:
    ``PRAGMA incremental_vacuum`` moves at most :data:`VACUUM_PAGES` pages per
    transaction and shortens the file, then a ``wal_checkpoint(TRUNCATE)``
-   empties the write-ahead log that the moves went through.
+   empties the write-ahead log that the moves went through. On PostgreSQL
+   (no ``sqlite_path``) this step is skipped: autovacuum makes the deleted
+   rows' space reusable, and the tables do not shrink on disk.
 
 The blob grace period is :data:`BLOB_GRACE_SECONDS`, or ``retention`` when that
 is shorter. It closes the one race: a blob is uploaded (``POST /blobs``) before the

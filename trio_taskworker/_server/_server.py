@@ -24,6 +24,7 @@ from ._app import AppState, build_app
 from ._auth import KeyRing, exposure_problem, key_ring
 from ._dispatch import Dispatcher, Waiters
 from ._maintenance import DEFAULT_RETENTION, Maintenance, prepare_sqlite_file, retention_seconds
+from ._postgres import PostgresRunner, PostgresStore, is_postgres_url, redact_conninfo
 from ._sqlite import SQLiteRunner, SQLiteStore
 from ._store import Store
 
@@ -78,6 +79,11 @@ class TaskServer:
     the last message it sent; workers send heartbeats three times per lease.
 
     ``store`` defaults to SQLite in ``data_dir`` (file ``runs.sqlite3``).
+    With ``database_url`` (``postgresql://USER:PASSWORD@HOST:PORT/DB``, needs
+    the ``postgres`` extra) the runs live in that PostgreSQL database instead:
+    the schema is created or upgraded on start, and ``data_dir`` is neither
+    used nor locked. For now, run one server per database (see
+    docs/howto/run-replicas): at start a server releases every lease it finds.
     Its writer runs each batch on the trio thread by default: a thread hop
     costs more than a typical batch of small statements, and measured end to
     end this doubles throughput (see docs/performance). A very large batch
@@ -100,6 +106,10 @@ class TaskServer:
     port: int = 4200
     data_dir: Path = attrs.field(factory=default_data_dir, converter=Path)
     store: Store | None = None
+    #: A ``postgresql://`` URL: the runs live there instead of ``data_dir``.
+    database_url: str | None = attrs.field(
+        default=None, repr=lambda url: "None" if url is None else repr(redact_conninfo(url))
+    )
     default_max_redeliveries: int = 3
     max_body_bytes: int = 64 * 1024 * 1024
     sqlite_in_thread: bool = False
@@ -126,7 +136,8 @@ class TaskServer:
         from a previous process are back in the queue. With the default SQLite
         store it holds ``data_dir/server.lock`` while it runs, and raises
         :class:`ConfigurationError` naming the holder when another server has
-        it, or when the database file is not a usable SQLite database. It also
+        it, or when the database file is not a usable SQLite database (or, with
+        ``database_url``, the PostgreSQL database cannot be reached). It also
         raises :class:`ConfigurationError` before binding when ``host`` is not
         loopback and there is no API key (unless ``insecure``, which logs a
         warning instead), and when the TLS files cannot be loaded.
@@ -140,8 +151,16 @@ class TaskServer:
         if problem is not None:
             log.warning("%s (--insecure)", problem)
         self._check_tls_files()
+        if self.database_url is not None:
+            if self.store is not None:
+                raise ConfigurationError("give a store or a database_url, not both")
+            if not is_postgres_url(self.database_url):
+                raise ConfigurationError(
+                    "the database URL must start with postgresql:// (got"
+                    f" {redact_conninfo(self.database_url)!r}); SQLite lives in the data directory"
+                )
         with contextlib.ExitStack() as held:
-            if self.store is None:
+            if self.store is None and self.database_url is None:
                 held.enter_context(lock_data_dir(self.data_dir))
             await self._run(task_status)
 
@@ -166,7 +185,13 @@ class TaskServer:
         async with trio.open_nursery() as background:
             store = self.store
             sqlite_path = None
-            if store is None:
+            if store is None and self.database_url is not None:
+                store = PostgresStore(
+                    self.database_url, default_max_redeliveries=self.default_max_redeliveries
+                )
+                await background.start(store.run)
+                log.info("using the PostgreSQL database %s", redact_conninfo(self.database_url))
+            elif store is None:
                 sqlite_path = self.data_dir / "runs.sqlite3"
                 if self.retention is not None:
                     await trio.to_thread.run_sync(prepare_sqlite_file, sqlite_path)
@@ -196,7 +221,7 @@ class TaskServer:
                 max_wait_seconds=self.max_wait_seconds,
                 keys=self.api_keys,
             )
-            if isinstance(store.runner, SQLiteRunner):
+            if isinstance(store.runner, SQLiteRunner | PostgresRunner):
                 store.runner.on_batch = self._state.metrics.store_batch
             config = hypercorn.config.Config()
             config.bind = [f"{self.host}:{self.port}"]
