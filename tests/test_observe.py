@@ -439,3 +439,35 @@ async def test_a_failed_runs_traceback_starts_in_the_users_code(autojump_clock: 
             assert first_frame.strip().startswith(f'File "{__file__}"'), error.traceback
             for machinery in ("_spawner.py", "trio/_threads.py", "outcome/"):
                 assert machinery not in error.traceback
+
+
+# --- metrics the handlers feed --------------------------------------------------------
+
+
+@task(cache_key_fn=lambda context, parameters: "always the same")
+async def cached() -> int:
+    return 7
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+async def test_a_cache_hit_counts_as_a_created_and_ended_run(autojump_clock: Any) -> None:
+    async with open_test_cluster(cached) as cluster:
+        first = await cached.delay()
+        assert await first.result() == 7
+        hit = await cached.delay()
+        assert await hit.result() == 7
+        assert (await cluster.client.read_run(hit.task_run_id)).attempt == 0  # no worker ran it
+        text = (await _get(cluster, "/metrics")).text
+    labels = {"task_key": cached.key}
+    assert _sample(text, "trio_taskworker_runs_created_total", **labels) == 2
+    ended = _sample(text, "trio_taskworker_runs_ended_total", state="COMPLETED", **labels)
+    assert ended == 2

@@ -144,7 +144,9 @@ class AppState:
     #: What ``GET /events`` streams are told.
     events: Events = attrs.field(factory=Events)
     #: What ``GET /metrics`` shows.
-    metrics: ServerMetrics = attrs.field(factory=ServerMetrics)
+    metrics: ServerMetrics = attrs.field(
+        default=attrs.Factory(lambda self: ServerMetrics(now=self.now), takes_self=True)
+    )
 
     def __attrs_post_init__(self) -> None:
         self.dispatcher.on_claimed = self.claimed
@@ -396,8 +398,12 @@ class _Handlers:
         state.dispatcher.wake()
         log.info("created %d runs", len(ids))
         state.metrics.runs_created([c.task_key for c in batch.runs])
-        if state.events.watched:
-            state.events.runs(await state.store.read_runs(ids))
+        cached = any(c.cache_key is not None for c in batch.runs)
+        if cached or state.events.watched:
+            # A cache hit is created COMPLETED: it has ended, for metrics too.
+            created = await state.store.read_runs(ids)
+            state.events.runs(created)
+            state.metrics.runs_changed([r for r in created if r.state.is_terminal])
         return _json(CreatedRuns(ids=tuple(ids)), 201)
 
     async def list_runs(self, request: Request) -> Response:
