@@ -36,6 +36,8 @@ async def test_kill_9_workers_again_and_again_loses_nothing(
         futs = await t.slow_add.map(range(80))
         done = 0
         for _round in range(4):
+            if done == len(futs):
+                break  # a loaded machine may run them all in fewer rounds
             worker = new_worker(server.url, procs, tmp_path, f"{TASKS_FILE}:slow_add",
                                 "--limit", "4")  # fmt: skip
             # Kill it while it has runs in flight, after it made some progress.
