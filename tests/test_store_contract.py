@@ -555,6 +555,20 @@ async def test_logs_are_bounded_per_run(store: Store) -> None:
     assert await store.read_logs(uuid.uuid4()) is None
 
 
+async def test_text_with_a_nul_character_is_kept(store: Store) -> None:
+    # PostgreSQL text cannot hold NUL: it is stored marked (U+FFFD), not refused
+    # (a refusal there would be a 503, retried for ever).
+    run_id, _ = await leased(store)
+    record = LogRecord(
+        run_id=run_id, attempt=1, timestamp=at(10.0), level="INFO", message="a\x00b"
+    )
+    assert await store.put_logs([record]) == (1, 0, 0)
+    found = await store.read_logs(run_id)
+    assert found is not None
+    (kept,), _ = found
+    assert kept.message in ("a\x00b", "a\ufffdb")
+
+
 # --- statistics ---------------------------------------------------------------------
 
 

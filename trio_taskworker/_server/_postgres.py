@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, TypeVar, cast
 
 import attrs
@@ -232,7 +232,7 @@ class PostgresRunner:
             with pool.connection() as conn:
                 try:
                     with conn.cursor() as cur:
-                        value = fn(cast(Cursor, cur))
+                        value = fn(cast(Cursor, _NulSafeCursor(cur)))
                 except psycopg.OperationalError as exc:
                     if conn.broken:
                         if attempt == 1:
@@ -251,6 +251,34 @@ class PostgresRunner:
                 # not have committed, so it is never run again.
                 conn.commit()
                 return value
+
+
+def _nul_safe(value: Any) -> Any:
+    # PostgreSQL text cannot hold NUL; U+FFFD marks where one was.
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+
+class _NulSafeCursor:
+    """A psycopg cursor whose text parameters never carry NUL.
+
+    PostgreSQL refuses a NUL character in text, and a refused write would be
+    answered 503 and retried forever. SQLite stores it; here each one becomes
+    U+FFFD, so an error message or a log line that held one is kept, marked.
+    """
+
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None, /) -> Any:
+        if params is None:
+            return self._cursor.execute(sql)
+        return self._cursor.execute(sql, [_nul_safe(v) for v in params])
+
+    def executemany(self, sql: str, params: Iterable[Sequence[Any]], /) -> Any:
+        return self._cursor.executemany(sql, [[_nul_safe(v) for v in row] for row in params])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
 
 
 @attrs.define(eq=False, init=False)
