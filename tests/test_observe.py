@@ -214,12 +214,12 @@ async def test_retention_deletes_a_runs_history_and_logs(nursery: trio.Nursery) 
 
     def leftovers(cur: Any) -> list[int]:
         counts = []
-        for table in ("run_history", "run_logs", "run_log_counts", "task_runs"):
+        for table in ("run_logs", "run_log_counts", "task_runs"):
             cur.execute(f"SELECT COUNT(*) FROM {table}")
             counts.append(cur.fetchone()[0])
         return counts
 
-    assert await store.runner.transact(leftovers) == [0, 0, 0, 0]
+    assert await store.runner.transact(leftovers) == [0, 0, 0]
 
 
 # --- lists, tasks and workers ---------------------------------------------------------

@@ -147,7 +147,7 @@ class Dialect:
     name: str = "sqlite"
     #: The driver's parameter marker: ``?`` for sqlite3, ``%s`` for psycopg.
     placeholder: str = "?"
-    #: The key column type of the append-only tables (run_history, run_logs),
+    #: The key column type of the append-only table run_logs,
     #: numbered by the database in insertion order.
     identity: str = "INTEGER PRIMARY KEY"
     #: Run first in the schema's transaction, so that servers starting at once
@@ -242,11 +242,12 @@ class _Row(NamedTuple):
     cache_expiration: float | None
     parameters_preview: str | None
     result_preview: str | None
+    history: str | None
 
 
 _COLUMNS = ", ".join(_Row._fields)
 #: What lists leave out: the payloads and their previews, which can be long.
-_PAYLOADS = ("parameters", "result", "parameters_preview", "result_preview")
+_PAYLOADS = ("parameters", "result", "parameters_preview", "result_preview", "history")
 #: Lists leave the payloads out; the names stay in place.
 _LIGHT_COLUMNS = ", ".join("NULL" if name in _PAYLOADS else name for name in _Row._fields)
 
@@ -254,7 +255,7 @@ _LIGHT_COLUMNS = ", ".join("NULL" if name in _PAYLOADS else name for name in _Ro
 _INSERT_NAMES = (
     "id", "task_key", "task_name", "state", "created_at", "scheduled_time", "parameters",
     "parameters_ref", "seq", "name", "cache_key", "cache_expiration", "parameters_preview",
-    *OPTION_NAMES,
+    "history", *OPTION_NAMES,
 )  # fmt: skip
 _INSERT = (
     f"INSERT INTO task_runs ({', '.join(_INSERT_NAMES)}, attempt, retry_count, redeliveries)"
@@ -291,7 +292,8 @@ SCHEMA = (
         cache_key TEXT,
         cache_expiration DOUBLE PRECISION,
         parameters_preview TEXT,
-        result_preview TEXT
+        result_preview TEXT,
+        history TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS ix_task_runs_queue"
     " ON task_runs (state, task_key, scheduled_time, seq)",
@@ -323,18 +325,9 @@ SCHEMA = (
     # created_at is stored after the payload: without this index, reading it
     # would read every blob's bytes.
     "CREATE INDEX IF NOT EXISTS ix_blobs_created ON blobs (created_at, id)",
-    # What people read (see docs/howto/watch-your-runs): each run's state
-    # changes and log records, and how many records each run has, so that the
-    # bound is checked without counting.
-    """CREATE TABLE IF NOT EXISTS run_history (
-        id {identity},
-        run_id VARCHAR(36) NOT NULL,
-        at DOUBLE PRECISION NOT NULL,
-        state VARCHAR(16) NOT NULL,
-        attempt INTEGER NOT NULL,
-        message TEXT
-    )""",
-    "CREATE INDEX IF NOT EXISTS ix_run_history_run ON run_history (run_id, id)",
+    # What people read (see docs/howto/watch-your-runs): each run's log
+    # records, and how many records each run has, so that the bound is checked
+    # without counting. (A run's state history is a column of its row.)
     """CREATE TABLE IF NOT EXISTS run_logs (
         id {identity},
         run_id VARCHAR(36) NOT NULL,
@@ -363,11 +356,11 @@ ADDED_COLUMNS = {
     "cache_expiration": "DOUBLE PRECISION",
     "parameters_preview": "TEXT",
     "result_preview": "TEXT",
+    "history": "TEXT",
 }
 
 #: Where a run's rows are, and the column naming it: retention deletes them all.
 _RUN_TABLES = (
-    ("run_history", "run_id"),
     ("run_logs", "run_id"),
     ("run_log_counts", "run_id"),
     ("task_runs", "id"),
@@ -376,15 +369,32 @@ _RUN_TABLES = (
 RETRYABLE_STATES = frozenset({TaskRunState.FAILED, TaskRunState.CRASHED, TaskRunState.CANCELLED})
 #: The states counted as running in task statistics.
 _RUNNING = (TaskRunState.PENDING.value, TaskRunState.RUNNING.value, TaskRunState.CANCELLING.value)
-#: One entry of ``run_history``: (run id, at, state, attempt, message).
-_Entry = tuple[str, float, str, int, str | None]
-_HISTORY_INSERT = (
-    "INSERT INTO run_history (run_id, at, state, attempt, message) VALUES (?, ?, ?, ?, ?)"
-)
+#: Appends to a run's ``history`` column, in the UPDATE that changes its state.
+#: The history is a column, not a table of its own: each state change already
+#: rewrites the row, and a row per change (with its index) cost 15% of the
+#: server's throughput.
+_APPEND_HISTORY = "history = COALESCE(history, '') || ?"
 
 
-def _entry(row: _Row, now: float) -> _Entry:
-    return (row.id, now, row.state, row.attempt, row.message)
+def _entry(state: str, attempt: int, message: str | None, now: float) -> str:
+    """One line of a run's ``history``: ``[at, state, attempt, message]`` as JSON."""
+    return json.dumps([now, state, attempt, message], separators=(",", ":")) + "\n"
+
+
+def _row_entry(row: _Row, now: float) -> str:
+    return _entry(row.state, row.attempt, row.message, now)
+
+
+def _parse_history(text: str | None) -> list[StateChange]:
+    changes = []
+    for line in (text or "").splitlines():
+        at, state, attempt, message = json.loads(line)
+        changes.append(
+            StateChange(
+                timestamp=_dt(at), state=TaskRunState(state), attempt=attempt, message=message
+            )
+        )
+    return changes
 
 
 def _like(text: str) -> str:
@@ -610,6 +620,7 @@ class Store:
             rows = []
             cached: list[tuple[str, _Row]] = []
             seqs = self._next_seqs(cur, len(creates))
+            created = _entry(TaskRunState.SCHEDULED.value, 0, None, now)
             for c, seq in zip(creates, seqs, strict=True):
                 if c.parameters_ref is not None and not self._has_blob(cur, c.parameters_ref):
                     return _Refused(
@@ -623,7 +634,7 @@ class Store:
                         str(run_id), c.task_key, c.task_name or c.task_key,
                         TaskRunState.SCHEDULED.value, now, scheduled, c.parameters,
                         c.parameters_ref, seq, c.name, c.cache_key, c.cache_expiration,
-                        c.parameters_preview, *_option_columns(c),
+                        c.parameters_preview, created, *_option_columns(c),
                     )
                 )  # fmt: skip
                 if c.cache_key is not None and scheduled <= now:
@@ -632,12 +643,8 @@ class Store:
                     if hit is not None:
                         cached.append((str(run_id), hit))
             cur.executemany(self._q(_INSERT), rows)
-            history: list[_Entry] = [
-                (str(run_id), now, TaskRunState.SCHEDULED.value, 0, None) for run_id in ids
-            ]
             for cached_id, hit in cached:
                 message = f"cached: the result of run {hit.id}"
-                history.append((cached_id, now, TaskRunState.COMPLETED.value, 0, message))
                 self._update(
                     cur,
                     cached_id,
@@ -649,8 +656,8 @@ class Store:
                         "result_preview": hit.result_preview,
                         "message": message,
                     },
+                    _entry(TaskRunState.COMPLETED.value, 0, message, now),
                 )
-            cur.executemany(self._q(_HISTORY_INSERT), history)
             if idempotency is not None:
                 cur.execute(
                     self._q(
@@ -776,21 +783,9 @@ class Store:
         """The run's state changes, oldest first; None when there is no such run."""
 
         def read(cur: Cursor) -> list[StateChange] | None:
-            if not self._exists(cur, str(run_id)):
-                return None
-            cur.execute(
-                self._q(
-                    "SELECT at, state, attempt, message FROM run_history"
-                    " WHERE run_id = ? ORDER BY id"
-                ),
-                (str(run_id),),
-            )
-            return [
-                StateChange(
-                    timestamp=_dt(at), state=TaskRunState(state), attempt=attempt, message=message
-                )
-                for at, state, attempt, message in cur.fetchall()
-            ]
+            cur.execute(self._q("SELECT history FROM task_runs WHERE id = ?"), (str(run_id),))
+            row = cur.fetchone()
+            return None if row is None else _parse_history(row[0])
 
         return await self.runner.transact(read)
 
@@ -922,9 +917,8 @@ class Store:
                 "lease_owner": None,
                 "redeliveries": 0,
             }
-            self._update(cur, row.id, values)
             updated = row._replace(**values)
-            cur.execute(self._q(_HISTORY_INSERT), _entry(updated, now))
+            self._update(cur, row.id, values, _row_entry(updated, now))
             return _row_to_run(updated)
 
         return await self._transact(retry)
@@ -1084,30 +1078,28 @@ class Store:
                     )
                 except Exception as exc:  # a row no reader can use (written by hand?)
                     unreadable.append((f"the stored run cannot be read: {exc!r}", row.id))
+            pending = TaskRunState.PENDING.value
             cur.executemany(
                 self._q(
                     "UPDATE task_runs SET state = 'PENDING', attempt = attempt + 1,"
-                    " lease_owner = ? WHERE id = ? AND state = 'SCHEDULED'"
+                    f" lease_owner = ?, {_APPEND_HISTORY} WHERE id = ? AND state = 'SCHEDULED'"
                 ),
-                [(owner, str(run.id)) for run in leased],
+                [(owner, _entry(pending, run.attempt, None, now), str(run.id)) for run in leased],
             )
             if unreadable:
                 # Never delivered, never retried: CRASHED with the reason, so the
                 # queue moves on instead of failing on the same row forever.
+                crashed = TaskRunState.CRASHED.value
                 cur.executemany(
                     self._q(
-                        "UPDATE task_runs SET state = 'CRASHED', message = ?, finished_at = ?"
-                        " WHERE id = ? AND state = 'SCHEDULED'"
+                        "UPDATE task_runs SET state = 'CRASHED', message = ?, finished_at = ?,"
+                        f" {_APPEND_HISTORY} WHERE id = ? AND state = 'SCHEDULED'"
                     ),
-                    [(reason, now, run_id) for reason, run_id in unreadable],
+                    [
+                        (reason, now, _entry(crashed, 0, reason, now), run_id)
+                        for reason, run_id in unreadable
+                    ],
                 )
-            history: list[_Entry] = [
-                (str(run.id), now, TaskRunState.PENDING.value, run.attempt, None) for run in leased
-            ]
-            crashed = TaskRunState.CRASHED.value
-            history.extend((run_id, now, crashed, 0, reason) for reason, run_id in unreadable)
-            if history:
-                cur.executemany(self._q(_HISTORY_INSERT), history)
             return leased
 
         return await self.runner.transact(claim)
@@ -1134,15 +1126,22 @@ class Store:
         """Check the transition, update the row in the database and its history,
         return it as updated."""
         updated, values = _change(row, changes)
-        self._update(cur, row.id, values)
-        cur.execute(self._q(_HISTORY_INSERT), _entry(updated, now))
+        self._update(cur, row.id, values, _row_entry(updated, now))
         return updated
 
-    def _update(self, cur: Cursor, run_id: str, values: dict[str, Any]) -> None:
-        assignments = ", ".join(f"{name} = ?" for name in values)
+    def _update(
+        self, cur: Cursor, run_id: str, values: dict[str, Any], history: str | None = None
+    ) -> None:
+        """Write ``values`` to the run's row, and append ``history`` (lines of
+        :func:`_entry`) to its history when given."""
+        assignments = [f"{name} = ?" for name in values]
+        params = [*values.values()]
+        if history:
+            assignments.append(_APPEND_HISTORY)
+            params.append(history)
         cur.execute(
-            self._q(f"UPDATE task_runs SET {assignments} WHERE id = ?"),
-            [*values.values(), run_id],
+            self._q(f"UPDATE task_runs SET {', '.join(assignments)} WHERE id = ?"),
+            [*params, run_id],
         )
 
     async def apply_reports(self, owner: str, reports: Sequence[Report], now: float) -> Outcome:
@@ -1157,7 +1156,7 @@ class Store:
             # "started" and "finished" together) cost one UPDATE.
             dirty: dict[str, dict[str, Any]] = {}
             rejected: list[tuple[uuid.UUID, str]] = []
-            history: list[_Entry] = []
+            history: dict[str, str] = {}
             for report in reports:
                 row = rows.get(str(report.id))
                 if row is None:
@@ -1190,11 +1189,9 @@ class Store:
                     continue
                 rows[row.id] = changed[row.id] = updated
                 dirty.setdefault(row.id, {}).update(values)
-                history.append(_entry(updated, now))
+                history[row.id] = history.get(row.id, "") + _row_entry(updated, now)
             for run_id, values in dirty.items():
-                self._update(cur, run_id, values)
-            if history:
-                cur.executemany(self._q(_HISTORY_INSERT), history)
+                self._update(cur, run_id, values, history[run_id])
             return Outcome(
                 changed=tuple(_row_to_run(row) for row in changed.values()),
                 rejected=tuple(rejected),
