@@ -17,7 +17,12 @@ PEERS = ["dramatiq[redis]", "celery[redis]", "huey", "redis"]
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole test suite: unit, in-process integration and end-to-end."""
+    """The whole test suite: unit, in-process integration and end-to-end.
+
+    First ``.ci/services`` installs and starts what the tests use when it is
+    missing: Debian's Chromium and PostgreSQL on 127.0.0.1:5432.
+    """
+    session.run("bash", ".ci/services", external=True)
     session.install("-e", ".[test]")
     session.run("pytest", "-q", *session.posargs)
 
