@@ -313,6 +313,46 @@ async def test_workers_show_their_limit_and_runs_in_flight(autojump_clock: Any) 
 # --- the event stream -----------------------------------------------------------------
 
 
+def test_events_carry_no_traceback_and_a_short_error() -> None:
+    from trio_taskworker._models import ErrorInfo, TaskRun
+    from trio_taskworker._server._events import MAX_EVENT_ERROR
+
+    now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    run = TaskRun(
+        id=uuid.uuid4(),
+        task_key="k",
+        task_name="k",
+        state=S.FAILED,
+        created_at=now,
+        scheduled_time=now,
+        result=b"pickled exception",
+        error=ErrorInfo(type="E", message="m" * 100_000, traceback="t" * 100_000),
+    )
+    events = Events()
+    with events.open_stream() as stream:
+        events.runs([run])
+        (event,) = stream._pending
+        data = json.loads(event.data)
+        assert data["result"] is None and data["error"]["traceback"] == ""
+        assert len(data["error"]["message"]) == MAX_EVENT_ERROR
+        events.runs([run] * (MAX_PENDING + 1))  # more than a stream holds: one reset
+        assert [e.name for e in stream._pending] == ["run", "reset"]
+
+
+async def test_event_streams_are_bounded(server: TaskServer) -> None:
+    from trio_taskworker._server._events import MAX_STREAMS
+
+    assert server.state is not None
+    streams = [server.state.events.open_stream() for _ in range(MAX_STREAMS)]
+    for stream in streams:
+        stream.__enter__()
+    async with httpx.AsyncClient(base_url=str(server.url)) as http:
+        refused = await http.get("/events")
+    assert refused.status_code == 503 and "Retry-After" in refused.headers
+    for stream in streams:
+        stream.__exit__(None, None, None)
+
+
 def test_a_stream_that_falls_behind_is_reset() -> None:
     events = Events()
     with events.open_stream() as stream:

@@ -225,6 +225,8 @@ async def test_the_tag_filter_matches_whole_tags_only(store: Store) -> None:
         "quote": ('say "x"',),
         "backslash": ("back\\slash",),
         "comma": ("x, y",),
+        "upper": ("Prod",),
+        "lower": ("prod",),
     }
     ids = {}
     for label, run_tags in tags.items():
@@ -243,6 +245,8 @@ async def test_the_tag_filter_matches_whole_tags_only(store: Store) -> None:
     assert await tagged("back\\slash") == {"backslash"}
     assert await tagged("x, y") == {"comma"}
     assert await tagged("y") == {"two"}
+    assert await tagged("prod") == {"lower"}  # case counts, on every database
+    assert await tagged("X") == set()
 
 
 async def test_a_missing_parameters_blob_refuses_the_whole_batch(store: Store) -> None:

@@ -66,7 +66,7 @@ from .._states import IllegalTransition, TaskRunState
 from .._version import __version__
 from ._auth import Authenticate, KeyRing
 from ._dispatch import MAX_CREDITS, Dispatcher, Subscriber, Waiters
-from ._events import Events
+from ._events import MAX_PENDING, MAX_STREAMS, Events
 from ._metrics import ServerMetrics
 from ._openapi import openapi_document
 from ._routes import (
@@ -399,7 +399,9 @@ class _Handlers:
         log.info("created %d runs", len(ids))
         state.metrics.runs_created([c.task_key for c in batch.runs])
         cached = any(c.cache_key is not None for c in batch.runs)
-        if cached or state.events.watched:
+        if state.events.watched and len(ids) > MAX_PENDING:
+            state.events.runs_reset()
+        elif cached or state.events.watched:
             # A cache hit is created COMPLETED: it has ended, for metrics too.
             created = await state.store.read_runs(ids)
             state.events.runs(created)
@@ -585,6 +587,10 @@ class _Handlers:
 
     async def events(self, request: Request) -> Response:
         state = self.state
+        if state.events.full:
+            response = _error(503, f"{MAX_STREAMS} event streams are open already")
+            response.headers["Retry-After"] = "5"
+            return response
 
         async def stream() -> AsyncIterator[bytes]:
             with state.events.open_stream() as events:

@@ -19,10 +19,14 @@ import trio
 from .._models import TaskRun
 from .._serialization import to_json
 
-__all__ = ["MAX_PENDING", "Event", "EventStream", "Events"]
+__all__ = ["MAX_EVENT_ERROR", "MAX_PENDING", "MAX_STREAMS", "Event", "EventStream", "Events"]
 
 #: The most events one stream holds for its reader before it is reset.
 MAX_PENDING = 1000
+#: The most streams open at once; ``GET /events`` answers 503 past it.
+MAX_STREAMS = 100
+#: The longest error message an event carries (the run itself has it whole).
+MAX_EVENT_ERROR = 1000
 
 
 @attrs.frozen
@@ -61,7 +65,8 @@ class EventStream:
         self._ready.set()
 
     async def take(self) -> list[Event]:
-        """Wait for events and take them all, oldest first (none once closed)."""
+        """Wait for events and take them all, oldest first (once closed, it
+        returns at once with what was left)."""
         await self._ready.wait()
         events, self._pending = self._pending, []
         self._ready = trio.Event()
@@ -74,6 +79,11 @@ class Events:
 
     _streams: set[EventStream] = attrs.field(factory=set)
     _closed: bool = False
+
+    @property
+    def full(self) -> bool:
+        """True when :data:`MAX_STREAMS` streams are open."""
+        return len(self._streams) >= MAX_STREAMS
 
     @property
     def watched(self) -> bool:
@@ -103,18 +113,32 @@ class Events:
             stream.put(event)
 
     def runs(self, runs: Sequence[TaskRun]) -> None:
-        """Runs were created or changed: each is sent as it is now, without payloads."""
+        """Runs were created or changed: each is sent as it is now, without
+        payloads or previews, and with at most :data:`MAX_EVENT_ERROR` characters
+        of its error's message and none of its traceback (a reader that wants
+        them reads the run). More runs than a stream holds make one ``reset``."""
         if not self._streams:
             return
+        if len(runs) > MAX_PENDING:
+            self._publish(RESET)
+            return
         for run in runs:
+            error = run.error
+            if error is not None:
+                error = attrs.evolve(error, message=error.message[:MAX_EVENT_ERROR], traceback="")
             light = attrs.evolve(
                 run,
                 parameters=None,
                 result=None,
                 parameters_preview=None,
                 result_preview=None,
+                error=error,
             )
             self._publish(Event("run", to_json(light).decode()))
+
+    def runs_reset(self) -> None:
+        """Too many runs changed at once to send each: readers refetch."""
+        self._publish(RESET)
 
     def workers(self, connected: int) -> None:
         """A worker connected or disconnected; ``connected`` are connected now."""

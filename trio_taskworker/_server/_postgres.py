@@ -64,6 +64,7 @@ POSTGRES = Dialect(
     next_seqs="SELECT nextval('task_runs_seq') FROM generate_series(1, ?)",
     lock_rows=" FOR UPDATE",
     skip_locked=" FOR UPDATE SKIP LOCKED",
+    floor="FLOOR({})",
 )
 
 #: How often an operation that lost to a deadlock or a serialization failure runs.

@@ -349,7 +349,14 @@ ENDPOINTS = (
         roles=ADMIN_ONLY,
         operation_id="events",
         summary="Server-sent events: every run created or changed, and worker changes",
-        replies={200: Reply(description="A `text/event-stream` that stays open")},
+        replies={
+            200: Reply(description="A `text/event-stream` that stays open"),
+            503: Reply(
+                description="As many streams as the server holds are open; retry after"
+                " `Retry-After` seconds.",
+                body="Error",
+            ),
+        },
     ),
     Endpoint(
         method="GET",

@@ -78,6 +78,8 @@ class SQLiteRunner:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=5000")
+            # LIKE matches case as on PostgreSQL (the tag filter: "prod" is not "Prod").
+            conn.execute("PRAGMA case_sensitive_like=ON")
             cur = conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
             setup(cur)

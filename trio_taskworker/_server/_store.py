@@ -167,6 +167,9 @@ class Dialect:
     #: Appended to the claim's read of due runs: rows that another transaction
     #: is claiming are passed over, never leased twice.
     skip_locked: str = ""
+    #: A whole number no greater than ``{}`` (the argument is never negative
+    #: where the store uses it; SQLite's CAST truncates, PostgreSQL's rounds).
+    floor: str = "CAST(({}) AS INTEGER)"
 
 
 #: SQLite's dialect.
@@ -989,21 +992,24 @@ class Store:
             )
             for key, n in cur.fetchall():
                 of(key)["running"] = int(n)
-            # Ended in the last hour: by the index on finished_at.
+            # Ended in the last hour, by the index on finished_at, counted by the
+            # database per key, state and minute: at a few hundred runs a second
+            # that is most of a million rows, too many to count here.
+            minute = self._dialect.floor.format("(finished_at - ?) / 60")
             cur.execute(
                 self._q(
-                    "SELECT task_key, state, finished_at FROM task_runs WHERE finished_at >= ?"
+                    f"SELECT task_key, state, {minute}, COUNT(*) FROM task_runs"
+                    " WHERE finished_at >= ? GROUP BY 1, 2, 3"
                 ),
-                (hour_ago,),
+                (hour_ago, hour_ago),
             )
-            for key, state, finished_at in cur.fetchall():
+            for key, state, at_minute, n in cur.fetchall():
                 entry = of(key)
                 if state == TaskRunState.COMPLETED.value:
-                    entry["completed"] += 1
+                    entry["completed"] += n
                 elif state in (TaskRunState.FAILED.value, TaskRunState.CRASHED.value):
-                    entry["failed"] += 1
-                minute = min(59, max(0, int((float(finished_at) - hour_ago) // 60)))
-                entry["minutes"][minute] += 1
+                    entry["failed"] += n
+                entry["minutes"][min(59, max(0, int(at_minute)))] += n
             for key in served:
                 of(key)
             return [
