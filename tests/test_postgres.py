@@ -6,6 +6,7 @@ Like the contract suite, these FAIL when PostgreSQL cannot be reached, unless
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ from trio_taskworker._models import TaskRunCreate
 from trio_taskworker._server._maintenance import Maintenance
 from trio_taskworker._server._store import SCHEMA_VERSION, StoreUnavailable
 
+from . import e2e_tasks as e2e
+from .conftest import Proc, _env, cli, worker
 from .test_store_contract import admin_url, postgres_database
 
 
@@ -188,3 +191,56 @@ async def test_a_database_url_must_be_postgresql(tmp_path: Path) -> None:
     server = TaskServer(port=0, database_url="sqlite:///x.db", data_dir=tmp_path)
     with pytest.raises(ConfigurationError, match="postgresql://"):
         await server.run()
+
+
+def server_on(database_url: str, log: Path) -> tuple[Proc, str]:
+    """``server start`` with ``TRIO_TASKWORKER_DATABASE_URL``; the process and its ready line."""
+    with open(log, "w") as err:
+        popen = subprocess.Popen(
+            cli("server", "start", "--port", "0"),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=_env(TRIO_TASKWORKER_DATABASE_URL=database_url),
+        )
+    assert popen.stdout is not None
+    line = popen.stdout.readline()
+    popen.stdout.close()
+    server = Proc(popen=popen, log=log)
+    if "ready at " in line:
+        server.url = line.split("ready at ")[1].split()[0]
+    return server, line
+
+
+@pytest.mark.e2e
+async def test_the_cli_upgrades_a_database_and_a_server_process_serves_from_it(
+    database_url: str, tmp_path: Path, procs: list[Proc]
+) -> None:
+    def upgrade(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            cli("db", "upgrade", *args), capture_output=True, text=True, env=_env(), timeout=60
+        )
+
+    for _ in range(2):  # creating, then finding it current: both fine
+        done = await trio.to_thread.run_sync(upgrade, "--database-url", database_url)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == f"schema version {SCHEMA_VERSION} is ready in {database_url}\n"
+    both = await trio.to_thread.run_sync(
+        upgrade, "--database-url", database_url, "--data-dir", str(tmp_path)
+    )
+    assert both.returncode == 1 and both.stderr.count("\n") == 1
+    assert "not both" in both.stderr
+
+    # The server takes the URL from the environment (a password stays out of `ps`).
+    server, line = await trio.to_thread.run_sync(server_on, database_url, tmp_path / "server.log")
+    procs.append(server)
+    assert f"(data in {database_url})" in line, server.log.read_text()
+    worker(server, procs, tmp_path, "tests/e2e_tasks.py:add")
+    async with open_client(server.url):
+        fut = await e2e.add.delay(1, y=2)
+        assert await fut.result(timeout=30) == 3
+    import psycopg
+
+    with psycopg.connect(database_url) as conn:  # the run is in PostgreSQL
+        rows = conn.execute("SELECT id, state FROM task_runs").fetchall()
+    assert rows == [(str(fut.task_run_id), "COMPLETED")]

@@ -2,9 +2,10 @@
 
 ::
 
-    trio-taskworker server start [--host H] [--port P] [--data-dir DIR]
+    trio-taskworker server start [--host H] [--port P] [--data-dir DIR | --database-url URL]
                                  [--api-key KEY[:ROLE+ROLE]]... [--insecure]
                                  [--certfile PEM --keyfile PEM]
+    trio-taskworker db upgrade [--data-dir DIR | --database-url URL]
     trio-taskworker task serve ENTRYPOINT... [--module MOD] [--limit N]
                                              [--status-server-port P]
                                              [--shutdown-timeout S]
@@ -215,6 +216,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="where the SQLite file lives (default $TRIO_TASKWORKER_HOME or ~/.trio-taskworker)",
     )
+    _database_url_option(start)
     start.add_argument(
         "--api-key",
         action="append",
@@ -230,6 +232,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     start.add_argument("--certfile", type=Path, default=None, help="PEM certificate: serve https")
     start.add_argument("--keyfile", type=Path, default=None, help="PEM private key of --certfile")
+
+    db = groups.add_parser("db", help="the server's database").add_subparsers(
+        dest="command", required=True
+    )
+    upgrade = db.add_parser(
+        "upgrade", help="create or upgrade the schema, then exit (servers do it on start too)"
+    )
+    upgrade.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="the SQLite data directory (default $TRIO_TASKWORKER_HOME or ~/.trio-taskworker)",
+    )
+    _database_url_option(upgrade)
 
     task = groups.add_parser("task", help="serve tasks").add_subparsers(
         dest="command", required=True
@@ -332,8 +348,56 @@ def _inspect(args: argparse.Namespace) -> None:
             print(ins.tasks_json(tasks) if args.json else ins.tasks_text(tasks, width))
 
 
+def _database_url_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-url",
+        default=None,
+        metavar="URL",
+        help="keep runs in this PostgreSQL database (postgresql://USER@HOST:PORT/DB)"
+        " instead of SQLite; default $TRIO_TASKWORKER_DATABASE_URL",
+    )
+
+
+def _database_url(args: argparse.Namespace) -> str | None:
+    """The PostgreSQL URL of ``--database-url`` or the environment; None: SQLite.
+
+    A URL goes in the environment to keep its password out of ``ps``; a flag wins.
+    """
+    url: str | None = args.database_url or os.environ.get("TRIO_TASKWORKER_DATABASE_URL")
+    if url and args.data_dir is not None:
+        raise CLIError("give --data-dir (SQLite) or a database URL (PostgreSQL), not both")
+    return url or None
+
+
+async def _upgrade_database(args: argparse.Namespace) -> None:
+    from ._server import SQLiteStore, default_data_dir
+    from ._server._postgres import PostgresStore, is_postgres_url, redact_conninfo
+    from ._server._server import lock_data_dir
+    from ._server._store import SCHEMA_VERSION
+
+    url = _database_url(args)
+    store: SQLiteStore | PostgresStore
+    if url is not None:
+        if not is_postgres_url(url):
+            raise CLIError(f"not a PostgreSQL URL: {redact_conninfo(url)!r}")
+        store, where = PostgresStore(url), redact_conninfo(url)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            nursery.cancel_scope.cancel()
+    else:
+        data_dir = args.data_dir or default_data_dir()
+        # Not beside a running server: it owns the file while it runs.
+        with lock_data_dir(data_dir):
+            store, where = SQLiteStore(data_dir / "runs.sqlite3"), str(data_dir)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.run)
+                nursery.cancel_scope.cancel()
+    print(f"schema version {SCHEMA_VERSION} is ready in {where}", flush=True)
+
+
 async def _run_server(args: argparse.Namespace) -> None:
     from ._server import TaskServer
+    from ._server._postgres import redact_conninfo
 
     kwargs: dict[str, Any] = {
         "host": args.host,
@@ -348,6 +412,7 @@ async def _run_server(args: argparse.Namespace) -> None:
     }
     if args.data_dir is not None:
         kwargs["data_dir"] = args.data_dir
+    kwargs["database_url"] = _database_url(args)
     # The environment is for keys that should not show in `ps`; a flag wins.
     env_keys = os.environ.get("TRIO_TASKWORKER_SERVER_API_KEY", "").strip()
     kwargs["api_keys"] = args.api_key or ([env_keys] if env_keys else [])
@@ -357,7 +422,12 @@ async def _run_server(args: argparse.Namespace) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             url = await nursery.start(server.run)
-            print(f"trio_taskworker server ready at {url} (data in {server.data_dir})", flush=True)
+            where = (
+                server.data_dir
+                if server.database_url is None
+                else redact_conninfo(server.database_url)
+            )
+            print(f"trio_taskworker server ready at {url} (data in {where})", flush=True)
             async for signum in signals:
                 logging.getLogger(__name__).info("signal %s: shutting down", signum)
                 await server.stop()
@@ -394,9 +464,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # DEBUG shows it again.
         for name in ("httpx", "httpcore"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # The pool warns at each failed connection attempt while the server
+        # waits for the database; the server's own line says what happened.
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     try:
         if args.group == "server":
             trio.run(_run_server, args)
+        elif args.group == "db":
+            trio.run(_upgrade_database, args)
         elif args.group == "task" and args.command == "serve":
             _serve_tasks(args)
         else:
