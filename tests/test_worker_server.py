@@ -325,6 +325,11 @@ async def test_lost_connection_redelivers_running_runs(
         ([json.dumps([{"type": "subscribe", "keys": ["k"], "client_id": "x", "credits": 1}]),
           json.dumps([{"type": "subscribe", "keys": ["k"], "client_id": "x", "credits": 1}])],
          "subscribe may only be sent once"),
+        # A result's preview is shown to people: bounded like any text.
+        ([json.dumps([{"type": "subscribe", "keys": ["k"], "client_id": "x", "credits": 1}]),
+          json.dumps([{"type": "finished", "id": "00000000-0000-0000-0000-000000000000",
+                       "attempt": 1, "state": "COMPLETED", "result_preview": "x" * 2001}])],
+         "invalid message"),
     ],
 )  # fmt: skip
 async def test_bad_websocket_messages_close_with_a_reason(
