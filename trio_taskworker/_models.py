@@ -13,6 +13,7 @@ import datetime
 import enum
 import math
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -261,18 +262,20 @@ class TaskRun(TaskOptions):
     result_preview: str | None = None
 
 
-def _optional_text(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and not isinstance(value, str):
-        raise ConfigurationError(f"{attribute.name} must be a string, got {value!r}")
-    if value is not None and len(value) > MAX_NAME:
-        raise ConfigurationError(f"{attribute.name} must be at most {MAX_NAME} characters")
+def _optional_text_of(maximum: int) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    """A validator: None, or a string of at most ``maximum`` characters."""
+
+    def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None and not isinstance(value, str):
+            raise ConfigurationError(f"{attribute.name} must be a string, got {value!r}")
+        if value is not None and len(value) > maximum:
+            raise ConfigurationError(f"{attribute.name} must be at most {maximum} characters")
+
+    return check
 
 
-def _preview(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and not isinstance(value, str):
-        raise ConfigurationError(f"{attribute.name} must be a string, got {value!r}")
-    if value is not None and len(value) > MAX_PREVIEW:
-        raise ConfigurationError(f"{attribute.name} must be at most {MAX_PREVIEW} characters")
+_optional_text = _optional_text_of(MAX_NAME)
+_preview = _optional_text_of(MAX_PREVIEW)
 
 
 @attrs.frozen(kw_only=True)
@@ -313,9 +316,17 @@ def _batch_size(_: Any, attribute: attrs.Attribute[Any], value: tuple[Any, ...])
         raise ConfigurationError(f"at most {MAX_RUNS_PER_REQUEST} {attribute.name} per request")
 
 
-def _id_count(_: Any, attribute: attrs.Attribute[Any], value: tuple[Any, ...]) -> None:
-    if len(value) > MAX_RUNS_PER_REQUEST:
-        raise ConfigurationError(f"at most {MAX_RUNS_PER_REQUEST} {attribute.name} per request")
+def _at_most_per_request(maximum: int) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    """A validator: a sequence of at most ``maximum`` items."""
+
+    def check(_: Any, attribute: attrs.Attribute[Any], value: tuple[Any, ...]) -> None:
+        if len(value) > maximum:
+            raise ConfigurationError(f"at most {maximum} {attribute.name} per request")
+
+    return check
+
+
+_id_count = _at_most_per_request(MAX_RUNS_PER_REQUEST)
 
 
 def _wait_seconds(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -524,9 +535,7 @@ class LogRecord:
     message: str = attrs.field(validator=_log_message)
 
 
-def _log_batch_size(_: Any, attribute: attrs.Attribute[Any], value: tuple[Any, ...]) -> None:
-    if len(value) > MAX_LOG_RECORDS:
-        raise ConfigurationError(f"at most {MAX_LOG_RECORDS} {attribute.name} per request")
+_log_batch_size = _at_most_per_request(MAX_LOG_RECORDS)
 
 
 @attrs.frozen(kw_only=True)
