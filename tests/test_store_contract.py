@@ -683,3 +683,93 @@ async def test_idempotency_keys(store: Store) -> None:
         await store.create_runs([create()], 3.0, Idempotency("k1", "hash-b"))
     later = await store.create_runs([create()], 4.0 + IDEMPOTENCY_SECONDS, key)
     assert later != ids and len(later) == 1
+
+
+# --- replicas -------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def two_replicas(backend: Backend) -> AsyncIterator[tuple[Store, Store]]:
+    """Two stores open at once on one database, as two server replicas have them."""
+    async with backend.open() as a, backend.open() as b:
+        assert a.replica_id != b.replica_id
+        yield a, b
+
+
+async def test_a_dead_replicas_runs_are_freed_and_a_live_ones_kept(backend: Backend) -> None:
+    async with two_replicas(backend) as (a, b):
+        assert not await a.renew_replica(now=10.0, lease_seconds=5.0)  # no row yet
+        assert await a.renew_replica(now=11.0, lease_seconds=5.0)  # a's lease: until 16
+        await b.renew_replica(now=11.0, lease_seconds=60.0)
+        ids = await a.create_runs([create(), create(), create()], now=1.0)
+        pending, running = await a.claim_runs(["m:f"], 2, "a-conn", now=12.0)
+        (kept,) = await b.claim_runs(["m:f"], 1, "b-conn", now=12.0)
+        assert {pending.id, running.id, kept.id} == set(ids)
+        started = Started(id=running.id, attempt=running.attempt)
+        assert not (await a.apply_reports("a-conn", [started], now=12.0)).rejected
+
+        assert (await b.rescue_runs(now=15.0)).changed == ()  # a's lease still holds
+        outcome = await b.rescue_runs(now=17.0)
+        after = {r.id: r for r in outcome.changed}
+        assert set(after) == {pending.id, running.id}
+        # Never started: back in the queue. Started: redelivered, and counted.
+        assert after[pending.id].state is S.SCHEDULED and after[pending.id].redeliveries == 0
+        assert after[running.id].state is S.SCHEDULED and after[running.id].redeliveries == 1
+        assert "replica" in (after[running.id].message or "")
+        assert outcome.redelivered == ("m:f",)
+        (still,) = await b.read_runs([kept.id])
+        assert still.state is S.PENDING  # b is alive: its lease stands
+
+        # a was only slow: its late report is refused, and it takes a new lease.
+        late = Finished(id=running.id, attempt=running.attempt, state=S.COMPLETED, result=b"r")
+        assert (await a.apply_reports("a-conn", [late], now=18.0)).rejected
+        assert not await a.renew_replica(now=18.0, lease_seconds=5.0)
+        assert (await b.rescue_runs(now=19.0)).changed == ()
+
+
+async def test_the_rescue_is_fenced(backend: Backend) -> None:
+    async with two_replicas(backend) as (a, b):
+        await a.renew_replica(now=1.0, lease_seconds=5.0)
+        await b.renew_replica(now=1.0, lease_seconds=600.0)
+        ended, relet = await a.create_runs([create(), create()], now=1.0)
+        first, second = await a.claim_runs(["m:f"], 2, "c1", now=2.0)
+        await finish(a, first.id, first.attempt, now=3.0, result=b"r")
+        # a's other run goes back through a release (its connection closed),
+        # and b leases it again before a's lease expires.
+        await a.release_owner("c1", now=3.0)
+        (again,) = await b.claim_runs(["m:f"], 1, "b-conn", now=4.0)
+        assert again.id == second.id
+        assert (await b.rescue_runs(now=100.0)).changed == ()
+        runs = {r.id: r for r in await b.read_runs([ended, relet])}
+        assert runs[ended].state is S.COMPLETED and runs[ended].result == b"r"
+        assert runs[relet].state is S.PENDING and runs[relet].attempt == 2
+
+
+async def test_a_retired_replica_is_gone_and_a_run_of_no_replica_is_freed(
+    backend: Backend,
+) -> None:
+    async with two_replicas(backend) as (a, b):
+        await a.renew_replica(now=1.0, lease_seconds=600.0)
+        await b.renew_replica(now=1.0, lease_seconds=600.0)
+        run_id, _ = await leased(a)
+        await a.retire_replica()
+        outcome = await b.rescue_runs(now=2.0)
+        assert [r.id for r in outcome.changed] == [run_id]
+        # A run leased by a server of schema version 1 names no replica.
+        (relet,) = await b.claim_runs(["m:f"], 1, "old-server", now=2.5)
+        assert relet.id == run_id
+        await b.runner.transact(
+            lambda cur: cur.execute("UPDATE task_runs SET lease_replica = NULL")
+        )
+        outcome = await b.rescue_runs(now=3.0)
+        assert [(r.id, r.state) for r in outcome.changed] == [(run_id, S.SCHEDULED)]
+
+
+async def test_cancelling_runs_are_listed_by_the_replica_holding_them(backend: Backend) -> None:
+    async with two_replicas(backend) as (a, b):
+        run_id, attempt = await leased(a, owner="a-conn")
+        await a.apply_reports("a-conn", [Started(id=run_id, attempt=attempt)], now=2.0)
+        run, owner = await b.cancel_run(run_id, now=3.0)
+        assert run.state is S.CANCELLING and owner == "a-conn"
+        assert await a.cancelling_runs() == [(run_id, "a-conn")]
+        assert await b.cancelling_runs() == []

@@ -69,6 +69,7 @@ from ._dispatch import MAX_CREDITS, Dispatcher, Subscriber, Waiters
 from ._events import MAX_PENDING, MAX_STREAMS, Events
 from ._metrics import ServerMetrics
 from ._openapi import openapi_document
+from ._replicas import Bus, LocalBus
 from ._routes import (
     BLOB_ID,
     ENDPOINTS,
@@ -147,6 +148,10 @@ class AppState:
     metrics: ServerMetrics = attrs.field(
         default=attrs.Factory(lambda self: ServerMetrics(now=self.now), takes_self=True)
     )
+    #: How this server tells the other replicas on its database (see :mod:`._replicas`).
+    bus: Bus = attrs.field(factory=LocalBus)
+    #: The CANCELLING runs whose worker has been told, with its connection.
+    _told_cancel: dict[uuid.UUID, str] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self.dispatcher.on_claimed = self.claimed
@@ -155,18 +160,29 @@ class AppState:
         """The dispatcher leased ``runs`` to a worker (they are PENDING now)."""
         self.events.runs(runs)
         self.metrics.runs_changed(runs)
+        self.metrics.runs_claimed(len(runs))
 
     async def cancel(self, run_id: uuid.UUID) -> TaskRun:
-        """Cancel a run and tell the worker holding its lease, if any.
+        """Cancel a run and tell the worker holding its lease, wherever it is.
 
         Raises :class:`StoreError` (unknown run) or :class:`IllegalTransition` (ended).
         """
         run, owner = await self.store.cancel_run(run_id, self.now())
         self.changed(Outcome(changed=(run,)))
-        sub = None if owner is None else self.dispatcher.subscriber(owner)
-        if sub is not None:
-            sub.post(Cancel(id=run_id))
+        cancelling = owner is not None and run.state is TaskRunState.CANCELLING
+        if cancelling and owner is not None and not self._tell_cancel(run_id, owner):
+            # Leased through another replica (or a connection just gone).
+            self.bus.cancel(run_id, owner)
         return run
+
+    def _tell_cancel(self, run_id: uuid.UUID, owner: str) -> bool:
+        """Tell connection ``owner`` to cancel the run, if it is one of ours."""
+        sub = self.dispatcher.subscriber(owner)
+        if sub is None:
+            return False
+        sub.post(Cancel(id=run_id))
+        self._told_cancel[run_id] = owner
+        return True
 
     def changed(self, outcome: Outcome) -> None:
         self.events.runs(outcome.changed)
@@ -174,10 +190,54 @@ class AppState:
         if outcome.redelivered:
             self.metrics.runs_redelivered(outcome.redelivered)
         self.waiters.notify(outcome.changed)
+        ended = [run.id for run in outcome.changed if run.state.is_terminal]
+        if ended:
+            self.bus.runs_ended(ended)
         if outcome.requeued:
             self.dispatcher.wake()
+            self.bus.runs_due()
         for run in outcome.changed:
             log.info("run %s (%r) is %s", run.id, run.task_key, run.state)
+
+    # --- what the other replicas tell (see _replicas.Hearer) ------------------------
+
+    def heard_due(self) -> None:
+        self.dispatcher.wake()
+
+    async def heard_ended(self, ids: Sequence[uuid.UUID] | None) -> None:
+        """Answer the requests waiting on runs that ended through another replica,
+        and the event streams. ``None``: look at every run waited on."""
+        watched = self.waiters.watched_ids()
+        wanted: list[uuid.UUID]
+        if ids is None:
+            wanted = list(watched)
+        elif self.events.watched:
+            wanted = list(ids)
+        else:
+            wanted = [run_id for run_id in ids if run_id in watched]
+        if not wanted:
+            return
+        runs = [run for run in await self.store.read_runs(wanted) if run.state.is_terminal]
+        self.waiters.notify(runs)
+        if ids is not None:
+            self.events.runs(runs)
+
+    def heard_cancel(self, run_id: uuid.UUID, owner: str) -> None:
+        self._tell_cancel(run_id, owner)
+
+    async def poll(self) -> None:
+        """What notifications carry, looked up: the fallback for a lost one."""
+        self.dispatcher.wake()
+        await self.heard_ended(None)
+        cancelling = dict(await self.store.cancelling_runs())
+        for run_id, owner in cancelling.items():
+            if self._told_cancel.get(run_id) != owner:
+                self._tell_cancel(run_id, owner)
+        self._told_cancel = {
+            run_id: owner
+            for run_id, owner in self._told_cancel.items()
+            if cancelling.get(run_id) == owner
+        }
 
 
 def _safe(text: str) -> str:
@@ -396,6 +456,7 @@ class _Handlers:
         except StoreError as exc:  # a parameters_ref that names no stored blob
             return _error(404, str(exc))
         state.dispatcher.wake()
+        state.bus.runs_due()
         log.info("created %d runs", len(ids))
         state.metrics.runs_created([c.task_key for c in batch.runs])
         cached = any(c.cache_key is not None for c in batch.runs)

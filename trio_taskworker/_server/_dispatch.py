@@ -221,6 +221,10 @@ class Waiters:
         """How many run ids some request is waiting on."""
         return len(self._watches)
 
+    def watched_ids(self) -> set[uuid.UUID]:
+        """The run ids some request is waiting on."""
+        return set(self._watches)
+
     def notify(self, runs: Iterable[TaskRun]) -> None:
         """Hand the runs among these that have ended to whoever waits on them."""
         for run in runs:

@@ -133,6 +133,9 @@ class Maintenance:
     now: Callable[[], float]
     sqlite_path: Path | None = None
     batch: int = BATCH
+    #: True when this server is the one that sweeps: with replicas, the one
+    #: holding the maintenance lock (two sweeping at once would only repeat work).
+    has_turn: Callable[[], bool] = lambda: True
     #: Blobs created before this have been looked at since they passed the
     #: grace period; None: look at all of them at the next sweep.
     _blobs_seen_until: float | None = attrs.field(init=False, default=None)
@@ -158,7 +161,8 @@ class Maintenance:
         task_status.started()
         while True:
             try:
-                await self.sweep()
+                if self.has_turn():
+                    await self.sweep()
             except StoreError as exc:
                 log.warning("retention sweep skipped: %s", exc)
             except Exception:

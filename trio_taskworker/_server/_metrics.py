@@ -34,7 +34,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -69,6 +69,8 @@ BATCH_SECONDS_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+#: Buckets of the runs leased per claim: a claim leases at most a connection's credits.
+CLAIM_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 #: The most runs whose current attempt's start is remembered (runs that have
 #: started and not ended); past it the oldest are forgotten.
 MAX_TRACKED_RUNS = 100_000
@@ -125,6 +127,20 @@ class _WithoutCreated(Collector):
 
 
 _HAS_CREATED = frozenset({"counter", "histogram", "summary"})
+
+
+@attrs.define(eq=False)
+class _StatementCount(Collector):
+    """The store's statement count, read at scrape time (the runner keeps it)."""
+
+    read: Callable[[], int]
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(
+            _PREFIX + "store_statements",
+            "SQL statements the store has run (PostgreSQL; COMMITs included).",
+            value=self.read(),
+        )
 
 
 @attrs.define(eq=False)
@@ -240,6 +256,7 @@ class ServerMetrics:
     _duration: Histogram = attrs.field(init=False)
     _batch_operations: Histogram = attrs.field(init=False)
     _batch_seconds: Histogram = attrs.field(init=False)
+    _claim_runs: Histogram = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         registry = self.registry
@@ -288,6 +305,12 @@ class ServerMetrics:
             registry=registry,
             buckets=BATCH_SECONDS_BUCKETS,
         )
+        self._claim_runs = Histogram(
+            _PREFIX + "dispatch_claim_runs",
+            "Runs leased to a worker connection in one claim (the claim's batch size).",
+            registry=registry,
+            buckets=CLAIM_BUCKETS,
+        )
         info = Gauge(
             _PREFIX + "build_info",
             "Always 1; the server's version is in the label.",
@@ -321,6 +344,14 @@ class ServerMetrics:
         """Count running runs requeued because their worker was lost."""
         for key, n in collections.Counter(task_keys).items():
             self._redelivered.labels(self._task_label(key)).inc(n)
+
+    def runs_claimed(self, n: int) -> None:
+        """Observe one claim that leased ``n`` runs to a worker connection."""
+        self._claim_runs.observe(n)
+
+    def count_statements(self, read: Callable[[], int]) -> None:
+        """Export ``read()``, the store's SQL statements so far, as a counter."""
+        self.registry.register(_StatementCount(read))
 
     def store_batch(self, operations: int, seconds: float) -> None:
         """Observe one committed store batch of ``operations`` that took ``seconds``.

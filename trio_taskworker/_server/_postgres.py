@@ -28,13 +28,16 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any, ClassVar, TypeVar, cast
 
 import attrs
 import trio
 
 from .._exceptions import ConfigurationError
+from ._replicas import Hearer
 from ._store import Cursor, Dialect, Store, StoreError, StoreUnavailable
 
 try:
@@ -44,7 +47,7 @@ except ImportError:  # pragma: no cover - the extra is not installed
     psycopg = None  # type: ignore[assignment]
     psycopg_pool = None  # type: ignore[assignment]
 
-__all__ = ["POSTGRES", "PostgresRunner", "PostgresStore", "is_postgres_url"]
+__all__ = ["POSTGRES", "PostgresBus", "PostgresRunner", "PostgresStore", "is_postgres_url"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,8 @@ class PostgresRunner:
     #: Called after each operation with 1 and how long it took, in seconds
     #: (for metrics; the SQLite runner gives its batch sizes).
     on_batch: Callable[[int, float], None] | None = None
+    #: SQL statements run so far, COMMITs included (for metrics).
+    statements: int = attrs.field(init=False, default=0)
     _pool: Any = attrs.field(init=False, default=None, repr=False)
     _limiter: trio.CapacityLimiter = attrs.field(init=False, repr=False)
     _running: int = attrs.field(init=False, default=0)
@@ -209,7 +214,7 @@ class PostgresRunner:
             # Shielded: once handed over, the operation runs, and its caller
             # must not be told it failed when it in fact committed.
             with trio.CancelScope(shield=True):
-                value: T = await trio.to_thread.run_sync(
+                value, statements = await trio.to_thread.run_sync(
                     self._execute, self._pool, fn, limiter=self._limiter
                 )
         except psycopg.Error as exc:
@@ -220,12 +225,13 @@ class PostgresRunner:
             self._running -= 1
             if not self._running:
                 self._idle.set()
+        self.statements += statements
         if self.on_batch is not None:
             self.on_batch(1, time.perf_counter() - began)
         return value
 
     @staticmethod
-    def _execute(pool: Any, fn: Callable[[Cursor], T]) -> T:
+    def _execute(pool: Any, fn: Callable[[Cursor], T]) -> tuple[T, int]:
         """Run ``fn`` in one transaction and commit (in a worker thread)."""
         attempt = 0
         while True:
@@ -233,7 +239,8 @@ class PostgresRunner:
             with pool.connection() as conn:
                 try:
                     with conn.cursor() as cur:
-                        value = fn(cast(Cursor, _NulSafeCursor(cur)))
+                        counted = _NulSafeCursor(cur)
+                        value = fn(cast(Cursor, counted))
                 except psycopg.OperationalError as exc:
                     if conn.broken:
                         if attempt == 1:
@@ -251,7 +258,7 @@ class PostgresRunner:
                 # Outside the try: a connection lost during COMMIT may or may
                 # not have committed, so it is never run again.
                 conn.commit()
-                return value
+                return value, counted.statements + 1  # and the COMMIT
 
 
 def _nul_safe(value: Any) -> Any:
@@ -269,14 +276,19 @@ class _NulSafeCursor:
 
     def __init__(self, cursor: Any) -> None:
         self._cursor = cursor
+        #: How many statements it ran (a row of ``executemany`` is one).
+        self.statements = 0
 
     def execute(self, sql: str, params: Sequence[Any] | None = None, /) -> Any:
+        self.statements += 1
         if params is None:
             return self._cursor.execute(sql)
         return self._cursor.execute(sql, [_nul_safe(v) for v in params])
 
     def executemany(self, sql: str, params: Iterable[Sequence[Any]], /) -> Any:
-        return self._cursor.executemany(sql, [[_nul_safe(v) for v in row] for row in params])
+        rows = [[_nul_safe(v) for v in row] for row in params]
+        self.statements += len(rows)
+        return self._cursor.executemany(sql, rows)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._cursor, name)
@@ -306,3 +318,185 @@ class PostgresStore(Store):
             database_url, min_size=min_size, max_size=max_size, connect_timeout=connect_timeout
         )
         self.__attrs_init__(runner, default_max_redeliveries)
+
+
+#: The channels replicas notify each other on (see :class:`PostgresBus`).
+CHANNEL_DUE = "trio_taskworker_due"
+CHANNEL_ENDED = "trio_taskworker_ended"
+CHANNEL_CANCEL = "trio_taskworker_cancel"
+#: The session advisory lock whose holder runs maintenance ("ttw" and 2).
+MAINTENANCE_LOCK_KEY = 0x747477_0002
+#: Notifications are gathered this long and sent together: a burst of changes
+#: costs one NOTIFY per channel (each takes a database-wide lock at commit).
+NOTIFY_INTERVAL = 0.02
+#: A notification's payload must stay under 8000 bytes: run ids per ``ended``.
+IDS_PER_NOTIFY = 200
+#: Past this many ended runs in one interval, one ``*`` ("look at what you
+#: wait for") replaces the list.
+MAX_NAMED_ENDED = 1000
+#: How long the listening thread waits for notifications before looking again.
+LISTEN_WAIT = 0.5
+#: The wait before connecting the listener again after it failed.
+LISTEN_RETRY_SECONDS = 1.0
+
+
+def _notify(notes: Sequence[tuple[str, str]], cur: Cursor) -> None:
+    for channel, payload in notes:
+        cur.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+
+@attrs.define(eq=False)
+class PostgresBus:
+    """LISTEN/NOTIFY between the replicas of one PostgreSQL database.
+
+    Run it with ``nursery.start``; ``hearer`` hears what other replicas
+    notify (a replica skips its own notifications). It keeps one connection of
+    its own, outside the pool, for LISTEN; the same connection holds the
+    maintenance lock, a session advisory lock, while it lives: when a replica
+    dies its connection closes, and the lock passes to another.
+
+    Outgoing notifications go through the store's pool, gathered for
+    :data:`NOTIFY_INTERVAL`. A notification that cannot be sent is dropped:
+    the replicas' polls cover it.
+    """
+
+    runner: PostgresRunner
+    replica_id: str
+    hearer: Hearer | None = None
+    leader: bool = attrs.field(init=False, default=False)
+    _due: bool = attrs.field(init=False, default=False)
+    _ended: dict[uuid.UUID, None] = attrs.field(init=False, factory=dict)
+    _cancels: list[tuple[uuid.UUID, str]] = attrs.field(init=False, factory=list)
+    _pending: trio.Event = attrs.field(init=False, factory=trio.Event)
+
+    # --- telling ------------------------------------------------------------------
+
+    def runs_due(self) -> None:
+        self._due = True
+        self._pending.set()
+
+    def runs_ended(self, ids: Sequence[uuid.UUID]) -> None:
+        if ids:
+            self._ended.update(dict.fromkeys(ids))
+            self._pending.set()
+
+    def cancel(self, run_id: uuid.UUID, owner: str) -> None:
+        self._cancels.append((run_id, owner))
+        self._pending.set()
+
+    def _take(self) -> list[tuple[str, str]]:
+        """The notifications gathered so far, as (channel, payload) pairs."""
+        me = self.replica_id
+        out: list[tuple[str, str]] = []
+        if self._due:
+            out.append((CHANNEL_DUE, me))
+        ended = list(self._ended)
+        if len(ended) > MAX_NAMED_ENDED:
+            out.append((CHANNEL_ENDED, f"{me} *"))
+        else:
+            for i in range(0, len(ended), IDS_PER_NOTIFY):
+                ids = ",".join(str(run_id) for run_id in ended[i : i + IDS_PER_NOTIFY])
+                out.append((CHANNEL_ENDED, f"{me} {ids}"))
+        out.extend((CHANNEL_CANCEL, f"{me} {run_id} {owner}") for run_id, owner in self._cancels)
+        self._due = False
+        self._ended = {}
+        self._cancels = []
+        self._pending = trio.Event()
+        return out
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._pending.wait()
+            await trio.sleep(NOTIFY_INTERVAL)
+            try:
+                await self.runner.transact(partial(_notify, self._take()))
+            except (StoreError, StoreUnavailable) as exc:
+                log.debug("notifications dropped (the replicas' polls cover them): %s", exc)
+
+    # --- hearing ------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and notify until cancelled; ``task_status.started()`` once listening."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._send_loop)
+            await nursery.start(self._listen_loop)
+            task_status.started()
+
+    def _connect(self) -> Any:
+        conn = psycopg.connect(
+            self.runner.database_url,
+            autocommit=True,
+            application_name="trio-taskworker listener",
+            connect_timeout=max(1, round(self.runner.connect_timeout)),
+        )
+        try:
+            for channel in (CHANNEL_DUE, CHANNEL_ENDED, CHANNEL_CANCEL):
+                conn.execute(f"LISTEN {channel}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _wait(self, conn: Any) -> tuple[bool, list[tuple[str, str]]]:
+        """In a thread: try for the maintenance lock if not held, then wait up to
+        :data:`LISTEN_WAIT` for notifications."""
+        leader = self.leader
+        if not leader:
+            lock = conn.execute("SELECT pg_try_advisory_lock(%s)", (MAINTENANCE_LOCK_KEY,))
+            leader = bool(lock.fetchone()[0])
+        notes = [(n.channel, n.payload) for n in conn.notifies(timeout=LISTEN_WAIT)]
+        return leader, notes
+
+    async def _listen_loop(self, *, task_status: trio.TaskStatus[None]) -> None:
+        started = False
+        while True:
+            try:
+                conn = await trio.to_thread.run_sync(self._connect)
+            except psycopg.Error as exc:
+                if not started:
+                    raise StoreUnavailable(f"cannot LISTEN on the database: {exc}") from exc
+                log.warning("replica listener cannot connect: %s; retrying", exc)
+                await trio.sleep(LISTEN_RETRY_SECONDS)
+                continue
+            try:
+                if started and self.hearer is not None:
+                    # What was notified while nobody listened is lost: look.
+                    self.hearer.heard_due()
+                    await self.hearer.heard_ended(None)
+                elif not started:
+                    started = True
+                    task_status.started()
+                while True:
+                    leader, notes = await trio.to_thread.run_sync(self._wait, conn)
+                    if leader and not self.leader:
+                        log.info("replica %s holds the maintenance lock", self.replica_id)
+                    self.leader = leader
+                    for channel, payload in notes:
+                        await self._heard(channel, payload)
+            except psycopg.Error as exc:
+                log.warning("replica listener lost its connection: %s; reconnecting", exc)
+                self.leader = False
+                await trio.sleep(LISTEN_RETRY_SECONDS)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(conn.close)
+
+    async def _heard(self, channel: str, payload: str) -> None:
+        sender, _, rest = payload.partition(" ")
+        hearer = self.hearer
+        if sender == self.replica_id or hearer is None:
+            return
+        try:
+            if channel == CHANNEL_DUE:
+                hearer.heard_due()
+            elif channel == CHANNEL_ENDED:
+                ids = None if rest == "*" else [uuid.UUID(i) for i in rest.split(",") if i]
+                await hearer.heard_ended(ids)
+            elif channel == CHANNEL_CANCEL:
+                run_id, _, owner = rest.partition(" ")
+                hearer.heard_cancel(uuid.UUID(run_id), owner)
+        except ValueError:
+            # Anyone with a connection to the database can notify.
+            log.warning("ignored a malformed notification on %s: %r", channel, payload[:200])
+        except (StoreError, StoreUnavailable) as exc:
+            log.debug("a notification could not be acted on (the poll will): %s", exc)

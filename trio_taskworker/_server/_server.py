@@ -24,9 +24,16 @@ from ._app import AppState, build_app
 from ._auth import KeyRing, exposure_problem, key_ring
 from ._dispatch import Dispatcher, Waiters
 from ._maintenance import DEFAULT_RETENTION, Maintenance, prepare_sqlite_file, retention_seconds
-from ._postgres import PostgresRunner, PostgresStore, is_postgres_url, redact_conninfo
+from ._postgres import (
+    PostgresBus,
+    PostgresRunner,
+    PostgresStore,
+    is_postgres_url,
+    redact_conninfo,
+)
+from ._replicas import DEFAULT_POLL_SECONDS, DEFAULT_REPLICA_LEASE, Bus, LocalBus, Replica
 from ._sqlite import SQLiteRunner, SQLiteStore
-from ._store import Store
+from ._store import Store, StoreError, StoreUnavailable
 
 __all__ = ["TaskServer", "default_data_dir"]
 
@@ -82,8 +89,12 @@ class TaskServer:
     With ``database_url`` (``postgresql://USER:PASSWORD@HOST:PORT/DB``, needs
     the ``postgres`` extra) the runs live in that PostgreSQL database instead:
     the schema is created or upgraded on start, and ``data_dir`` is neither
-    used nor locked. For now, run one server per database (see
-    docs/howto/run-replicas): at start a server releases every lease it finds.
+    used nor locked. Servers started on one database are replicas (see
+    :mod:`._replicas` and docs/howto/run-replicas): each holds a lease that
+    it renews every third of ``replica_lease_seconds``, and when one dies the
+    runs leased through it are freed that long after its last renewal. They
+    tell each other what changed with LISTEN/NOTIFY, and poll every
+    ``replica_poll_seconds`` for what a lost notification would have said.
     Its writer runs each batch on the trio thread by default: a thread hop
     costs more than a typical batch of small statements, and measured end to
     end this doubles throughput (see docs/performance). A very large batch
@@ -114,6 +125,10 @@ class TaskServer:
     max_body_bytes: int = 64 * 1024 * 1024
     sqlite_in_thread: bool = False
     lease_seconds: float = 30.0
+    #: On PostgreSQL: how long a replica that stopped renewing its lease keeps its runs.
+    replica_lease_seconds: float = DEFAULT_REPLICA_LEASE
+    #: On PostgreSQL: how often a replica looks for what notifications would have told it.
+    replica_poll_seconds: float = DEFAULT_POLL_SECONDS
     #: The longest the server holds a wait request, whatever it asks for.
     max_wait_seconds: float = MAX_WAIT_SECONDS
     retention: float | None = attrs.field(default=DEFAULT_RETENTION, converter=retention_seconds)
@@ -201,17 +216,28 @@ class TaskServer:
                     threaded=self.sqlite_in_thread,
                 )
                 await background.start(store.run)
-            recovered = await store.release_all(self.now())
-            if recovered.changed:
-                log.info(
-                    "released %d runs leased before the last shutdown", len(recovered.changed)
-                )
+            bus: Bus
+            postgres = store.runner if isinstance(store.runner, PostgresRunner) else None
+            if postgres is not None:
+                # Replicas: another server may hold leases in this database.
+                bus = PostgresBus(postgres, store.replica_id)
+                await background.start(bus.run)
+            else:
+                # Alone on the database: every lease is a previous process's.
+                bus = LocalBus()
+                recovered = await store.release_all(self.now())
+                if recovered.changed:
+                    log.info(
+                        "released %d runs leased before the last shutdown", len(recovered.changed)
+                    )
             dispatcher = Dispatcher(store, self.now)
             await background.start(dispatcher.run)
             if self.retention is not None:
-                maintenance = Maintenance(store, self.retention, self.now, sqlite_path)
+                maintenance = Maintenance(
+                    store, self.retention, self.now, sqlite_path, has_turn=lambda: bus.leader
+                )
                 await background.start(maintenance.run)
-            self._state = AppState(
+            state = self._state = AppState(
                 store=store,
                 dispatcher=dispatcher,
                 waiters=Waiters(),
@@ -220,9 +246,24 @@ class TaskServer:
                 lease_seconds=self.lease_seconds,
                 max_wait_seconds=self.max_wait_seconds,
                 keys=self.api_keys,
+                bus=bus,
             )
             if isinstance(store.runner, SQLiteRunner | PostgresRunner):
-                store.runner.on_batch = self._state.metrics.store_batch
+                store.runner.on_batch = state.metrics.store_batch
+            if postgres is not None:
+                assert isinstance(bus, PostgresBus)
+                bus.hearer = state
+                state.metrics.count_statements(lambda: postgres.statements)
+                replica = Replica(
+                    store,
+                    bus,
+                    self.now,
+                    on_rescued=state.changed,
+                    poll=state.poll,
+                    lease_seconds=self.replica_lease_seconds,
+                    poll_seconds=self.replica_poll_seconds,
+                )
+                await background.start(replica.run)
             config = hypercorn.config.Config()
             config.bind = [f"{self.host}:{self.port}"]
             config.accesslog = None
@@ -244,6 +285,13 @@ class TaskServer:
                 self.url = str(binds[0])
                 log.info("trio_taskworker server listening on %s", self.url)
                 task_status.started(self.url)
+            if postgres is not None:
+                # Stopped gracefully: its connections have released their runs.
+                with trio.move_on_after(2):
+                    try:
+                        await store.retire_replica()
+                    except (StoreError, StoreUnavailable) as exc:
+                        log.info("replica lease left to expire: %s", exc)
             background.cancel_scope.cancel()
 
     @property

@@ -134,6 +134,8 @@ class Cursor(Protocol):
     def fetchone(self) -> Any: ...
     @property
     def description(self) -> Any: ...
+    @property
+    def rowcount(self) -> int: ...
 
 
 @attrs.frozen(kw_only=True)
@@ -177,7 +179,7 @@ SQLITE = Dialect()
 
 #: The schema this version creates (see ``schema_version``). Raise it with
 #: each change to the schema, and upgrade older databases in ``_init_schema``.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class Runner(Protocol):
@@ -348,6 +350,14 @@ SCHEMA = (
     )""",
     # One row: the version of the schema (see SCHEMA_VERSION).
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+    # Version 2: the servers sharing the database (replicas), each with a lease
+    # it renews; a run's lease_replica names the replica whose connection
+    # holds it, so that another replica can free it when that one dies.
+    """CREATE TABLE IF NOT EXISTS replicas (
+        id VARCHAR(36) PRIMARY KEY,
+        started_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL
+    )""",
 )
 
 
@@ -360,6 +370,7 @@ ADDED_COLUMNS = {
     "parameters_preview": "TEXT",
     "result_preview": "TEXT",
     "history": "TEXT",
+    "lease_replica": "VARCHAR(36)",
 }
 
 #: Where a run's rows are, and the column naming it: retention deletes them all.
@@ -512,6 +523,9 @@ class Store:
     default_max_redeliveries: int = 3
     #: The most log records kept per run; later ones are counted, not stored.
     max_logs_per_run: int = 1000
+    #: This server's name among the replicas sharing the database: unique to
+    #: each start, so a restarted server never inherits a dead one's leases.
+    replica_id: str = attrs.field(factory=lambda: uuid.uuid4().hex)
     _dialect: Dialect = attrs.field(init=False, repr=False)
     _placeholder: str = attrs.field(init=False, repr=False)
     #: Appended to a read by id of rows about to change ("" when the dialect needs no lock).
@@ -1088,9 +1102,13 @@ class Store:
             cur.executemany(
                 self._q(
                     "UPDATE task_runs SET state = 'PENDING', attempt = attempt + 1,"
-                    f" lease_owner = ?, {_APPEND_HISTORY} WHERE id = ? AND state = 'SCHEDULED'"
+                    f" lease_owner = ?, lease_replica = ?, {_APPEND_HISTORY}"
+                    " WHERE id = ? AND state = 'SCHEDULED'"
                 ),
-                [(owner, _entry(pending, run.attempt, None, now), str(run.id)) for run in leased],
+                [
+                    (owner, self.replica_id, _entry(pending, run.attempt, None, now), str(run.id))
+                    for run in leased
+                ],
             )
             if unreadable:
                 # Never delivered, never retried: CRASHED with the reason, so the
@@ -1249,6 +1267,81 @@ class Store:
             return self._release(cur, "the server restarted", now)
 
         return await self.runner.transact(release)
+
+    # --- replicas -----------------------------------------------------------------
+
+    async def renew_replica(self, now: float, lease_seconds: float) -> bool:
+        """Hold (or extend) this replica's lease until ``now + lease_seconds``.
+
+        Returns False when it had no row: at its first call, or because the
+        others took it for dead and may have freed its runs (their leases are
+        fenced, so a late report on one is refused). The row is written either way.
+        """
+
+        def renew(cur: Cursor) -> bool:
+            cur.execute(
+                self._q("UPDATE replicas SET expires_at = ? WHERE id = ?"),
+                (now + lease_seconds, self.replica_id),
+            )
+            if cur.rowcount == 1:
+                return True
+            cur.execute(
+                self._q("INSERT INTO replicas (id, started_at, expires_at) VALUES (?, ?, ?)"),
+                (self.replica_id, now, now + lease_seconds),
+            )
+            return False
+
+        return await self.runner.transact(renew)
+
+    async def retire_replica(self) -> None:
+        """This replica stops: drop its lease (its connections released their runs)."""
+
+        def retire(cur: Cursor) -> None:
+            cur.execute(self._q("DELETE FROM replicas WHERE id = ?"), (self.replica_id,))
+
+        await self.runner.transact(retire)
+
+    async def rescue_runs(self, now: float) -> Outcome:
+        """Free the runs leased through replicas whose lease has expired (or that
+        never had one: a server of version 1), as a lost connection frees them;
+        and forget those replicas.
+
+        Safe on several replicas at once (the server runs it on one: see
+        :mod:`._replicas`). Fenced: each run is read ``FOR UPDATE`` and freed
+        only while it is still leased through a dead replica, so a run that
+        just ended, or that a live replica leased again, is never touched.
+        """
+
+        def rescue(cur: Cursor) -> Outcome:
+            cur.execute(
+                self._q(
+                    f"SELECT {_COLUMNS} FROM task_runs WHERE lease_owner IS NOT NULL"
+                    " AND (lease_replica IS NULL OR lease_replica NOT IN"
+                    " (SELECT id FROM replicas WHERE expires_at >= ?))"
+                    f"{self._lock_by_id}"
+                ),
+                (now,),
+            )
+            outcome = self._release(cur, "its server replica stopped renewing its lease", now)
+            cur.execute(self._q("DELETE FROM replicas WHERE expires_at < ?"), (now,))
+            return outcome
+
+        return await self.runner.transact(rescue)
+
+    async def cancelling_runs(self) -> list[tuple[uuid.UUID, str]]:
+        """The CANCELLING runs leased through this replica, with their connections."""
+
+        def read(cur: Cursor) -> list[tuple[uuid.UUID, str]]:
+            cur.execute(
+                self._q(
+                    "SELECT id, lease_owner FROM task_runs WHERE state = 'CANCELLING'"
+                    " AND lease_replica = ? AND lease_owner IS NOT NULL"
+                ),
+                (self.replica_id,),
+            )
+            return [(uuid.UUID(row[0]), str(row[1])) for row in cur.fetchall()]
+
+        return await self.runner.transact(read)
 
     async def cancel_run(self, run_id: uuid.UUID, now: float) -> tuple[TaskRun, str | None]:
         """Cancel a run; return it and the connection that holds its lease, if any.
