@@ -71,6 +71,9 @@ __all__ = [
 MAX_RUNS_PER_REQUEST = 10_000
 #: The longest a wait request may ask the server to hold it open, in seconds.
 MAX_WAIT_SECONDS = 300.0
+#: How long a server replica's lease lasts without a heartbeat, in seconds (it
+#: renews it three times per lease); a dead replica's runs wait this long.
+DEFAULT_REPLICA_LEASE = 15.0
 #: The most ``retries`` or ``max_redeliveries`` a task may ask for (a 32-bit column).
 MAX_COUNT = 2**31 - 1
 #: The longest delay or timeout in seconds (about 100 years): a time this far

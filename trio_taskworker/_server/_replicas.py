@@ -27,15 +27,13 @@ from typing import Protocol
 import attrs
 import trio
 
+from .._models import DEFAULT_REPLICA_LEASE
 from ._store import Outcome, Store, StoreError, StoreUnavailable
 
-__all__ = ["Bus", "Hearer", "LocalBus", "Replica"]
+__all__ = ["DEFAULT_REPLICA_LEASE", "Bus", "Hearer", "LocalBus", "Replica"]
 
 log = logging.getLogger(__name__)
 
-#: How long a replica's lease lasts without a heartbeat, in seconds; it renews
-#: it three times per lease. A dead replica's runs wait this long.
-DEFAULT_REPLICA_LEASE = 15.0
 #: How often a replica looks for what a lost notification would have told it.
 DEFAULT_POLL_SECONDS = 1.0
 
