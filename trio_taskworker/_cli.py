@@ -3,6 +3,7 @@
 ::
 
     trio-taskworker server start [--host H] [--port P] [--data-dir DIR | --database-url URL]
+                                 [--replica-lease SECONDS]
                                  [--api-key KEY[:ROLE+ROLE]]... [--insecure]
                                  [--certfile PEM --keyfile PEM]
     trio-taskworker db upgrade [--data-dir DIR | --database-url URL]
@@ -41,7 +42,7 @@ import trio
 from ._definition import module_name_for_path
 from ._exceptions import TaskWorkerError, leaves
 from ._inspect import InspectError
-from ._models import MAX_WAIT_SECONDS
+from ._models import DEFAULT_REPLICA_LEASE, MAX_WAIT_SECONDS
 from ._states import TaskRunState
 from ._task import Task
 from ._version import __version__
@@ -190,6 +191,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     start.add_argument(
         "--max-wait",
+    start.add_argument(
+        "--replica-lease",
+        type=_positive_seconds,
+        default=DEFAULT_REPLICA_LEASE,
+        metavar="SECONDS",
+        help="with --database-url: how long the runs of a replica that stopped renewing its"
+        f" lease wait before another replica frees them (default {DEFAULT_REPLICA_LEASE:g})",
+    )
         type=_positive_seconds,
         default=MAX_WAIT_SECONDS,
         metavar="SECONDS",
@@ -415,6 +424,7 @@ async def _run_server(args: argparse.Namespace) -> None:
     kwargs["database_url"] = _database_url(args)
     # The environment is for keys that should not show in `ps`; a flag wins.
     env_keys = os.environ.get("TRIO_TASKWORKER_SERVER_API_KEY", "").strip()
+        "replica_lease_seconds": args.replica_lease,
     kwargs["api_keys"] = args.api_key or ([env_keys] if env_keys else [])
     server = TaskServer(**kwargs)
     # Signals are caught before the ready line, so a supervisor that signals as
