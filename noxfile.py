@@ -90,9 +90,12 @@ def bench(session: nox.Session) -> None:
     """Throughput, latency, RSS, idle cost and the peers on this machine, as one JSON.
 
     Arguments after ``--`` go to benchmarks/bench.py: ``--runs N``, ``--no-peers``,
-    ``--backlog 1000000`` (the 1M-backlog figure, several minutes), ``--help``.
-    The peers (Dramatiq, Celery on Redis at 127.0.0.1:6379; Huey on SQLite) are
-    skipped, each with its reason in the JSON, when their service does not answer.
+    ``--backlog 1000000`` (the 1M-backlog figure, several minutes), ``--postgres
+    [URL]`` (one and two server replicas on a fresh PostgreSQL database, default
+    on 127.0.0.1:5432; the peers are then skipped unless ``--peers`` names them),
+    ``--help``. The peers (Dramatiq, Celery on Redis at 127.0.0.1:6379; Huey on
+    SQLite) are skipped, each with its reason in the JSON, when their service
+    does not answer.
     """
-    session.install(".", *PEERS)
+    session.install(".[postgres]", *PEERS)
     session.run("python", "benchmarks/bench.py", *session.posargs)

@@ -20,9 +20,14 @@ measure the peers get), and ``delay()`` to result in the caller.
 
 Usage::
 
-    python benchmarks/bench.py [--runs 5000] [--no-peers] [--backlog N]
+    python benchmarks/bench.py [--runs 5000] [--no-peers] [--backlog N] [--postgres [URL]]
     python -m nox -s bench -- --runs 5000            # the same, in a fresh venv
     python -m nox -s bench -- --backlog 1000000      # the 1M-backlog figure (minutes)
+    python -m nox -s bench -- --postgres --no-peers  # adds the PostgreSQL rows
+
+``--postgres`` adds a ``postgres`` section: one and two server replicas on a
+fresh PostgreSQL database (benchmarks/bench_postgres.py, which also runs alone);
+with it the peers are skipped unless ``--peers`` names them.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _procs import CpuWatch, cpu_percent, memory, percentiles, rate, stop  # noqa: E402
+from bench_postgres import DEFAULT_URL as DEFAULT_POSTGRES_URL  # noqa: E402
 from bench_tasks import (  # noqa: E402
     never_served,
     noop_async,
@@ -502,7 +508,23 @@ def main() -> int:
         "--backlog", type=int, default=0, help="queue N never-served runs and measure (0: skip)"
     )
     parser.add_argument("--no-peers", action="store_true", help="skip Dramatiq, Celery, Huey")
-    parser.add_argument("--peers", default="dramatiq,celery,huey", help="comma-separated subset")
+    parser.add_argument(
+        "--peers",
+        default=None,
+        help="comma-separated subset of dramatiq,celery,huey (default: all, none with --postgres)",
+    )
+    parser.add_argument(
+        "--postgres",
+        nargs="?",
+        const=DEFAULT_POSTGRES_URL,
+        default=None,
+        metavar="URL",
+        help="also measure one and two replicas on PostgreSQL; URL is where a fresh database "
+        f"is created and dropped (default {DEFAULT_POSTGRES_URL})",
+    )
+    parser.add_argument(
+        "--postgres-replicas", default="1,2", help="the PostgreSQL rows (default 1,2)"
+    )
     args = parser.parse_args()
 
     load_at_start = [round(x, 2) for x in os.getloadavg()]
@@ -523,10 +545,15 @@ def main() -> int:
         "ours_wall_seconds": round(ours_seconds, 1),
     }
     report["targets"] = targets(figures)
-    if not args.no_peers:
+    if args.postgres:
+        from bench_postgres import run_postgres
+
+        replicas = tuple(int(k) for k in args.postgres_replicas.split(",") if k)
+        report["postgres"] = run_postgres(args.postgres, args.runs, args.limit, replicas)
+    if not args.no_peers and (args.peers is not None or not args.postgres):
         from peers import run_peers
 
-        names = tuple(n for n in args.peers.split(",") if n)
+        names = tuple(n for n in (args.peers or "dramatiq,celery,huey").split(",") if n)
         report["peers"] = run_peers(args.runs, args.latency_runs, names)
         report["ratios"] = ratios(figures, report["peers"])
     report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
