@@ -336,6 +336,11 @@ IDS_PER_NOTIFY = 200
 MAX_NAMED_ENDED = 1000
 #: How long the listening thread waits for notifications before looking again.
 LISTEN_WAIT = 0.5
+#: TCP keepalive of the listening connection: idle seconds, seconds between
+#: probes, probes before the peer is taken for gone.
+KEEPALIVE_IDLE = 5
+KEEPALIVE_INTERVAL = 2
+KEEPALIVE_COUNT = 3
 #: The wait before connecting the listener again after it failed.
 LISTEN_RETRY_SECONDS = 1.0
 
@@ -428,6 +433,20 @@ class PostgresBus:
             autocommit=True,
             application_name="trio-taskworker listener",
             connect_timeout=max(1, round(self.runner.connect_timeout)),
+            # TCP keepalives both ways: when a replica's machine vanishes
+            # without closing its connection, PostgreSQL ends the session
+            # (releasing the maintenance lock) within about 11 s instead of
+            # the system's two hours, and the replica notices a vanished
+            # database as soon.
+            keepalives=1,
+            keepalives_idle=KEEPALIVE_IDLE,
+            keepalives_interval=KEEPALIVE_INTERVAL,
+            keepalives_count=KEEPALIVE_COUNT,
+            options=(
+                f"-c tcp_keepalives_idle={KEEPALIVE_IDLE}"
+                f" -c tcp_keepalives_interval={KEEPALIVE_INTERVAL}"
+                f" -c tcp_keepalives_count={KEEPALIVE_COUNT}"
+            ),
         )
         try:
             for channel in (CHANNEL_DUE, CHANNEL_ENDED, CHANNEL_CANCEL):
