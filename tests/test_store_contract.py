@@ -765,7 +765,9 @@ async def test_a_retired_replica_is_gone_and_a_run_of_no_replica_is_freed(
         assert [(r.id, r.state) for r in outcome.changed] == [(run_id, S.SCHEDULED)]
 
 
-async def test_cancelling_runs_are_listed_by_the_replica_holding_them(backend: Backend) -> None:
+async def test_cancelling_runs_are_listed_by_their_replica_and_cancelled_when_it_dies(
+    backend: Backend,
+) -> None:
     async with two_replicas(backend) as (a, b):
         run_id, attempt = await leased(a, owner="a-conn")
         await a.apply_reports("a-conn", [Started(id=run_id, attempt=attempt)], now=2.0)
@@ -773,3 +775,9 @@ async def test_cancelling_runs_are_listed_by_the_replica_holding_them(backend: B
         assert run.state is S.CANCELLING and owner == "a-conn"
         assert await a.cancelling_runs() == [(run_id, "a-conn")]
         assert await b.cancelling_runs() == []
+        # a dies before its worker reports: the cancel wins.
+        await a.retire_replica()
+        await b.renew_replica(now=4.0, lease_seconds=60.0)
+        (freed,) = (await b.rescue_runs(now=5.0)).changed
+        assert freed.id == run_id and freed.state is S.CANCELLED
+        assert await a.cancelling_runs() == []
