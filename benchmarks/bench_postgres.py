@@ -37,6 +37,7 @@ Each row reports:
 Usage::
 
     python benchmarks/bench_postgres.py [--postgres URL] [--runs 3000] [--replicas 1,2]
+        [--synchronous-commit off]   # what waiting for the WAL flush costs
     python benchmarks/bench.py --postgres [URL] --no-peers   # inside the full JSON
 """
 
@@ -94,11 +95,20 @@ def with_database(url: str, name: str) -> str:
 
 
 @contextlib.contextmanager
-def fresh_database(admin_url: str) -> Iterator[str]:
-    """Create ``ttw_bench_<random>``, yield its URL, and drop it at the end, even on error."""
+def fresh_database(admin_url: str, synchronous_commit: str | None = None) -> Iterator[str]:
+    """Create ``ttw_bench_<random>``, yield its URL, and drop it at the end, even on error.
+
+    ``synchronous_commit`` (``on``/``off``) is set on that database only, for the
+    connections made to it: ``off`` shows what waiting for the WAL flush costs.
+    """
     name = f"ttw_bench_{secrets.token_hex(4)}"
     with _connect(admin_url) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
+        if synchronous_commit is not None:
+            conn.execute(
+                f'ALTER DATABASE "{name}" SET synchronous_commit = '
+                + {"on": "on", "off": "off"}[synchronous_commit]
+            )
     try:
         yield with_database(admin_url, name)
     finally:
@@ -359,9 +369,11 @@ def _per_run(value: float | None, runs: int, digits: int = 2) -> float | None:
     return None if value is None else round(value / runs, digits)
 
 
-def row(admin_url: str, replicas: int, runs: int, limit: str) -> dict[str, Any]:
+def row(
+    admin_url: str, replicas: int, runs: int, limit: str, synchronous_commit: str | None = None
+) -> dict[str, Any]:
     """One row: ``replicas`` servers and as many workers on a fresh database."""
-    with fresh_database(admin_url) as database_url:
+    with fresh_database(admin_url, synchronous_commit) as database_url:
         upgrade(database_url)
         name = urllib.parse.urlsplit(database_url).path.lstrip("/")
         db = Database(admin_url, name)
@@ -452,6 +464,7 @@ def run_postgres(
     runs: int = 3000,
     limit: str = "100",
     replicas: tuple[int, ...] = (1, 2),
+    synchronous_commit: str | None = None,
 ) -> dict[str, Any]:
     """Every row, as one JSON-ready dict."""
     with _connect(admin_url) as conn:
@@ -473,7 +486,8 @@ def run_postgres(
         "worker_limit": limit,
         "workload": "noop_async on the batch path (map + gather_results in open_client), "
         "one worker process per replica, each submitter on its own replica",
-        "rows": [row(admin_url, k, runs, limit) for k in replicas],
+        "bench_database_synchronous_commit": synchronous_commit or "the cluster's",
+        "rows": [row(admin_url, k, runs, limit, synchronous_commit) for k in replicas],
     }
 
 
@@ -483,10 +497,16 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3000)
     parser.add_argument("--limit", default="100", help="each worker's --limit")
     parser.add_argument("--replicas", default="1,2", help="comma-separated rows (default 1,2)")
+    parser.add_argument(
+        "--synchronous-commit",
+        choices=("on", "off"),
+        default=None,
+        help="set on the bench database only (default: the cluster's setting)",
+    )
     args = parser.parse_args()
     replicas = tuple(int(k) for k in args.replicas.split(",") if k)
     began = time.perf_counter()
-    report = run_postgres(args.postgres, args.runs, args.limit, replicas)
+    report = run_postgres(args.postgres, args.runs, args.limit, replicas, args.synchronous_commit)
     report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["wall_seconds"] = round(time.perf_counter() - began, 1)
     print(json.dumps(report, indent=2))
