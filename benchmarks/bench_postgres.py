@@ -227,13 +227,17 @@ class Database:
         return int(row[0])
 
     def commits(self) -> dict[str, int]:
-        """xact_commit of the bench database, and of all the others together."""
+        """xact_commit of every database, by name."""
         self.conn.execute("SELECT pg_stat_clear_snapshot()")
         rows = self.conn.execute(
             "SELECT datname, xact_commit FROM pg_stat_database WHERE datname IS NOT NULL"
         ).fetchall()
-        ours = sum(int(c) for d, c in rows if d == self.name)
-        return {"bench": ours, "others": sum(int(c) for d, c in rows) - ours}
+        return {str(d): int(c) for d, c in rows}
+
+    def others_committed(self, before: dict[str, int], after: dict[str, int]) -> int:
+        """Commits in the other databases between two readings (a database dropped
+        in between is left out: its count went with it)."""
+        return sum(c - before.get(d, 0) for d, c in after.items() if d != self.name)
 
     def backends(self) -> list[int]:
         """The PIDs of the backends connected to the bench database (the servers' pools)."""
@@ -431,7 +435,7 @@ def row(
     transactions = _delta(metrics_after, metrics_before, TRANSACTIONS)
     # A backend gone by the end is missing from backend_cpu_after, its time lost.
     backend_cpu = sum(t - backend_cpu_before.get(p, 0.0) for p, t in backend_cpu_after.items())
-    commits = commits_after["bench"] - commits_before["bench"]
+    commits = commits_after[name] - commits_before[name]
     if not isinstance(own_wal, str):
         commits -= Database.OWN_WAL_COMMITS
     return {
@@ -455,7 +459,7 @@ def row(
             "driver": _per_1000(driver_after - driver_before, runs),
         },
         "bench_backends": {"at_start": len(backends), "at_end": len(backends_after)},
-        "other_databases_xact_commit": commits_after["others"] - commits_before["others"],
+        "other_databases_xact_commit": db.others_committed(commits_before, commits_after),
     }
 
 
