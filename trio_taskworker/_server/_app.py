@@ -169,8 +169,7 @@ class AppState:
         """
         run, owner = await self.store.cancel_run(run_id, self.now())
         self.changed(Outcome(changed=(run,)))
-        cancelling = owner is not None and run.state is TaskRunState.CANCELLING
-        if cancelling and owner is not None and not self._tell_cancel(run_id, owner):
+        if owner is not None and not self._tell_cancel(run_id, owner):
             # Leased through another replica (or a connection just gone).
             self.bus.cancel(run_id, owner)
         return run
