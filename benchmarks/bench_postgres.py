@@ -69,7 +69,7 @@ from trio_taskworker import gather_results, open_client  # noqa: E402
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 TASKS = HERE / "bench_tasks.py"
-#: Runs each replica serves before the measured ones (connections, caches, JIT of nothing).
+#: Runs each replica serves before the measured ones (connections, pools, caches).
 WARM_UP = 200
 #: How long PostgreSQL backends may keep their statistics before flushing them
 #: (PGSTAT_IDLE_INTERVAL is 10 s), plus a margin.
@@ -310,16 +310,18 @@ def claim_batches(before: dict[str, float], after: dict[str, float]) -> dict[str
 # --- processes ---------------------------------------------------------------------------------
 
 
-def _cli(args: list[str]) -> subprocess.Popen[str]:
+def _cli(args: list[str], stdout: int = subprocess.DEVNULL) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "trio_taskworker", "--log-level", "WARNING", *args],
-        stdout=subprocess.PIPE,
+        stdout=stdout,
         text=True,
     )
 
 
 def start_server(database_url: str) -> tuple[subprocess.Popen[str], str]:
-    server = _cli(["server", "start", "--database-url", database_url, "--port", "0"])
+    server = _cli(
+        ["server", "start", "--database-url", database_url, "--port", "0"], subprocess.PIPE
+    )
     assert server.stdout is not None
     line = server.stdout.readline()
     server.stdout.close()
