@@ -190,8 +190,6 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a silent worker keeps its leases (default 30)",
     )
     start.add_argument(
-        "--max-wait",
-    start.add_argument(
         "--replica-lease",
         type=_positive_seconds,
         default=DEFAULT_REPLICA_LEASE,
@@ -199,6 +197,8 @@ def _parser() -> argparse.ArgumentParser:
         help="with --database-url: how long the runs of a replica that stopped renewing its"
         f" lease wait before another replica frees them (default {DEFAULT_REPLICA_LEASE:g})",
     )
+    start.add_argument(
+        "--max-wait",
         type=_positive_seconds,
         default=MAX_WAIT_SECONDS,
         metavar="SECONDS",
@@ -412,6 +412,7 @@ async def _run_server(args: argparse.Namespace) -> None:
         "host": args.host,
         "port": args.port,
         "lease_seconds": args.lease_seconds,
+        "replica_lease_seconds": args.replica_lease,
         "max_wait_seconds": args.max_wait,
         "default_max_redeliveries": args.max_redeliveries,
         "retention": args.retention,
@@ -424,7 +425,6 @@ async def _run_server(args: argparse.Namespace) -> None:
     kwargs["database_url"] = _database_url(args)
     # The environment is for keys that should not show in `ps`; a flag wins.
     env_keys = os.environ.get("TRIO_TASKWORKER_SERVER_API_KEY", "").strip()
-        "replica_lease_seconds": args.replica_lease,
     kwargs["api_keys"] = args.api_key or ([env_keys] if env_keys else [])
     server = TaskServer(**kwargs)
     # Signals are caught before the ready line, so a supervisor that signals as
