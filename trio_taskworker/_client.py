@@ -18,13 +18,14 @@ import contextvars
 import functools
 import logging
 import os
+import random
 import ssl
 import threading
 import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import attrs
 import httpx
@@ -62,13 +63,16 @@ __all__ = [
     "StoredPayload",
     "SyncClient",
     "TaskWorkerClient",
+    "answering_url",
     "api_key_from_env",
     "api_url_from_env",
+    "api_urls",
     "auth_headers",
     "bound_client",
     "client_for",
     "fits_inline",
     "load_payload",
+    "normalize_api_url",
     "open_client",
     "pooled_http",
     "redact_url",
@@ -101,24 +105,75 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
+def _redact_item(item: str) -> str:
+    try:
+        return redact_url(item)
+    except ValueError:  # a port that is not a number: cut what could be a password
+        scheme, sep, rest = item.partition("://")
+        return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else item
+
+
+def api_urls(api_url: str) -> tuple[str, ...]:
+    """The server URLs in ``api_url``: one, or several replicas of one server
+    separated by commas (``"http://a:4200,http://b:4200"``).
+
+    Whitespace and trailing slashes are stripped and empty items dropped.
+    Raises :class:`ConfigurationError`, naming the item, unless each is an
+    ``http://`` or ``https://`` URL with a host.
+    """
+    urls = tuple(url for item in api_url.split(",") if (url := item.strip().rstrip("/")))
+    if not urls:
+        raise ConfigurationError(f"no server URL in {api_url!r}")
+    for url in urls:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigurationError(
+                f"the server URL {_redact_item(url)!r} is not an http:// or https:// URL"
+                " with a host (several go separated by commas)"
+            )
+    return urls
+
+
+def normalize_api_url(api_url: str) -> str:
+    """``api_url`` as clients know it: its URLs (see :func:`api_urls`) joined by commas.
+
+    Two spellings of the same servers give the same string, so it can key the
+    shared clients. One URL comes back as itself, without a trailing slash.
+    """
+    return ",".join(api_urls(api_url))
+
+
 def api_url_from_env() -> str:
-    """The server URL from ``TRIO_TASKWORKER_API_URL``, or ``http://127.0.0.1:4200``."""
-    return os.environ.get("TRIO_TASKWORKER_API_URL", DEFAULT_API_URL).rstrip("/")
+    """The server URL(s) from ``TRIO_TASKWORKER_API_URL``, or ``http://127.0.0.1:4200``.
+
+    Normalized (:func:`normalize_api_url`); several URLs are replicas to fail
+    over across. Raises :class:`ConfigurationError` for a malformed value.
+    """
+    return normalize_api_url(
+        os.environ.get("TRIO_TASKWORKER_API_URL", "").strip() or DEFAULT_API_URL
+    )
 
 
-def _unreachable(api_url: str, exc: httpx.TransportError) -> ServerUnavailable:
-    """The error for a request that never got an answer, naming an untrusted
-    certificate when that is why (httpx shows it as a bare ``ConnectError('')``)."""
+def _unreachable(where: str | Sequence[str], exc: httpx.TransportError) -> ServerUnavailable:
+    """The error for a request that never got an answer from ``where`` (a URL, or
+    every URL tried), naming an untrusted certificate when that is why (httpx
+    shows it as a bare ``ConnectError('')``)."""
+    urls = ", ".join(redact_url(url) for url in ([where] if isinstance(where, str) else where))
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
         cause = cause.__cause__ or cause.__context__
     if isinstance(cause, ssl.SSLCertVerificationError):
         return ServerUnavailable(
-            f"cannot reach {redact_url(api_url)}: its TLS certificate is not trusted"
+            f"cannot reach {urls}: its TLS certificate is not trusted"
             f" ({cause.verify_message}); set TRIO_TASKWORKER_CA_FILE to the CA bundle"
             " that signed it"
         )
-    return ServerUnavailable(f"cannot reach {redact_url(api_url)}: {exc!r}")
+    return ServerUnavailable(f"cannot reach {urls}: {exc!r}")
 
 
 def api_key_from_env() -> str | None:
@@ -144,13 +199,87 @@ class _Call:
     content_type: str = "application/json"
     read_timeout: float = 30.0
     #: Safe to send again after a transport error (the drivers then retry it,
-    #: the same request, up to len(RETRY_DELAYS) times).
+    #: the same request, up to len(RETRY_DELAYS) times, after a jittered wait).
     retry: bool = False
+    #: Safe to send to another replica after a transport error even if this one
+    #: may have received it (a read, or a write whose repeat changes nothing):
+    #: each server URL gets it once, at once, but it is not sent twice to the
+    #: same server unless ``retry`` says so. With one URL this changes nothing.
+    idempotent: bool = False
     idempotency_key: str | None = None
 
 
-#: Waits before each retry of a request that is safe to send again, in seconds.
+#: Waits before each retry of a request that is safe to send again, in seconds
+#: (the most: each wait is drawn between zero and this, so that the clients of a
+#: server that went away do not all come back at the same moment).
 RETRY_DELAYS = (0.1, 0.5, 2.0)
+
+_CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+
+
+@attrs.define(eq=False)
+class _Route:
+    """A client's server URLs and the one it sends to now.
+
+    Sticky: calls go to the current URL for as long as it answers. A URL that
+    fails makes the next one current, so later calls skip it at once; a call
+    that fails at the same time as another one moves from where it was, and
+    does not skip a URL another call moved to. The URL that answered last is
+    current, whatever calls in between met.
+    """
+
+    urls: tuple[str, ...]
+    current: int = 0
+
+    def answered(self, url: str) -> None:
+        """``url`` answered a call: stay there."""
+        self.current = self.urls.index(url)
+
+    def attempts(
+        self, call: _Call
+    ) -> Generator[tuple[str, float], httpx.TransportError, NoReturn]:
+        """Where to send ``call``, and how long to wait first; the driver sends
+        in each transport error it meets and gets the next place.
+
+        A connect error (nothing was sent) moves on to the next URL at once,
+        whatever the call. Once every URL has failed, a ``retry`` call waits and
+        goes round again, up to ``len(RETRY_DELAYS)`` times; any other raises
+        :class:`ServerUnavailable` naming every URL tried. Another transport
+        error (the server may have the request) sends the call again only if
+        it is ``retry`` (on the next URL, after a wait) or ``idempotent`` (on
+        the next URL not tried yet in this round).
+        """
+        n = len(self.urls)
+        index = self.current
+        delays = iter(RETRY_DELAYS if call.retry else ())
+        tried: dict[str, None] = {}
+        failed = 0  # URLs that failed since the last wait
+        delay = 0.0
+        while True:
+            exc = yield self.urls[index], delay
+            url = self.urls[index]
+            tried[url] = None
+            if self.current == index:
+                self.current = (index + 1) % n
+            # Another URL at once, or (a possibly received request) only after a wait.
+            at_once = isinstance(exc, _CONNECT_ERRORS) or (call.idempotent and not call.retry)
+            failed = failed + 1 if at_once else n
+            if failed < n:
+                delay = 0.0
+            elif (wait := next(delays, None)) is not None:
+                delay, failed = random.uniform(0.0, wait), 0
+            else:
+                raise _unreachable(list(tried), exc) from exc
+            index = (index + 1) % n
+            if n == 1:
+                log.info("%s %s: %r; retrying", call.method, call.path, exc)
+            else:
+                log.info(
+                    "%s unreachable (%r); trying %s",
+                    redact_url(url),
+                    exc,
+                    redact_url(self.urls[index]),
+                )
 
 
 Operation = Generator[_Call, httpx.Response, T]
@@ -193,7 +322,7 @@ def _op_put_blob(data: bytes) -> Operation[str]:
 
 
 def _op_get_blob(ref: str) -> Operation[bytes]:
-    response = yield _Call(method="GET", path=f"/blobs/{ref}")
+    response = yield _Call(method="GET", path=f"/blobs/{ref}", idempotent=True)
     _raise_for_status(response)
     return response.content
 
@@ -225,6 +354,8 @@ def _op_submit(calls: Sequence[tuple[TaskRunCreate, bytes]]) -> Operation[list[u
         creates.append(attrs.evolve(create, parameters=stored.inline, parameters_ref=stored.ref))
     # One key per submission: a retry after a lost answer gets the same ids back
     # instead of creating the runs twice (and an error never hides created runs).
+    # The server keeps the keys in its database, so a replica that shares it
+    # answers the replay with the same ids too.
     response = yield _Call(
         method="POST",
         path="/runs",
@@ -237,7 +368,7 @@ def _op_submit(calls: Sequence[tuple[TaskRunCreate, bytes]]) -> Operation[list[u
 
 
 def _op_read_run(run_id: uuid.UUID) -> Operation[TaskRun]:
-    response = yield _Call(method="GET", path=f"/runs/{run_id}")
+    response = yield _Call(method="GET", path=f"/runs/{run_id}", idempotent=True)
     _raise_for_status(response)
     return from_json(response.content, TaskRun)
 
@@ -250,7 +381,7 @@ def _op_list_runs(
         params["state"] = str(state)
     if task_key is not None:
         params["task_key"] = task_key
-    response = yield _Call(method="GET", path="/runs", params=params)
+    response = yield _Call(method="GET", path="/runs", params=params, idempotent=True)
     _raise_for_status(response)
     return list(from_json(response.content, RunList).runs)
 
@@ -275,6 +406,7 @@ def _op_wait_run(run_id: uuid.UUID, timeout: float | None, clock: Clock) -> Oper
             path=f"/runs/{run_id}/wait",
             params={"timeout": wait},
             read_timeout=wait + _CONNECT_TIMEOUT,
+            idempotent=True,  # a long-poll only reads
         )
         _raise_for_status(response)
         run = from_json(response.content, TaskRun)
@@ -298,6 +430,7 @@ def _op_post_wait(
         path="/runs/wait",
         content=to_json(WaitRequest(ids=tuple(ids), timeout=wait, return_when=return_when)),
         read_timeout=wait + _CONNECT_TIMEOUT,
+        idempotent=True,  # a POST, but it only reads
     )
     _raise_for_status(response)
     return list(from_json(response.content, RunList).runs)
@@ -355,7 +488,9 @@ def _op_wait_runs(
 
 
 def _op_cancel(run_id: uuid.UUID) -> Operation[TaskRun]:
-    response = yield _Call(method="POST", path=f"/runs/{run_id}/cancel")
+    # Idempotent in effect: a repeat finds the run ended (409), and then the
+    # answer is the run as it ended, as for the first request.
+    response = yield _Call(method="POST", path=f"/runs/{run_id}/cancel", idempotent=True)
     if response.status_code == 409:
         # It ended first: there is nothing to cancel, so say how it ended.
         return (yield from _op_read_run(run_id))
@@ -408,8 +543,10 @@ _LOGS_READ_TIMEOUT = 10.0
 
 
 def _op_post_logs(records: Sequence[LogRecord]) -> Operation[dict[str, int]]:
-    # Not retried here: the worker's log shipper retries a whole batch itself,
-    # with its own backoff, and gives up on it in the end.
+    # Not retried here, nor sent to another replica after it may have arrived
+    # (a repeat would store the records twice): the worker's log shipper
+    # retries a whole batch itself, with its own backoff, and gives up on it
+    # in the end.
     response = yield _Call(
         method="POST",
         path="/logs",
@@ -421,8 +558,13 @@ def _op_post_logs(records: Sequence[LogRecord]) -> Operation[dict[str, int]]:
     return counts
 
 
+def _op_answer() -> Operation[None]:
+    """Any answer at all: the server is there (see :func:`answering_url`)."""
+    yield _Call(method="GET", path="/health", idempotent=True, read_timeout=_CONNECT_TIMEOUT)
+
+
 def _op_health() -> Operation[dict[str, Any]]:
-    response = yield _Call(method="GET", path="/health")
+    response = yield _Call(method="GET", path="/health", idempotent=True)
     _raise_for_status(response)
     result: dict[str, Any] = response.json()
     return result
@@ -431,14 +573,15 @@ def _op_health() -> Operation[dict[str, Any]]:
 # --- drivers -------------------------------------------------------------------------
 
 
-def _build(http: httpx.Client | httpx.AsyncClient, call: _Call) -> httpx.Request:
+def _build(http: httpx.Client | httpx.AsyncClient, url: str, call: _Call) -> httpx.Request:
     timeout = httpx.Timeout(_CONNECT_TIMEOUT, read=call.read_timeout)
     headers = {"content-type": call.content_type} if call.content is not None else {}
     if call.idempotency_key is not None:
         headers["idempotency-key"] = call.idempotency_key
+    # An absolute URL: the client's base_url (if any) is one server of several.
     return http.build_request(
         call.method,
-        call.path,
+        url + call.path,
         params=call.params,
         content=call.content,
         headers=headers,
@@ -452,10 +595,18 @@ class TaskWorkerClient:
 
     Every method raises :class:`ServerUnavailable` when the server cannot be
     reached and :class:`ServerError` when it answers with an error.
+
+    ``api_url`` may name several replicas of one server, separated by commas:
+    requests go to the first that answers and fail over to the next on a
+    transport error (see :func:`api_urls`). ``http`` sends absolute URLs.
     """
 
-    api_url: str
+    api_url: str = attrs.field(converter=normalize_api_url)
     _http: httpx.AsyncClient
+    _route: _Route = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._route = _Route(api_urls(self.api_url))
 
     async def _drive(self, op: Operation[T]) -> T:
         try:
@@ -467,16 +618,18 @@ class TaskWorkerClient:
             return value
 
     async def _send(self, call: _Call) -> httpx.Response:
-        delays = RETRY_DELAYS if call.retry else ()
-        for attempt in range(len(delays) + 1):
+        attempts = self._route.attempts(call)
+        url, delay = next(attempts)
+        while True:
+            if delay:
+                await trio.sleep(delay)
             try:
-                return await self._http.send(_build(self._http, call))
+                response = await self._http.send(_build(self._http, url, call))
             except httpx.TransportError as exc:
-                if attempt == len(delays):
-                    raise _unreachable(self.api_url, exc) from exc
-                log.info("%s %s: %r; retrying", call.method, call.path, exc)
-            await trio.sleep(delays[attempt])
-        raise AssertionError("unreachable")
+                url, delay = attempts.send(exc)
+            else:
+                self._route.answered(url)
+                return response
 
     async def submit(self, calls: Sequence[tuple[TaskRunCreate, bytes]]) -> list[uuid.UUID]:
         """Create runs from ``(create, pickled parameters)`` pairs in one request.
@@ -627,12 +780,15 @@ def _tls_for(ca_file: str | None) -> ssl.SSLContext:
 
 def pooled_http(url: str, api_key: str | None = None) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` for ``url``: the shared TLS context, no connection cap,
-    and ``api_key`` (default: ``TRIO_TASKWORKER_API_KEY``) as a bearer token."""
+    and ``api_key`` (default: ``TRIO_TASKWORKER_API_KEY``) as a bearer token.
+
+    Its ``base_url`` is the first of ``url``'s servers; :class:`TaskWorkerClient`
+    sends absolute URLs, so one pool serves every replica."""
     # No cap on connections: every long-poll holds one for up to 30 s, and a
     # hundred callers awaiting results must not starve one that submits.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     return httpx.AsyncClient(
-        base_url=url, limits=limits, verify=_tls(), headers=auth_headers(api_key)
+        base_url=api_urls(url)[0], limits=limits, verify=_tls(), headers=auth_headers(api_key)
     )
 
 
@@ -649,7 +805,7 @@ async def open_client(
     :func:`shared_client`), so opening one is only needed to choose when its
     connections close, or to give a key other than the environment's.
     """
-    url = (api_url or api_url_from_env()).rstrip("/")
+    url = normalize_api_url(api_url or api_url_from_env())
     async with pooled_http(url, api_key) as http:
         with using_client(TaskWorkerClient(url, http)) as client:
             yield client
@@ -672,7 +828,7 @@ def using_client(client: TaskWorkerClient) -> Iterator[TaskWorkerClient]:
 def bound_client(api_url: str) -> TaskWorkerClient | None:
     """The client bound by an enclosing :func:`using_client` for ``api_url``, if any."""
     client = _current.get()
-    if client is not None and client.api_url == api_url.rstrip("/"):
+    if client is not None and client.api_url == normalize_api_url(api_url):
         return client
     return None
 
@@ -688,7 +844,7 @@ def shared_client(api_url: str | None = None) -> TaskWorkerClient:
     Made on first use; a system task owns it and closes its connections when
     the trio run ends, so callers never open or close anything.
     """
-    url = (api_url or api_url_from_env()).rstrip("/")
+    url = normalize_api_url(api_url or api_url_from_env())
     try:
         clients = _shared.get()
     except LookupError:
@@ -718,13 +874,9 @@ async def _close_when_the_run_ends(client: TaskWorkerClient) -> None:
 def client_for(api_url: str | None = None) -> TaskWorkerClient:
     """The client of the enclosing :func:`open_client` if its URL fits, else the shared one."""
     client = _current.get()
-    if client is not None and (api_url is None or api_url.rstrip("/") == client.api_url):
+    if client is not None and (api_url is None or normalize_api_url(api_url) == client.api_url):
         return client
     return shared_client(api_url)
-
-
-def _strip_slash(url: str) -> str:
-    return url.rstrip("/")
 
 
 @attrs.define(eq=False)
@@ -735,14 +887,17 @@ class SyncClient:
     ``TaskRunFuture.result_sync`` share one per thread (see :func:`sync_client`).
     """
 
-    api_url: str = attrs.field(factory=api_url_from_env, converter=_strip_slash)
+    #: One URL, or several replicas separated by commas (see :class:`TaskWorkerClient`).
+    api_url: str = attrs.field(factory=api_url_from_env, converter=normalize_api_url)
     #: Sent as a bearer token; None reads ``TRIO_TASKWORKER_API_KEY``.
     api_key: str | None = attrs.field(default=None, repr=False)
     _http: httpx.Client = attrs.field(init=False)
+    _route: _Route = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self._route = _Route(api_urls(self.api_url))
         self._http = httpx.Client(
-            base_url=self.api_url, verify=_tls(), headers=auth_headers(self.api_key)
+            base_url=self._route.urls[0], verify=_tls(), headers=auth_headers(self.api_key)
         )
 
     def __enter__(self) -> SyncClient:
@@ -765,16 +920,23 @@ class SyncClient:
             return value
 
     def _send(self, call: _Call) -> httpx.Response:
-        delays = RETRY_DELAYS if call.retry else ()
-        for attempt in range(len(delays) + 1):
+        attempts = self._route.attempts(call)
+        url, delay = next(attempts)
+        while True:
+            if delay:
+                time.sleep(delay)
             try:
-                return self._http.send(_build(self._http, call))
+                response = self._http.send(_build(self._http, url, call))
             except httpx.TransportError as exc:
-                if attempt == len(delays):
-                    raise _unreachable(self.api_url, exc) from exc
-                log.info("%s %s: %r; retrying", call.method, call.path, exc)
-            time.sleep(delays[attempt])
-        raise AssertionError("unreachable")
+                url, delay = attempts.send(exc)
+            else:
+                self._route.answered(url)
+                return response
+
+    @property
+    def current_url(self) -> str:
+        """The server URL requests go to now (the one that last answered)."""
+        return self._route.urls[self._route.current]
 
     def submit(self, calls: Sequence[tuple[TaskRunCreate, bytes]]) -> list[uuid.UUID]:
         """See :meth:`TaskWorkerClient.submit`."""
@@ -851,7 +1013,7 @@ def sync_client(api_url: str | None = None) -> SyncClient:
     bound = _current.get()  # an open_client()/using_client() block, carried into threads
     if api_url is None and bound is not None:
         api_url = bound.api_url
-    url = (api_url or api_url_from_env()).rstrip("/")
+    url = normalize_api_url(api_url or api_url_from_env())
     clients: _SyncClients | None = getattr(_sync_local, "clients", None)
     if clients is None or clients.pid != os.getpid():
         clients = _sync_local.clients = _SyncClients()
@@ -859,3 +1021,19 @@ def sync_client(api_url: str | None = None) -> SyncClient:
     if client is None:
         client = clients[url] = SyncClient(url)
     return client
+
+
+def answering_url(api_url: str | None = None, *, api_key: str | None = None) -> str:
+    """The first of ``api_url``'s servers that answers (default: from the environment).
+
+    For code that talks to one server at a time (the CLI's observing
+    commands). One URL comes back as it is, without a request; of several,
+    each is asked for ``GET /health`` in turn, and any answer will do. Raises
+    :class:`ServerUnavailable` naming them all when none answers.
+    """
+    urls = api_urls(api_url or api_url_from_env())
+    if len(urls) == 1:
+        return urls[0]
+    with SyncClient(",".join(urls), api_key) as client:
+        client._drive(_op_answer())
+        return client.current_url
