@@ -36,7 +36,7 @@ import attrs
 import trio
 import trio_websocket
 
-from ._client import INLINE_PAYLOAD_LIMIT, _tls, auth_headers
+from ._client import INLINE_PAYLOAD_LIMIT, _tls, api_urls, auth_headers, redact_url
 from ._exceptions import ConfigurationError, ProtocolError, leaves
 from ._models import (
     Cancel,
@@ -134,6 +134,11 @@ def websocket_connector(
 ) -> Connect:
     """The default ``connect``: a trio-websocket connection to ``{api_url}/subscribe``.
 
+    ``api_url`` may name several replicas of one server, separated by commas
+    (see :func:`api_urls`): each connection goes to the current one, and a
+    connection that fails or drops makes the next one current, in rotation,
+    for the next attempt (the subscription's backoff comes in between).
+
     ``https://`` URLs connect over TLS (wss), verified as the HTTP clients
     verify (the system trust store, or ``TRIO_TASKWORKER_CA_FILE``). The
     handshake carries ``api_key`` (default: ``TRIO_TASKWORKER_API_KEY``) as
@@ -142,17 +147,42 @@ def websocket_connector(
     window. Raises :class:`ConfigurationError` for a URL that is neither
     http nor https, or a CA file that cannot be loaded.
     """
-    url = urlsplit(api_url)
-    if url.scheme not in ("http", "https"):
-        raise ConfigurationError(f"the server URL must be http:// or https://, got {url.scheme!r}")
-    tls = _tls() if url.scheme == "https" else None
-    host = url.hostname or "127.0.0.1"
-    port = url.port or (443 if tls else 80)
-    resource = url.path.rstrip("/") + "/subscribe"
+    urls = api_urls(api_url)
+    tls = _tls() if any(urlsplit(url).scheme == "https" for url in urls) else None
     headers = [(k.encode(), v.encode()) for k, v in auth_headers(api_key).items()]
+    current = 0
+    # False from a failure until a connection succeeds again: the first
+    # failover of an outage is news (INFO), the rotation that may follow is not.
+    answered = True
 
     @contextlib.asynccontextmanager
     async def connect() -> AsyncIterator[WebSocket]:
+        nonlocal current, answered
+        index = current
+        try:
+            async with connect_to(urls[index]) as ws:
+                answered = True
+                yield ws
+        except BaseException as exc:
+            if len(urls) > 1 and current == index and not _cancelled(exc):
+                current = (index + 1) % len(urls)
+                log.log(
+                    logging.INFO if answered else logging.DEBUG,
+                    "%s unreachable (%r); trying %s",
+                    redact_url(urls[index]),
+                    leaves(exc)[0] if isinstance(exc, BaseExceptionGroup) else exc,
+                    redact_url(urls[current]),
+                )
+                answered = False
+            raise
+
+    @contextlib.asynccontextmanager
+    async def connect_to(api_url: str) -> AsyncIterator[WebSocket]:
+        url = urlsplit(api_url)
+        secure = tls if url.scheme == "https" else None
+        host = url.hostname or "127.0.0.1"
+        port = url.port or (443 if secure else 80)
+        resource = url.path.rstrip("/") + "/subscribe"
         # trio-websocket leaves the TCP socket open when the peer ends the
         # connection, so the stream is opened here and closed in ``finally``.
         # Neither the TCP connect nor the handshake has a timeout of its own;
@@ -161,8 +191,10 @@ def websocket_connector(
         with trio.fail_after(CONNECT_TIMEOUT):
             stream = await trio.open_tcp_stream(host, port)
         try:
-            if tls is not None:
-                stream = trio.SSLStream(stream, tls, server_hostname=host, https_compatible=True)
+            if secure is not None:
+                stream = trio.SSLStream(
+                    stream, secure, server_hostname=host, https_compatible=True
+                )
                 with trio.fail_after(CONNECT_TIMEOUT):
                     await _tls_handshake(stream, host, port)
             async with trio.open_nursery() as nursery:
@@ -182,6 +214,12 @@ def websocket_connector(
             await trio.aclose_forcefully(stream)
 
     return connect
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """True when ``exc`` is only a cancellation (a stop), not a failed connection."""
+    found = leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return all(isinstance(e, trio.Cancelled) for e in found)
 
 
 async def _tls_handshake(stream: trio.SSLStream[trio.SocketStream], host: str, port: int) -> None:

@@ -35,7 +35,9 @@ import trio
 from ._client import (
     TaskWorkerClient,
     api_url_from_env,
+    api_urls,
     bound_client,
+    normalize_api_url,
     pooled_http,
     redact_url,
 )
@@ -67,7 +69,10 @@ class TaskWorker:
     transport, as tests do with an in-process one. ``api_key`` (default:
     ``TRIO_TASKWORKER_API_KEY``) goes with the websocket handshake and the
     worker's HTTP requests; a server that refuses it (close code 4001 or
-    4003) makes :meth:`start` raise :class:`ProtocolError`.
+    4003) makes :meth:`start` raise :class:`ProtocolError`. ``api_url``
+    (default: ``TRIO_TASKWORKER_API_URL``) may name several replicas of one
+    server, separated by commas: the websocket and the HTTP requests go to the
+    first that answers and fail over to the next.
 
     ``async with TaskWorker(...) as worker:`` starts it in the background of
     the enclosing trio task and stops it gracefully when the block exits
@@ -113,7 +118,7 @@ class TaskWorker:
             raise ConfigurationError(f"log_prints must be True, False or None, got {log_prints!r}")
         self.tasks = by_key
         self.shutdown_timeout = float(shutdown_timeout)
-        self.api_url = (api_url or api_url_from_env()).rstrip("/")
+        self.api_url = normalize_api_url(api_url or api_url_from_env())
         self.status_server_port = status_server_port
         self.handle_signals = handle_signals
         self._api_key = api_key
@@ -293,7 +298,7 @@ class TaskWorker:
             self.client_id,
             ", ".join(sorted(self.tasks)),
             self.limit,
-            redact_url(self.api_url),
+            ", ".join(redact_url(url) for url in api_urls(self.api_url)),
         )
         try:
             async with contextlib.AsyncExitStack() as stack:
