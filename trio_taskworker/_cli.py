@@ -18,7 +18,9 @@
     trio-taskworker task ls [--json]
 
 The commands that talk to a server take ``--api-url`` (default
-``$TRIO_TASKWORKER_API_URL``) and send ``$TRIO_TASKWORKER_API_KEY``.
+``$TRIO_TASKWORKER_API_URL``) and send ``$TRIO_TASKWORKER_API_KEY``. It may
+list several replicas of one server, separated by commas: a worker fails over
+across them, and the other commands use the first that answers.
 
 An ENTRYPOINT is ``pkg.mod:fn`` or ``path/to/mod.py:fn``. Errors print one
 line to stderr and exit 1; a usage error exits 2.
@@ -265,7 +267,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--limit", type=_limit, default=10, help="runs at once, or 'none'")
     serve.add_argument("--status-server-port", type=_port, default=None)
     serve.add_argument("--shutdown-timeout", type=_seconds, default=30.0)
-    serve.add_argument("--api-url", default=None, help="default $TRIO_TASKWORKER_API_URL")
+    serve.add_argument(
+        "--api-url",
+        default=None,
+        help="server URL, or replicas separated by commas (default $TRIO_TASKWORKER_API_URL)",
+    )
     _client_command(task, "ls", "what each task key is doing (admin role)", json=True)
 
     run = groups.add_parser("run", help="see and act on runs").add_subparsers(
@@ -302,7 +308,11 @@ def _client_command(
 ) -> argparse.ArgumentParser:
     """A subcommand that talks to the server: ``--api-url``, and ``--json`` if asked."""
     command = group.add_parser(name, help=help, description=help)
-    command.add_argument("--api-url", default=None, help="default $TRIO_TASKWORKER_API_URL")
+    command.add_argument(
+        "--api-url",
+        default=None,
+        help="server URL, or replicas separated by commas (default $TRIO_TASKWORKER_API_URL)",
+    )
     if json:
         command.add_argument("--json", action="store_true", help="print JSON for programs")
     return command
@@ -323,13 +333,15 @@ def _inspect(args: argparse.Namespace) -> None:
     import shutil
 
     from . import _inspect as ins
+    from ._client import answering_url
 
     if isinstance(sys.stdout, io.TextIOWrapper):
         # Escaped text is printable, but perhaps not in this terminal's encoding.
         sys.stdout.reconfigure(errors="backslashreplace")
     width = shutil.get_terminal_size((80, 24)).columns
     now = datetime.datetime.now(datetime.UTC)
-    with ins.open_inspector(args.api_url) as api:
+    # These commands talk to one server: of several replicas, the first that answers.
+    with ins.open_inspector(answering_url(args.api_url)) as api:
         command = (args.group, args.command)
         if command == ("run", "ls"):
             runs = api.list_runs(
