@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 import trio
@@ -79,3 +80,15 @@ async def cancellable_marker(marker: str) -> None:
         await trio.sleep_forever()
     finally:
         Path(marker).write_text("finally ran")  # noqa: ASYNC240 - must not checkpoint here
+
+
+@task(max_redeliveries=20)
+async def gated_add(starts: str, gate: str, x: int) -> int:
+    """Leave a file in ``starts`` for each execution (named by ``x`` and this
+    process), then run until ``gate`` exists, and return ``x + 1000``."""
+    name = f"{x}.{os.getpid()}.{uuid.uuid4().hex}"
+    await trio.Path(starts, name).write_text("")
+    opened = trio.Path(gate)
+    while not await opened.exists():  # noqa: ASYNC110 - the test makes the file
+        await trio.sleep(0.01)
+    return x + 1000
