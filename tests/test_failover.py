@@ -77,8 +77,11 @@ def test_the_environment_may_list_several(monkeypatch: pytest.MonkeyPatch) -> No
         ("ftp://a", "'ftp://a'"),
         ("http://a, 127.0.0.1:4200", "'127.0.0.1:4200'"),
         ("http://a,http://", "'http:'"),
-        ("http://a:port", "'http://a:port'"),
-        ("http://a,http://user:s3cret@b:port", "'http://***@b:port'"),
+        ("http://a:port", "'http://a:***'"),
+        ("http://a,http://user:s3cret@b:port", "'http://***@b:***'"),
+        # A comma in a password cuts the URL in two: neither half may show it.
+        ("http://user:pa,ss@b:4200", "'http://user:***'"),
+        ("http://a,ss@b:4200", "'***@b:4200'"),
     ],
 )
 def test_a_bad_item_is_refused_in_one_line(value: str, named: str) -> None:

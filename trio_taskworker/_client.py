@@ -106,11 +106,22 @@ def redact_url(url: str) -> str:
 
 
 def _redact_item(item: str) -> str:
-    try:
-        return redact_url(item)
-    except ValueError:  # a port that is not a number: cut what could be a password
-        scheme, sep, rest = item.partition("://")
-        return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else item
+    """A refused item of a URL list, fit for an error message.
+
+    The list is split at its commas before anything is parsed, so a password
+    holding a comma is cut in two, and either half can be an item: whatever
+    stands before an ``@``, and a "port" that is not a number, is hidden.
+    """
+    scheme, sep, rest = item.partition("://")
+    if not sep:
+        scheme, rest = "", item
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    host, colon, port = netloc.rpartition(":")
+    if colon and port and not port.isdigit():
+        netloc = f"{host}:***"
+    return f"{scheme}{sep}{netloc}{slash}{path}"
 
 
 def api_urls(api_url: str) -> tuple[str, ...]:

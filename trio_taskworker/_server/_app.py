@@ -168,10 +168,10 @@ class AppState:
         Raises :class:`StoreError` (unknown run) or :class:`IllegalTransition` (ended).
         """
         run, owner = await self.store.cancel_run(run_id, self.now())
-        self.changed(Outcome(changed=(run,)))
         if owner is not None and not self._tell_cancel(run_id, owner):
             # Leased through another replica (or a connection just gone).
             self.bus.cancel(run_id, owner)
+        self.changed(Outcome(changed=(run,)))  # (forgets the telling if it ended)
         return run
 
     def _tell_cancel(self, run_id: uuid.UUID, owner: str) -> bool:
@@ -192,6 +192,9 @@ class AppState:
         ended = [run.id for run in outcome.changed if run.state.is_terminal]
         if ended:
             self.bus.runs_ended(ended)
+            if self._told_cancel:
+                for run_id in ended:
+                    self._told_cancel.pop(run_id, None)
         if outcome.requeued:
             self.dispatcher.wake()
             self.bus.runs_due()
@@ -214,6 +217,10 @@ class AppState:
             wanted = list(ids)
         else:
             wanted = [run_id for run_id in ids if run_id in watched]
+        if ids is None and wanted:
+            # The poll: ids only first, so that payloads are read only for
+            # runs that have ended.
+            wanted = await self.store.ended_ids(wanted)
         if not wanted:
             return
         runs = [run for run in await self.store.read_runs(wanted) if run.state.is_terminal]

@@ -56,6 +56,12 @@ T = TypeVar("T")
 #: The advisory lock key held while the schema is created or upgraded
 #: (an arbitrary constant: "ttw" and 1).
 SCHEMA_LOCK_KEY = 0x747477_0001
+#: The advisory lock held for its listening session by the replica that runs
+#: the retention sweep ("ttw" and 2).
+MAINTENANCE_LOCK_KEY = 0x747477_0002
+#: The advisory lock held for one transaction by the replica rescuing dead
+#: replicas' runs ("ttw" and 3): every replica tries, one at a time gets it.
+RESCUE_LOCK_KEY = 0x747477_0003
 
 #: PostgreSQL's dialect (see :class:`~._store.Dialect`).
 POSTGRES = Dialect(
@@ -68,7 +74,32 @@ POSTGRES = Dialect(
     lock_rows=" FOR UPDATE",
     skip_locked=" FOR UPDATE SKIP LOCKED",
     floor="FLOOR({})",
+    key_lock="SELECT pg_advisory_xact_lock(hashtext(?))",
+    maintenance_turn=f"SELECT pg_try_advisory_xact_lock({RESCUE_LOCK_KEY})",
 )
+
+#: TCP keepalives of every connection, both ways (libpq's for the server's
+#: side, PostgreSQL's own for ours): idle seconds, seconds between probes,
+#: probes before the peer is taken for gone. A peer that vanished without
+#: closing is noticed in about 11 s instead of the system's two hours.
+KEEPALIVE_IDLE = 5
+KEEPALIVE_INTERVAL = 2
+KEEPALIVE_COUNT = 3
+_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": KEEPALIVE_IDLE,
+    "keepalives_interval": KEEPALIVE_INTERVAL,
+    "keepalives_count": KEEPALIVE_COUNT,
+}
+_KEEPALIVE_OPTIONS = (
+    f"-c tcp_keepalives_idle={KEEPALIVE_IDLE} -c tcp_keepalives_interval={KEEPALIVE_INTERVAL}"
+    f" -c tcp_keepalives_count={KEEPALIVE_COUNT}"
+)
+#: The longest a statement waits for a lock, and the longest it runs, in ms: an
+#: operation past them fails (the request gets a 503) instead of holding a
+#: pooled connection.
+LOCK_TIMEOUT_MS = 10_000
+STATEMENT_TIMEOUT_MS = 60_000
 
 #: How often an operation that lost to a deadlock or a serialization failure runs.
 ATTEMPTS = 5
@@ -137,6 +168,12 @@ class PostgresRunner:
                 "autocommit": False,
                 "application_name": "trio-taskworker",
                 "connect_timeout": max(1, round(self.connect_timeout)),
+                # No operation may hold a connection (and the server's stop)
+                # for long: not a lock wait, not a statement, not a network
+                # that went silent.
+                "options": f"-c lock_timeout={LOCK_TIMEOUT_MS} -c statement_timeout="
+                f"{STATEMENT_TIMEOUT_MS} {_KEEPALIVE_OPTIONS}",
+                **_KEEPALIVES,
             },
             name="trio-taskworker",
         )
@@ -324,8 +361,6 @@ class PostgresStore(Store):
 CHANNEL_DUE = "trio_taskworker_due"
 CHANNEL_ENDED = "trio_taskworker_ended"
 CHANNEL_CANCEL = "trio_taskworker_cancel"
-#: The session advisory lock whose holder runs maintenance ("ttw" and 2).
-MAINTENANCE_LOCK_KEY = 0x747477_0002
 #: Notifications are gathered this long and sent together: a burst of changes
 #: costs one NOTIFY per channel (each takes a database-wide lock at commit).
 NOTIFY_INTERVAL = 0.02
@@ -336,11 +371,6 @@ IDS_PER_NOTIFY = 200
 MAX_NAMED_ENDED = 1000
 #: How long the listening thread waits for notifications before looking again.
 LISTEN_WAIT = 0.5
-#: TCP keepalive of the listening connection: idle seconds, seconds between
-#: probes, probes before the peer is taken for gone.
-KEEPALIVE_IDLE = 5
-KEEPALIVE_INTERVAL = 2
-KEEPALIVE_COUNT = 3
 #: The wait before connecting the listener again after it failed.
 LISTEN_RETRY_SECONDS = 1.0
 
@@ -428,26 +458,17 @@ class PostgresBus:
             task_status.started()
 
     def _connect(self) -> Any:
-        conn = psycopg.connect(
-            self.runner.database_url,
-            autocommit=True,
-            application_name="trio-taskworker listener",
-            connect_timeout=max(1, round(self.runner.connect_timeout)),
-            # TCP keepalives both ways: when a replica's machine vanishes
-            # without closing its connection, PostgreSQL ends the session
-            # (releasing the maintenance lock) within about 11 s instead of
-            # the system's two hours, and the replica notices a vanished
-            # database as soon.
-            keepalives=1,
-            keepalives_idle=KEEPALIVE_IDLE,
-            keepalives_interval=KEEPALIVE_INTERVAL,
-            keepalives_count=KEEPALIVE_COUNT,
-            options=(
-                f"-c tcp_keepalives_idle={KEEPALIVE_IDLE}"
-                f" -c tcp_keepalives_interval={KEEPALIVE_INTERVAL}"
-                f" -c tcp_keepalives_count={KEEPALIVE_COUNT}"
-            ),
-        )
+        # The TCP keepalives matter most here: when a replica's machine
+        # vanishes without closing its connection, PostgreSQL ends the session
+        # (releasing the maintenance lock) within seconds.
+        settings: dict[str, Any] = {
+            "autocommit": True,
+            "application_name": "trio-taskworker listener",
+            "connect_timeout": max(1, round(self.runner.connect_timeout)),
+            "options": _KEEPALIVE_OPTIONS,
+            **_KEEPALIVES,
+        }
+        conn = psycopg.connect(self.runner.database_url, **settings)
         try:
             for channel in (CHANNEL_DUE, CHANNEL_ENDED, CHANNEL_CANCEL):
                 conn.execute(f"LISTEN {channel}")
@@ -478,11 +499,12 @@ class PostgresBus:
                 await trio.sleep(LISTEN_RETRY_SECONDS)
                 continue
             try:
-                if started and self.hearer is not None:
-                    # What was notified while nobody listened is lost: look.
-                    self.hearer.heard_due()
-                    await self.hearer.heard_ended(None)
-                elif not started:
+                if started:
+                    # What was notified while nobody listened is lost: look
+                    # (as the poll would, a second later at most).
+                    await self._heard(CHANNEL_DUE, "")
+                    await self._heard(CHANNEL_ENDED, " *")
+                else:
                     started = True
                     task_status.started()
                 while True:
@@ -504,7 +526,7 @@ class PostgresBus:
         sender, _, rest = payload.partition(" ")
         hearer = self.hearer
         if sender == self.replica_id or hearer is None:
-            return
+            return  # its own (a reconnect's look names no sender)
         try:
             if channel == CHANNEL_DUE:
                 hearer.heard_due()

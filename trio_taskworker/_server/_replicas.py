@@ -7,10 +7,12 @@ cancelled (the replica holding its worker's connection tells it). The bus is a
 hint, never the truth: every replica also polls (:class:`Replica`), so a lost
 notification delays, and never loses, what it carried.
 
-Each replica holds a lease, a row of ``replicas`` renewed by heartbeats. The
-replica that holds the maintenance lock (:attr:`Bus.leader`) frees the runs
-leased through replicas whose lease has expired, as a lost connection frees
-them (see ``Store.rescue_runs``); fencing makes that safe even if two did.
+Each replica holds a lease, a row of ``replicas`` renewed by heartbeats. At
+each renewal every replica tries to free the runs leased through replicas whose
+lease has expired, as a lost connection frees them (see ``Store.rescue_runs``):
+the one whose transaction gets the rescue lock does it, and fencing makes it
+safe even if two did. The replica that holds the maintenance lock for its
+session (:attr:`Bus.leader`) runs the retention sweep.
 
 A single server on SQLite has the :class:`LocalBus`: nothing to tell, always
 the leader, and no replica lease (its data directory lock already says that it
@@ -100,6 +102,8 @@ class Replica:
     poll: Callable[[], Awaitable[None]]
     lease_seconds: float = DEFAULT_REPLICA_LEASE
     poll_seconds: float = DEFAULT_POLL_SECONDS
+    _lease_lock: trio.Lock = attrs.field(init=False, factory=trio.Lock)
+    _retired: bool = attrs.field(init=False, default=False)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Until cancelled; ``task_status.started()`` once the lease is held."""
@@ -114,16 +118,27 @@ class Replica:
         while True:
             await trio.sleep(self.lease_seconds / 3)
             try:
-                if not await self.store.renew_replica(self.now(), self.lease_seconds):
+                async with self._lease_lock:
+                    if self._retired:
+                        return
+                    renewed = await self.store.renew_replica(self.now(), self.lease_seconds)
+                if not renewed:
                     log.warning(
                         "replica %s had lost its lease (the others took it for dead and may"
                         " have freed its runs); it holds a new one",
                         self.store.replica_id,
                     )
-                if self.bus.leader:
-                    await self.rescue()
+                # Every replica, not only the leader: a leader that froze
+                # (SIGSTOP, a hung loop) keeps its session, and its lock.
+                await self.rescue()
             except (StoreError, StoreUnavailable) as exc:
                 log.warning("replica lease not renewed: %s", exc)
+
+    async def retire(self) -> None:
+        """This replica stops: drop its lease, and renew it no more."""
+        async with self._lease_lock:
+            self._retired = True
+            await self.store.retire_replica()
 
     async def rescue(self) -> Outcome:
         """Free the runs of dead replicas now; hand the outcome to ``on_rescued``."""

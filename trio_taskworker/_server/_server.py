@@ -250,6 +250,7 @@ class TaskServer:
             )
             if isinstance(store.runner, SQLiteRunner | PostgresRunner):
                 store.runner.on_batch = state.metrics.store_batch
+            replica = None
             if postgres is not None:
                 assert isinstance(bus, PostgresBus)
                 bus.hearer = state
@@ -285,13 +286,13 @@ class TaskServer:
                 self.url = str(binds[0])
                 log.info("trio_taskworker server listening on %s", self.url)
                 task_status.started(self.url)
-            if postgres is not None:
+            if replica is not None:
                 # Stopped gracefully: its connections have released their runs.
-                with trio.move_on_after(2):
-                    try:
-                        await store.retire_replica()
-                    except (StoreError, StoreUnavailable) as exc:
-                        log.info("replica lease left to expire: %s", exc)
+                # (Bounded by the pool's lock and statement timeouts.)
+                try:
+                    await replica.retire()
+                except (StoreError, StoreUnavailable) as exc:
+                    log.info("replica lease left to expire: %s", exc)
             background.cancel_scope.cancel()
 
     @property

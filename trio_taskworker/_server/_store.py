@@ -172,6 +172,14 @@ class Dialect:
     #: A whole number no greater than ``{}`` (the argument is never negative
     #: where the store uses it; SQLite's CAST truncates, PostgreSQL's rounds).
     floor: str = "CAST(({}) AS INTEGER)"
+    #: Run first in ``create_runs`` with an idempotency key (the key as its
+    #: parameter): a concurrent request with the same key waits for this one
+    #: to commit, then finds its ids. None: one writer at a time already.
+    key_lock: str | None = None
+    #: Run first in a maintenance transaction (the rescue of dead replicas'
+    #: runs); its one value is true when this transaction has the turn, and
+    #: the turn ends with the transaction. None: always its turn.
+    maintenance_turn: str | None = None
 
 
 #: SQLite's dialect.
@@ -420,6 +428,10 @@ def _like(text: str) -> str:
 _BLOB_CHUNK = 1024 * 1024
 
 
+#: Ids per ``IN (...)`` list: SQLite allows 32,766 parameters, and long lists plan slowly.
+_ID_CHUNK = 500
+
+
 def _in(values: Sequence[Any]) -> str:
     return "(" + ",".join("?" * len(values)) + ")"
 
@@ -630,6 +642,8 @@ class Store:
 
         def create(cur: Cursor) -> list[uuid.UUID] | _Refused:
             if idempotency is not None:
+                if self._dialect.key_lock is not None:
+                    cur.execute(self._q(self._dialect.key_lock), (idempotency.key,))
                 seen = self._seen_key(cur, idempotency, now)
                 if seen is not None:
                     return seen
@@ -747,8 +761,8 @@ class Store:
             ids = sorted(ids)
             suffix = self._lock_by_id
         rows: dict[str, _Row] = {}
-        for start in range(0, len(ids), 500):
-            chunk = list(ids[start : start + 500])
+        for start in range(0, len(ids), _ID_CHUNK):
+            chunk = list(ids[start : start + _ID_CHUNK])
             cur.execute(
                 self._q(f"SELECT {_COLUMNS} FROM task_runs WHERE id IN {_in(chunk)}{suffix}"),
                 chunk,
@@ -824,8 +838,8 @@ class Store:
         def put(cur: Cursor) -> tuple[int, int, int]:
             ids = list(by_run)
             known: dict[str, int] = {}
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
+            for start in range(0, len(ids), _ID_CHUNK):
+                chunk = ids[start : start + _ID_CHUNK]
                 cur.execute(
                     self._q(
                         "SELECT task_runs.id, run_log_counts.stored FROM task_runs"
@@ -1225,10 +1239,13 @@ class Store:
 
     def _release(self, cur: Cursor, reason: str, now: float) -> Outcome:
         """Requeue, redeliver or crash the leased rows just selected on ``cur``."""
+        return self._release_rows(cur, [_Row._make(raw) for raw in cur.fetchall()], reason, now)
+
+    def _release_rows(self, cur: Cursor, rows: Sequence[_Row], reason: str, now: float) -> Outcome:
+        """Requeue, redeliver or crash these leased (and locked) rows."""
         changed = []
         redelivered = []
-        for raw in cur.fetchall():
-            row = _Row._make(raw)
+        for row in rows:
             changes = _rules.on_lost_lease(
                 state=TaskRunState(row.state),
                 redeliveries=row.redeliveries,
@@ -1312,21 +1329,57 @@ class Store:
         just ended, or that a live replica leased again, is never touched.
         """
 
+        live_sql = self._q("SELECT id FROM replicas WHERE expires_at >= ?")
+
         def rescue(cur: Cursor) -> Outcome:
+            turn = self._dialect.maintenance_turn
+            if turn is not None:
+                cur.execute(turn)
+                if not cur.fetchone()[0]:
+                    return Outcome()  # another replica is at it right now
             cur.execute(
                 self._q(
-                    f"SELECT {_COLUMNS} FROM task_runs WHERE lease_owner IS NOT NULL"
-                    " AND (lease_replica IS NULL OR lease_replica NOT IN"
-                    " (SELECT id FROM replicas WHERE expires_at >= ?))"
+                    f"SELECT {_COLUMNS}, lease_replica FROM task_runs"
+                    " WHERE lease_owner IS NOT NULL"
+                    f" AND (lease_replica IS NULL OR lease_replica NOT IN ({live_sql}))"
                     f"{self._lock_by_id}"
                 ),
                 (now,),
             )
-            outcome = self._release(cur, "its server replica stopped renewing its lease", now)
+            locked = [(_Row._make(raw[:-1]), raw[-1]) for raw in cur.fetchall()]
+            # Asked again now that the rows are locked: a statement sees what
+            # committed before it began, and a replica that started meanwhile
+            # may have leased one of them since the first look.
+            cur.execute(live_sql, (now,))
+            live = {str(row[0]) for row in cur.fetchall()}
+            dead = [row for row, replica in locked if replica not in live]
+            outcome = self._release_rows(
+                cur, dead, "its server replica stopped renewing its lease", now
+            )
             cur.execute(self._q("DELETE FROM replicas WHERE expires_at < ?"), (now,))
             return outcome
 
         return await self.runner.transact(rescue)
+
+    async def ended_ids(self, ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+        """Those of ``ids`` whose run has ended (a light read: no payloads)."""
+
+        def read(cur: Cursor) -> list[uuid.UUID]:
+            ended: list[uuid.UUID] = []
+            terminal = _in([s.value for s in TERMINAL_STATES])
+            for start in range(0, len(ids), _ID_CHUNK):
+                chunk = [str(i) for i in ids[start : start + _ID_CHUNK]]
+                cur.execute(
+                    self._q(
+                        f"SELECT id FROM task_runs WHERE id IN {_in(chunk)}"
+                        f" AND state IN {terminal}"
+                    ),
+                    [*chunk, *(s.value for s in TERMINAL_STATES)],
+                )
+                ended.extend(uuid.UUID(row[0]) for row in cur.fetchall())
+            return ended
+
+        return await self.runner.transact(read)
 
     async def cancelling_runs(self) -> list[tuple[uuid.UUID, str]]:
         """The CANCELLING runs leased through this replica, with their connections."""
@@ -1432,8 +1485,8 @@ class Store:
         def stamp(cur: Cursor) -> int:
             cur.execute(select, (TaskRunState.CRASHED.value,))
             ids = [row[0] for row in cur.fetchall()]
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
+            for start in range(0, len(ids), _ID_CHUNK):
+                chunk = ids[start : start + _ID_CHUNK]
                 cur.execute(
                     self._q(
                         f"UPDATE task_runs SET finished_at = ? WHERE id IN {_in(chunk)}"
@@ -1470,8 +1523,8 @@ class Store:
                 if state in terminal:
                     ids.append(run_id)
                     refs.extend(ref for ref in (parameters_ref, result_ref) if ref is not None)
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
+            for start in range(0, len(ids), _ID_CHUNK):
+                chunk = ids[start : start + _ID_CHUNK]
                 for table, column in _RUN_TABLES:
                     cur.execute(
                         self._q(f"DELETE FROM {table} WHERE {column} IN {_in(chunk)}"), chunk
@@ -1536,8 +1589,8 @@ class Store:
 
         def delete(cur: Cursor) -> tuple[int, list[str]]:
             sizes: dict[str, int] = {}
-            for start in range(0, len(refs), 500):
-                chunk = refs[start : start + 500]
+            for start in range(0, len(refs), _ID_CHUNK):
+                chunk = refs[start : start + _ID_CHUNK]
                 cur.execute(
                     self._q(
                         f"SELECT id, LENGTH(data) FROM blobs WHERE id IN {_in(chunk)}"
@@ -1559,8 +1612,8 @@ class Store:
                     break
                 doomed.append(ref)
                 budget -= sizes[ref]
-            for start in range(0, len(doomed), 500):
-                chunk = doomed[start : start + 500]
+            for start in range(0, len(doomed), _ID_CHUNK):
+                chunk = doomed[start : start + _ID_CHUNK]
                 cur.execute(self._q(f"DELETE FROM blobs WHERE id IN {_in(chunk)}"), chunk)
             return len(doomed), left
 
