@@ -17,7 +17,6 @@ import contextlib
 import contextvars
 import functools
 import logging
-import math
 import os
 import random
 import ssl
@@ -601,82 +600,6 @@ def _build(http: httpx.Client | httpx.AsyncClient, url: str, call: _Call) -> htt
     )
 
 
-#: Of the runs a client submitted and still waits to see end, how many it
-#: remembers (the oldest are forgotten first; a forgotten run is only waited
-#: for alone).
-MAX_UNSEEN_RUNS = 10_000
-#: Runs seen ended before anyone asked for them, kept for when they are: at
-#: most this many, holding at most this many bytes of results.
-MAX_SEEN_RUNS = 10_000
-MAX_SEEN_BYTES = 64 * 1024 * 1024
-
-
-@attrs.define(eq=False)
-class _Ends:
-    """What one trio client knows of when its runs end, so that waits are shared.
-
-    Each ``POST /runs/wait`` that a waiting call sends names its own run
-    first, then the other runs waited on in this process, then runs submitted
-    here whose end has not been seen (up to a thousand ids in all), and
-    answers as soon as one of them ends, with every one that has. The runs it
-    was not asked for are kept here, so the next ``result()`` often finds its
-    run already ended, and one request serves many calls. Only one such
-    request is in flight at a time: the other waiting calls wait for its answer.
-    """
-
-    #: Submitted here, end not seen yet (insertion order: oldest first).
-    unseen: dict[uuid.UUID, None] = attrs.field(factory=dict)
-    #: Seen ended and not yet taken, with the bytes of their results.
-    seen: dict[uuid.UUID, TaskRun] = attrs.field(factory=dict)
-    seen_bytes: int = 0
-    #: Runs some call waits for now, with how many calls wait for each.
-    wanted: dict[uuid.UUID, int] = attrs.field(factory=dict)
-    polling: bool = False
-    #: Set each time a request's answer has been shared out (or a poll stopped).
-    changed: trio.Event = attrs.field(factory=trio.Event)
-
-    def submitted(self, ids: Sequence[uuid.UUID]) -> None:
-        self.unseen.update(dict.fromkeys(ids))
-        for _ in range(len(self.unseen) - MAX_UNSEEN_RUNS):
-            del self.unseen[next(iter(self.unseen))]
-
-    def ended(self, runs: Sequence[TaskRun]) -> None:
-        """Keep these ended runs for whoever asks for them."""
-        for run in runs:
-            self.unseen.pop(run.id, None)
-            if run.id not in self.seen:
-                self.seen[run.id] = run
-                self.seen_bytes += len(run.result or b"")
-        while len(self.seen) > MAX_SEEN_RUNS or self.seen_bytes > MAX_SEEN_BYTES:
-            self.take(next(iter(self.seen)))
-
-    def take(self, run_id: uuid.UUID) -> TaskRun | None:
-        """The run, if it has been seen ended; it is forgotten here."""
-        run = self.seen.pop(run_id, None)
-        if run is not None:
-            self.seen_bytes -= len(run.result or b"")
-        return run
-
-    def forget(self, ids: Sequence[uuid.UUID]) -> None:
-        """These runs' ends are known elsewhere: do not ask for them again."""
-        for run_id in ids:
-            self.unseen.pop(run_id, None)
-            self.take(run_id)
-
-    def ask_about(self, run_id: uuid.UUID) -> list[uuid.UUID]:
-        """The ids of one request: ``run_id``, the runs waited on, then unseen ones."""
-        ids = dict.fromkeys([run_id, *self.wanted])
-        for other in self.unseen:
-            if len(ids) >= _WAIT_CHUNK:
-                break
-            ids[other] = None
-        return list(ids)[:_WAIT_CHUNK]
-
-    def share_out(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
-
 @attrs.define(eq=False)
 class TaskWorkerClient:
     """A trio client for one server. Open it with :func:`open_client`.
@@ -692,7 +615,6 @@ class TaskWorkerClient:
     api_url: str = attrs.field(converter=normalize_api_url)
     _http: httpx.AsyncClient
     _route: _Route = attrs.field(init=False)
-    _ends: _Ends = attrs.field(init=False, factory=_Ends)
 
     def __attrs_post_init__(self) -> None:
         self._route = _Route(api_urls(self.api_url))
@@ -726,9 +648,7 @@ class TaskWorkerClient:
         Returns the new runs' ids in order. Large parameters are stored as
         blobs first (see :meth:`store_payload`).
         """
-        ids = await self._drive(_op_submit(calls))
-        self._ends.submitted(ids)
-        return ids
+        return await self._drive(_op_submit(calls))
 
     async def read_run(self, run_id: uuid.UUID) -> TaskRun:
         """Return the run's current snapshot; raise :class:`TaskRunNotFound` if unknown."""
@@ -746,66 +666,14 @@ class TaskWorkerClient:
         return await self._drive(_op_list_runs(state, task_key, limit, offset))
 
     async def wait_run(self, run_id: uuid.UUID, timeout: float | None = None) -> TaskRun:
-        """Long-poll until the run ends; after ``timeout`` return it as it is.
-
-        Calls share their requests (see :class:`_Ends`): a run already seen
-        ended costs no request at all.
-        """
-        ends = self._ends
-        clock = trio.current_time
-        deadline = None if timeout is None else clock() + timeout
-        ends.wanted[run_id] = ends.wanted.get(run_id, 0) + 1
-        try:
-            while True:
-                run = ends.take(run_id)
-                if run is not None:
-                    return run
-                if deadline is not None and clock() >= deadline:
-                    return await self.read_run(run_id)
-                if ends.polling:
-                    # Another call's request covers this run: wait for its answer.
-                    with trio.move_on_at(math.inf if deadline is None else deadline):
-                        await ends.changed.wait()
-                    continue
-                ends.polling = True
-                try:
-                    ended = await self._wait_for_any(
-                        ends.ask_about(run_id), _remaining(deadline, clock)
-                    )
-                finally:
-                    ends.polling = False
-                    ends.share_out()
-                if ended is None:  # a run among them is gone: wait for this one alone
-                    left = None if deadline is None else max(0.0, deadline - clock())
-                    return await self._drive(_op_wait_run(run_id, left, clock))
-                ends.ended(ended)
-        finally:
-            left_waiting = ends.wanted.pop(run_id) - 1
-            if left_waiting:
-                ends.wanted[run_id] = left_waiting
-
-    async def _wait_for_any(self, ids: list[uuid.UUID], wait: float) -> list[TaskRun] | None:
-        """One ``POST /runs/wait`` for the first of ``ids`` to end: those that
-        have ended. None when one of them is unknown (deleted by retention):
-        then none of the unseen ones is asked about again."""
-        try:
-            return await self._drive(_op_post_wait(ids, wait, ReturnWhen.FIRST_ENDED))
-        except TaskRunNotFound:
-            self._ends.unseen.clear()
-            return None
+        """Long-poll until the run ends; after ``timeout`` return it as it is."""
+        return await self._drive(_op_wait_run(run_id, timeout, trio.current_time))
 
     async def wait_runs(
         self, ids: Sequence[uuid.UUID], timeout: float | None = None
     ) -> list[TaskRun]:
         """Wait for all of ``ids`` to end; raise ``TimeoutError`` after ``timeout``."""
-        ends = self._ends
-        known = {i: run for i in dict.fromkeys(ids) if (run := ends.take(i)) is not None}
-        rest = [i for i in ids if i not in known]
-        if rest:
-            runs = await self._drive(_op_wait_runs(rest, timeout, trio.current_time))
-            ends.forget(rest)
-            known.update((run.id, run) for run in runs)
-        return [known[i] for i in ids]
+        return await self._drive(_op_wait_runs(ids, timeout, trio.current_time))
 
     async def wait_ended(
         self,
@@ -820,9 +688,7 @@ class TaskWorkerClient:
         they ended. After ``timeout`` seconds it returns what has ended, which
         may be nothing; it does not raise ``TimeoutError``.
         """
-        runs = await self._drive(_op_wait_ended(ids, timeout, trio.current_time, return_when))
-        self._ends.forget([run.id for run in runs])
-        return runs
+        return await self._drive(_op_wait_ended(ids, timeout, trio.current_time, return_when))
 
     async def cancel_run(self, run_id: uuid.UUID) -> TaskRun:
         """Cancel a run (see :meth:`TaskRunFuture.cancel`)."""
