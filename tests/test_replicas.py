@@ -29,6 +29,7 @@ from trio_taskworker._server._postgres import (
 )
 from trio_taskworker._server._store import Idempotency, StoreUnavailable
 
+from . import e2e_tasks as e2e
 from .helpers import wait_for_runs, wait_until
 from .test_store_contract import postgres_database
 
@@ -46,13 +47,16 @@ async def add(x: int, y: int) -> int:
     return x + y
 
 
-@task
-async def hold(marker: str) -> None:
-    """Run until cancelled; ``finally:`` leaves a marker file."""
-    try:
-        await trio.sleep_forever()
-    finally:
-        Path(marker).write_text("finally ran")  # noqa: ASYNC240 - must not checkpoint here
+hold = e2e.cancellable_marker
+
+
+async def cancel_reaches_the_run(client: Any, marker: Path) -> None:
+    """Start ``hold``, cancel it once it runs: it ends CANCELLED, its ``finally:`` ran."""
+    fut = await hold.delay(str(marker))
+    await wait_for_runs(client, [fut], S.RUNNING)
+    await fut.cancel()
+    assert (await fut.wait(timeout=20)).state is S.CANCELLED
+    assert await trio.Path(marker).read_text() == "finally ran"
 
 
 @contextlib.asynccontextmanager
@@ -94,12 +98,7 @@ async def test_a_cancel_on_one_replica_reaches_the_worker_on_the_other(
         worker = TaskWorker(hold, api_url=str(b.url), handle_signals=False)
         await nursery.start(worker.start)
         async with open_client(a.url) as client:
-            fut = await hold.delay(str(marker))
-            await wait_for_runs(client, [fut], S.RUNNING)
-            await fut.cancel()
-            run = await fut.wait(timeout=20)
-            assert run.state is S.CANCELLED
-        assert marker.read_text() == "finally ran"
+            await cancel_reaches_the_run(client, marker)
         await worker.stop()
 
 
@@ -116,11 +115,7 @@ async def test_what_a_lost_notification_carried_reaches_the_other_replica_by_its
         await nursery.start(worker.start)
         async with open_client(a.url) as client:
             assert await (await add.delay(2, 3)).result(timeout=20) == 5
-            fut = await hold.delay(str(marker))
-            await wait_for_runs(client, [fut], S.RUNNING)
-            await fut.cancel()
-            assert (await fut.wait(timeout=20)).state is S.CANCELLED
-        assert marker.read_text() == "finally ran"
+            await cancel_reaches_the_run(client, marker)
         await worker.stop()
 
 
