@@ -17,6 +17,7 @@ import trio.testing
 
 from trio_taskworker import (
     ConfigurationError,
+    ServerError,
     ServerUnavailable,
     SyncClient,
     TaskRunState,
@@ -106,8 +107,13 @@ async def test_one_list_is_one_client_however_it_is_spelled() -> None:
 class Network:
     """A MockTransport: which hosts refuse connections or drop answers, and what was sent."""
 
-    def __init__(self, refuse: set[str] = set(), drop: set[str] = set()) -> None:  # noqa: B006
-        self.refuse, self.drop = refuse, drop
+    def __init__(
+        self,
+        refuse: set[str] = set(),  # noqa: B006
+        drop: set[str] = set(),  # noqa: B006
+        unavailable: set[str] = set(),  # noqa: B006
+    ) -> None:
+        self.refuse, self.drop, self.unavailable = refuse, drop, unavailable
         self.sent: list[str] = []
 
     def handle(self, request: httpx.Request) -> httpx.Response:
@@ -117,6 +123,8 @@ class Network:
             raise httpx.ConnectError("refused", request=request)
         if host in self.drop:  # it arrived, and the answer was lost
             raise httpx.ReadError("connection reset", request=request)
+        if host in self.unavailable:  # cut off from the database
+            return httpx.Response(503, json={"detail": "the server cannot store this now"})
         if request.url.path == "/runs" and request.method == "POST":
             return httpx.Response(201, content=to_json(CreatedRuns(ids=(uuid.UUID(int=1),))))
         return httpx.Response(200, json={"status": "ok", "host": host})
@@ -204,6 +212,27 @@ async def test_a_submission_whose_answer_was_lost_goes_to_the_next_replica(
     assert net.sent == ["a", "b"]
     assert keys[0] and keys[0] == keys[1]  # the same key: the database knows it
     assert trio.current_time() - start <= RETRY_DELAYS[0]  # after a jittered wait
+
+
+async def test_a_replica_that_answers_503_is_passed_over_by_calls_safe_to_repeat(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = Network(unavailable={"a"})
+    client, http = net.client("http://a,http://b")
+    async with http:
+        assert (await client.health())["host"] == "b"
+        assert await client.submit([t.add.run_create((1,), {})]) == [uuid.UUID(int=1)]
+        assert net.sent == ["a", "b", "b"]  # then it stays on b
+        # A call that is not safe to repeat is not sent to another replica.
+        net.unavailable, net.sent = {"b"}, []
+        with pytest.raises(ServerError) as refused:
+            await client.post_logs([])
+        assert refused.value.status_code == 503 and net.sent == ["b"]
+        # When every replica answers 503, the caller hears the 503.
+        net.unavailable, net.sent = {"a", "b"}, []
+        with pytest.raises(ServerError) as caught:
+            await client.read_run(uuid.uuid4())
+        assert caught.value.status_code == 503 and net.sent == ["b", "a"]
 
 
 # --- HTTP, over real sockets -------------------------------------------------------------

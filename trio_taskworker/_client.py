@@ -228,6 +228,17 @@ RETRY_DELAYS = (0.1, 0.5, 2.0)
 _CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
+class _ReplicaUnavailable(httpx.TransportError):
+    """A replica answered 503: it cannot reach its database now (or is
+    overloaded). Another replica of the list may well serve the call, so a
+    call that is safe to send again moves on as after a transport error."""
+
+
+def _unavailable(response: httpx.Response, route: _Route, call: _Call) -> bool:
+    """True when ``response`` should send ``call`` to another replica."""
+    return response.status_code == 503 and len(route.urls) > 1 and (call.idempotent or call.retry)
+
+
 @attrs.define(eq=False)
 class _Route:
     """A client's server URLs and the one it sends to now.
@@ -638,9 +649,14 @@ class TaskWorkerClient:
                 response = await self._http.send(_build(self._http, url, call))
             except httpx.TransportError as exc:
                 url, delay = attempts.send(exc)
-            else:
+                continue
+            if not _unavailable(response, self._route, call):
                 self._route.answered(url)
                 return response
+            try:
+                url, delay = attempts.send(_ReplicaUnavailable(f"{url} answered 503"))
+            except ServerUnavailable:
+                return response  # every replica said so: the caller hears it
 
     async def submit(self, calls: Sequence[tuple[TaskRunCreate, bytes]]) -> list[uuid.UUID]:
         """Create runs from ``(create, pickled parameters)`` pairs in one request.
@@ -940,9 +956,14 @@ class SyncClient:
                 response = self._http.send(_build(self._http, url, call))
             except httpx.TransportError as exc:
                 url, delay = attempts.send(exc)
-            else:
+                continue
+            if not _unavailable(response, self._route, call):
                 self._route.answered(url)
                 return response
+            try:
+                url, delay = attempts.send(_ReplicaUnavailable(f"{url} answered 503"))
+            except ServerUnavailable:
+                return response  # every replica said so: the caller hears it
 
     @property
     def current_url(self) -> str:
