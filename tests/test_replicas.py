@@ -150,8 +150,8 @@ async def test_the_rescue_takes_turns_and_a_frozen_lock_holder_does_not_stop_it(
     a, b = PostgresStore(database_url, max_size=2), PostgresStore(database_url, max_size=2)
     for s in (a, b):
         await nursery.start(s.run)
-    await a.renew_replica(now=1.0, lease_seconds=5.0)
-    await b.renew_replica(now=1.0, lease_seconds=600.0)
+    await a.renew_replica(lease_seconds=-1.0)  # a's lease has run out
+    await b.renew_replica(lease_seconds=600.0)
     (run_id,) = await a.create_runs([TaskRunCreate(task_key="k", parameters=b"p")], now=1.0)
     await a.claim_runs(["k"], 1, "a-conn", now=1.0)
     # A replica that froze holding the retention lock for its session (its

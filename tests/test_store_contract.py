@@ -698,9 +698,10 @@ async def two_replicas(backend: Backend) -> AsyncIterator[tuple[Store, Store]]:
 
 async def test_a_dead_replicas_runs_are_freed_and_a_live_ones_kept(backend: Backend) -> None:
     async with two_replicas(backend) as (a, b):
-        assert not await a.renew_replica(now=10.0, lease_seconds=5.0)  # no row yet
-        assert await a.renew_replica(now=11.0, lease_seconds=5.0)  # a's lease: until 16
-        await b.renew_replica(now=11.0, lease_seconds=60.0)
+        # Leases are judged by the database's clock: a negative one has run out.
+        assert not await a.renew_replica(lease_seconds=600.0)  # no row yet
+        assert await a.renew_replica(lease_seconds=600.0)
+        await b.renew_replica(lease_seconds=600.0)
         ids = await a.create_runs([create(), create(), create()], now=1.0)
         pending, running = await a.claim_runs(["m:f"], 2, "a-conn", now=12.0)
         (kept,) = await b.claim_runs(["m:f"], 1, "b-conn", now=12.0)
@@ -709,6 +710,7 @@ async def test_a_dead_replicas_runs_are_freed_and_a_live_ones_kept(backend: Back
         assert not (await a.apply_reports("a-conn", [started], now=12.0)).rejected
 
         assert (await b.rescue_runs(now=15.0)).changed == ()  # a's lease still holds
+        assert await a.renew_replica(lease_seconds=-1.0)  # ... until a stops renewing it
         outcome = await b.rescue_runs(now=17.0)
         after = {r.id: r for r in outcome.changed}
         assert set(after) == {pending.id, running.id}
@@ -723,19 +725,19 @@ async def test_a_dead_replicas_runs_are_freed_and_a_live_ones_kept(backend: Back
         # a was only slow: its late report is refused, and it takes a new lease.
         late = Finished(id=running.id, attempt=running.attempt, state=S.COMPLETED, result=b"r")
         assert (await a.apply_reports("a-conn", [late], now=18.0)).rejected
-        assert not await a.renew_replica(now=18.0, lease_seconds=5.0)
+        assert not await a.renew_replica(lease_seconds=600.0)
         assert (await b.rescue_runs(now=19.0)).changed == ()
 
 
 async def test_the_rescue_is_fenced(backend: Backend) -> None:
     async with two_replicas(backend) as (a, b):
-        await a.renew_replica(now=1.0, lease_seconds=5.0)
-        await b.renew_replica(now=1.0, lease_seconds=600.0)
+        await a.renew_replica(lease_seconds=-1.0)  # a is dead from the start
+        await b.renew_replica(lease_seconds=600.0)
         ended, relet = await a.create_runs([create(), create()], now=1.0)
         first, second = await a.claim_runs(["m:f"], 2, "c1", now=2.0)
         await finish(a, first.id, first.attempt, now=3.0, result=b"r")
         # a's other run goes back through a release (its connection closed),
-        # and b leases it again before a's lease expires.
+        # and b leases it again: a's runs are b's now, or ended.
         await a.release_owner("c1", now=3.0)
         (again,) = await b.claim_runs(["m:f"], 1, "b-conn", now=4.0)
         assert again.id == second.id
@@ -749,8 +751,8 @@ async def test_a_retired_replica_is_gone_and_a_run_of_no_replica_is_freed(
     backend: Backend,
 ) -> None:
     async with two_replicas(backend) as (a, b):
-        await a.renew_replica(now=1.0, lease_seconds=600.0)
-        await b.renew_replica(now=1.0, lease_seconds=600.0)
+        await a.renew_replica(lease_seconds=600.0)
+        await b.renew_replica(lease_seconds=600.0)
         run_id, _ = await leased(a)
         await a.retire_replica()
         outcome = await b.rescue_runs(now=2.0)
@@ -777,7 +779,7 @@ async def test_cancelling_runs_are_listed_by_their_replica_and_cancelled_when_it
         assert await b.cancelling_runs() == []
         # a dies before its worker reports: the cancel wins.
         await a.retire_replica()
-        await b.renew_replica(now=4.0, lease_seconds=60.0)
+        await b.renew_replica(lease_seconds=600.0)
         (freed,) = (await b.rescue_runs(now=5.0)).changed
         assert freed.id == run_id and freed.state is S.CANCELLED
         assert await a.cancelling_runs() == []

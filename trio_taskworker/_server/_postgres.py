@@ -75,6 +75,7 @@ POSTGRES = Dialect(
     skip_locked=" FOR UPDATE SKIP LOCKED",
     floor="FLOOR({})",
     key_lock="SELECT pg_advisory_xact_lock(hashtext(?))",
+    clock="CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)",
     maintenance_turn=f"SELECT pg_try_advisory_xact_lock({RESCUE_LOCK_KEY})",
 )
 

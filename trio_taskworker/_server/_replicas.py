@@ -107,7 +107,7 @@ class Replica:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Until cancelled; ``task_status.started()`` once the lease is held."""
-        await self.store.renew_replica(self.now(), self.lease_seconds)
+        await self.store.renew_replica(self.lease_seconds)
         log.info("replica %s holds its lease (%g s)", self.store.replica_id, self.lease_seconds)
         task_status.started()
         async with trio.open_nursery() as nursery:
@@ -121,7 +121,7 @@ class Replica:
                 async with self._lease_lock:
                     if self._retired:
                         return
-                    renewed = await self.store.renew_replica(self.now(), self.lease_seconds)
+                    renewed = await self.store.renew_replica(self.lease_seconds)
                 if not renewed:
                     log.warning(
                         "replica %s had lost its lease (the others took it for dead and may"

@@ -176,6 +176,9 @@ class Dialect:
     #: parameter): a concurrent request with the same key waits for this one
     #: to commit, then finds its ids. None: one writer at a time already.
     key_lock: str | None = None
+    #: The database's clock, in UNIX seconds: replica leases are written and
+    #: judged by it, so the replicas' own clocks need not agree.
+    clock: str = "((julianday('now') - 2440587.5) * 86400.0)"
     #: Run first in a maintenance transaction (the rescue of dead replicas'
     #: runs); its one value is true when this transaction has the turn, and
     #: the turn ends with the transaction. None: always its turn.
@@ -1287,24 +1290,29 @@ class Store:
 
     # --- replicas -----------------------------------------------------------------
 
-    async def renew_replica(self, now: float, lease_seconds: float) -> bool:
-        """Hold (or extend) this replica's lease until ``now + lease_seconds``.
+    async def renew_replica(self, lease_seconds: float) -> bool:
+        """Hold (or extend) this replica's lease for ``lease_seconds`` from now,
+        by the database's clock.
 
         Returns False when it had no row: at its first call, or because the
         others took it for dead and may have freed its runs (their leases are
         fenced, so a late report on one is refused). The row is written either way.
         """
+        clock = self._dialect.clock
 
         def renew(cur: Cursor) -> bool:
             cur.execute(
-                self._q("UPDATE replicas SET expires_at = ? WHERE id = ?"),
-                (now + lease_seconds, self.replica_id),
+                self._q(f"UPDATE replicas SET expires_at = {clock} + ? WHERE id = ?"),
+                (lease_seconds, self.replica_id),
             )
             if cur.rowcount == 1:
                 return True
             cur.execute(
-                self._q("INSERT INTO replicas (id, started_at, expires_at) VALUES (?, ?, ?)"),
-                (self.replica_id, now, now + lease_seconds),
+                self._q(
+                    "INSERT INTO replicas (id, started_at, expires_at)"
+                    f" VALUES (?, {clock}, {clock} + ?)"
+                ),
+                (self.replica_id, lease_seconds),
             )
             return False
 
@@ -1319,9 +1327,10 @@ class Store:
         await self.runner.transact(retire)
 
     async def rescue_runs(self, now: float) -> Outcome:
-        """Free the runs leased through replicas whose lease has expired (or that
-        never had one: a server of version 1), as a lost connection frees them;
-        and forget those replicas.
+        """Free the runs leased through replicas whose lease has expired by the
+        database's clock (or that never had one: a server of version 1), as a
+        lost connection frees them, and forget those replicas. ``now`` (the
+        server's clock) stamps the runs' changes.
 
         Safe on several replicas at once (the server runs it on one: see
         :mod:`._replicas`). Fenced: each run is read ``FOR UPDATE`` and freed
@@ -1329,7 +1338,8 @@ class Store:
         just ended, or that a live replica leased again, is never touched.
         """
 
-        live_sql = self._q("SELECT id FROM replicas WHERE expires_at >= ?")
+        clock = self._dialect.clock
+        live_sql = f"SELECT id FROM replicas WHERE expires_at >= {clock}"
 
         def rescue(cur: Cursor) -> Outcome:
             turn = self._dialect.maintenance_turn
@@ -1343,20 +1353,19 @@ class Store:
                     " WHERE lease_owner IS NOT NULL"
                     f" AND (lease_replica IS NULL OR lease_replica NOT IN ({live_sql}))"
                     f"{self._lock_by_id}"
-                ),
-                (now,),
+                )
             )
             locked = [(_Row._make(raw[:-1]), raw[-1]) for raw in cur.fetchall()]
             # Asked again now that the rows are locked: a statement sees what
             # committed before it began, and a replica that started meanwhile
             # may have leased one of them since the first look.
-            cur.execute(live_sql, (now,))
+            cur.execute(live_sql)
             live = {str(row[0]) for row in cur.fetchall()}
             dead = [row for row, replica in locked if replica not in live]
             outcome = self._release_rows(
                 cur, dead, "its server replica stopped renewing its lease", now
             )
-            cur.execute(self._q("DELETE FROM replicas WHERE expires_at < ?"), (now,))
+            cur.execute(f"DELETE FROM replicas WHERE expires_at < {clock}")
             return outcome
 
         return await self.runner.transact(rescue)
