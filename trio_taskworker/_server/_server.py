@@ -95,7 +95,7 @@ class TaskServer:
     runs leased through it are freed that long after its last renewal. They
     tell each other what changed with LISTEN/NOTIFY, and poll every
     ``replica_poll_seconds`` for what a lost notification would have said.
-    Its writer runs each batch on the trio thread by default: a thread hop
+    The SQLite writer runs each batch on the trio thread by default: a thread hop
     costs more than a typical batch of small statements, and measured end to
     end this doubles throughput (see docs/performance). A very large batch
     (10,000 runs in one request) then holds the event loop for tens of
