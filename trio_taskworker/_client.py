@@ -234,11 +234,6 @@ class _ReplicaUnavailable(httpx.TransportError):
     call that is safe to send again moves on as after a transport error."""
 
 
-def _unavailable(response: httpx.Response, route: _Route, call: _Call) -> bool:
-    """True when ``response`` should send ``call`` to another replica."""
-    return response.status_code == 503 and len(route.urls) > 1 and (call.idempotent or call.retry)
-
-
 @attrs.define(eq=False)
 class _Route:
     """A client's server URLs and the one it sends to now.
@@ -256,6 +251,33 @@ class _Route:
     def answered(self, url: str) -> None:
         """``url`` answered a call: stay there."""
         self.current = self.urls.index(url)
+
+    def deliver(
+        self, call: _Call
+    ) -> Generator[tuple[str, float], httpx.Response | httpx.TransportError, httpx.Response]:
+        """Where to send ``call``, and how long to wait first; the driver sends
+        in what each attempt got (an answer or a transport error) and gets the
+        next place, until the answer to hand back is returned.
+
+        A 503 (a replica cut off from its database, or overloaded) sends a call
+        that is safe to send again to another replica, as a transport error
+        does; when every replica says so, the 503 is the answer.
+        """
+        attempts = self.attempts(call)
+        url, delay = next(attempts)
+        while True:
+            got = yield url, delay
+            if isinstance(got, httpx.TransportError):
+                url, delay = attempts.send(got)
+                continue
+            unavailable = got.status_code == 503 and len(self.urls) > 1
+            if not (unavailable and (call.idempotent or call.retry)):
+                self.answered(url)
+                return got
+            try:
+                url, delay = attempts.send(_ReplicaUnavailable(f"{url} answered 503"))
+            except ServerUnavailable:
+                return got
 
     def attempts(
         self, call: _Call
@@ -640,23 +662,21 @@ class TaskWorkerClient:
             return value
 
     async def _send(self, call: _Call) -> httpx.Response:
-        attempts = self._route.attempts(call)
-        url, delay = next(attempts)
+        route = self._route.deliver(call)
+        url, delay = next(route)
         while True:
             if delay:
                 await trio.sleep(delay)
+            got: httpx.Response | httpx.TransportError
             try:
-                response = await self._http.send(_build(self._http, url, call))
+                got = await self._http.send(_build(self._http, url, call))
             except httpx.TransportError as exc:
-                url, delay = attempts.send(exc)
-                continue
-            if not _unavailable(response, self._route, call):
-                self._route.answered(url)
-                return response
+                got = exc
             try:
-                url, delay = attempts.send(_ReplicaUnavailable(f"{url} answered 503"))
-            except ServerUnavailable:
-                return response  # every replica said so: the caller hears it
+                url, delay = route.send(got)
+            except StopIteration as done:
+                response: httpx.Response = done.value
+                return response
 
     async def submit(self, calls: Sequence[tuple[TaskRunCreate, bytes]]) -> list[uuid.UUID]:
         """Create runs from ``(create, pickled parameters)`` pairs in one request.
@@ -947,23 +967,21 @@ class SyncClient:
             return value
 
     def _send(self, call: _Call) -> httpx.Response:
-        attempts = self._route.attempts(call)
-        url, delay = next(attempts)
+        route = self._route.deliver(call)
+        url, delay = next(route)
         while True:
             if delay:
                 time.sleep(delay)
+            got: httpx.Response | httpx.TransportError
             try:
-                response = self._http.send(_build(self._http, url, call))
+                got = self._http.send(_build(self._http, url, call))
             except httpx.TransportError as exc:
-                url, delay = attempts.send(exc)
-                continue
-            if not _unavailable(response, self._route, call):
-                self._route.answered(url)
-                return response
+                got = exc
             try:
-                url, delay = attempts.send(_ReplicaUnavailable(f"{url} answered 503"))
-            except ServerUnavailable:
-                return response  # every replica said so: the caller hears it
+                url, delay = route.send(got)
+            except StopIteration as done:
+                response: httpx.Response = done.value
+                return response
 
     @property
     def current_url(self) -> str:
