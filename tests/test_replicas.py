@@ -22,6 +22,9 @@ import trio
 from trio_taskworker import TaskRunState, TaskServer, TaskWorker, open_client, task
 from trio_taskworker._models import TaskRunCreate
 from trio_taskworker._server._postgres import (
+    CHANNEL_CANCEL,
+    CHANNEL_DUE,
+    CHANNEL_ENDED,
     MAINTENANCE_LOCK_KEY,
     RESCUE_LOCK_KEY,
     PostgresBus,
@@ -261,3 +264,39 @@ async def test_a_lone_server_forgets_the_cancels_it_told(server: TaskServer) -> 
     run = await state.cancel(run_id)
     assert run.state is S.CANCELLED
     assert state._told_cancel == {}
+
+
+async def test_hostile_notifications_are_ignored_and_the_replica_goes_on(
+    nursery: trio.Nursery,
+    database_url: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Anyone with a connection to the database can NOTIFY on the channels."""
+    import psycopg
+
+    async with replicas(nursery, database_url, tmp_path) as (a, b):
+        worker = TaskWorker(add, api_url=str(b.url), handle_signals=False)
+        await nursery.start(worker.start)
+        hostile = [
+            (CHANNEL_ENDED, "someone not-a-uuid,also-not"),
+            (CHANNEL_ENDED, "someone " + "9" * 7000),
+            (CHANNEL_CANCEL, "someone not-a-uuid owner"),
+            (CHANNEL_CANCEL, f"someone {uuid.uuid4()} no-such-connection"),
+            (CHANNEL_CANCEL, ""),
+            (CHANNEL_DUE, "\x01\x02 \U0001f600"),
+        ]
+
+        def notify() -> None:
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                for channel, payload in hostile:
+                    conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+        await trio.to_thread.run_sync(notify)
+        await wait_until(
+            lambda: sum("ignored a malformed notification" in m for m in caplog.messages) >= 3
+        )
+        # Both replicas still serve, and still hear each other.
+        async with open_client(a.url):
+            assert await (await add.delay(4, 5)).result(timeout=20) == 9
+        await worker.stop()
