@@ -207,26 +207,23 @@ class AppState:
         self.dispatcher.wake()
 
     async def heard_ended(self, ids: Sequence[uuid.UUID] | None) -> None:
-        """Answer the requests waiting on runs that ended through another replica,
-        and the event streams. ``None``: look at every run waited on."""
-        watched = self.waiters.watched_ids()
-        wanted: list[uuid.UUID]
+        """Runs ended through another replica: answer the requests waiting on
+        them here, and the event streams. ``None`` (too many to name): look at
+        every run waited on, as the poll does."""
         if ids is None:
-            wanted = list(watched)
-        elif self.events.watched:
-            wanted = list(ids)
-        else:
-            wanted = [run_id for run_id in ids if run_id in watched]
-        if ids is None and wanted:
-            # The poll: ids only first, so that payloads are read only for
-            # runs that have ended.
-            wanted = await self.store.ended_ids(wanted)
-        if not wanted:
+            await self._look_at_waited_runs()
             return
-        runs = [run for run in await self.store.read_runs(wanted) if run.state.is_terminal]
-        self.waiters.notify(runs)
-        if ids is not None:
+        wanted = list(ids) if self.events.watched else self.waiters.watched_among(ids)
+        if wanted:
+            runs = [run for run in await self.store.read_runs(wanted) if run.state.is_terminal]
+            self.waiters.notify(runs)
             self.events.runs(runs)
+
+    async def _look_at_waited_runs(self) -> None:
+        # Ids first, so that payloads are read only for the runs that have ended.
+        ended = await self.store.ended_ids(self.waiters.watched_ids())
+        if ended:
+            self.waiters.notify(await self.store.read_runs(ended))
 
     def heard_cancel(self, run_id: uuid.UUID, owner: str) -> None:
         self._tell_cancel(run_id, owner)
@@ -234,7 +231,7 @@ class AppState:
     async def poll(self) -> None:
         """What notifications carry, looked up: the fallback for a lost one."""
         self.dispatcher.wake()
-        await self.heard_ended(None)
+        await self._look_at_waited_runs()
         cancelling = dict(await self.store.cancelling_runs())
         for run_id, owner in cancelling.items():
             if self._told_cancel.get(run_id) != owner:

@@ -221,9 +221,13 @@ class Waiters:
         """How many run ids some request is waiting on."""
         return len(self._watches)
 
-    def watched_ids(self) -> set[uuid.UUID]:
+    def watched_ids(self) -> list[uuid.UUID]:
         """The run ids some request is waiting on."""
-        return set(self._watches)
+        return list(self._watches)
+
+    def watched_among(self, ids: Iterable[uuid.UUID]) -> list[uuid.UUID]:
+        """Those of ``ids`` that some request is waiting on."""
+        return [run_id for run_id in ids if run_id in self._watches]
 
     def notify(self, runs: Iterable[TaskRun]) -> None:
         """Hand the runs among these that have ended to whoever waits on them."""
