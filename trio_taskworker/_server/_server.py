@@ -216,20 +216,19 @@ class TaskServer:
                     threaded=self.sqlite_in_thread,
                 )
                 await background.start(store.run)
-            bus: Bus
-            postgres = store.runner if isinstance(store.runner, PostgresRunner) else None
-            if postgres is not None:
+            listener = None
+            if isinstance(store.runner, PostgresRunner):
                 # Replicas: another server may hold leases in this database.
-                bus = PostgresBus(postgres, store.replica_id)
-                await background.start(bus.run)
+                listener = PostgresBus(store.runner, store.replica_id)
+                await background.start(listener.run)
             else:
                 # Alone on the database: every lease is a previous process's.
-                bus = LocalBus()
                 recovered = await store.release_all(self.now())
                 if recovered.changed:
                     log.info(
                         "released %d runs leased before the last shutdown", len(recovered.changed)
                     )
+            bus: Bus = LocalBus() if listener is None else listener
             dispatcher = Dispatcher(store, self.now)
             await background.start(dispatcher.run)
             if self.retention is not None:
@@ -251,13 +250,13 @@ class TaskServer:
             if isinstance(store.runner, SQLiteRunner | PostgresRunner):
                 store.runner.on_batch = state.metrics.store_batch
             replica = None
-            if postgres is not None:
-                assert isinstance(bus, PostgresBus)
-                bus.hearer = state
-                state.metrics.count_statements(lambda: postgres.statements)
+            if listener is not None:
+                listener.hearer = state
+                runner = listener.runner
+                state.metrics.count_statements(lambda: runner.statements)
                 replica = Replica(
                     store,
-                    bus,
+                    listener,
                     self.now,
                     on_rescued=state.changed,
                     poll=state.poll,
