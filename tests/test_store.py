@@ -11,13 +11,11 @@ import trio
 
 from trio_taskworker import TaskRunState
 from trio_taskworker._models import (
-    OPTION_NAMES,
     ErrorInfo,
     Finished,
     Released,
     Started,
     TaskRunCreate,
-    option_values,
 )
 from trio_taskworker._server import SQLiteStore
 from trio_taskworker._server._store import StoreError
@@ -39,22 +37,6 @@ async def test_create_read_list(memory_store: SQLiteStore) -> None:
     assert [r.id for r in listed] == [ids[1]]
     assert listed[0].parameters is None  # lists leave payloads out
     assert (await memory_store.counts())["SCHEDULED"] == 2
-
-
-async def test_every_option_is_stored(memory_store: SQLiteStore) -> None:
-    options = {
-        "retries": 2,
-        "retry_delay_seconds": 1.5,
-        "timeout_seconds": 9.0,
-        "max_redeliveries": 4,
-        "tags": ("a", "b"),
-    }
-    assert set(options) == set(OPTION_NAMES)  # a new option needs a value here
-    created = create(**options)
-    (run_id,) = await memory_store.create_runs([created], now=1.0)
-    (run,) = await memory_store.read_runs([run_id])
-    (listed,) = await memory_store.list_runs(None, None, 10, 0)
-    assert option_values(run) == option_values(listed) == option_values(created) == options
 
 
 async def test_claim_is_fair_across_keys_and_respects_n(memory_store: SQLiteStore) -> None:
@@ -83,26 +65,6 @@ async def _leased(store: SQLiteStore, **kwargs: object) -> tuple[uuid.UUID, int]
     await store.create_runs([create(**kwargs)], now=1.0)
     (run,) = await store.claim_runs(["m:f"], 1, "c1", now=1.0)
     return run.id, run.attempt
-
-
-async def test_reports_complete_a_run(memory_store: SQLiteStore) -> None:
-    run_id, attempt = await _leased(memory_store)
-    outcome = await memory_store.apply_reports(
-        "c1",
-        [
-            Started(id=run_id, attempt=attempt),
-            Finished(id=run_id, attempt=attempt, state=S.COMPLETED, result=b"r"),
-        ],
-        now=2.0,
-    )
-    assert not outcome.rejected
-    (run,) = await memory_store.read_runs([run_id])
-    assert (run.state, run.result, run.started_at.timestamp(), run.finished_at.timestamp()) == (  # type: ignore[union-attr]
-        S.COMPLETED,
-        b"r",
-        2.0,
-        2.0,
-    )
 
 
 async def test_fencing_refuses_stale_and_foreign_reports(memory_store: SQLiteStore) -> None:
@@ -287,23 +249,6 @@ async def test_cancelling_run_whose_worker_vanishes_is_cancelled(
     await memory_store.cancel_run(run_id, 3.0)
     outcome = await memory_store.release_owner("c1", 4.0)
     assert outcome.changed[0].state is S.CANCELLED
-
-
-async def test_a_row_stored_under_older_rules_stays_readable(memory_store: SQLiteStore) -> None:
-    """Snapshots are not re-validated: an option older servers accepted must not
-    make reading, listing or claiming the run raise."""
-    (run_id,) = await memory_store.create_runs([create()], now=1.0)
-    await memory_store.runner.transact(
-        lambda cur: cur.execute(
-            "UPDATE task_runs SET retry_delay_seconds = ?, timeout_seconds = ?",
-            (float("inf"), float("nan")),
-        )
-    )
-    (run,) = await memory_store.read_runs([run_id])
-    assert run.retry_delay_seconds == float("inf")
-    assert [r.id for r in await memory_store.list_runs(None, None, 10, 0)] == [run_id]
-    (claimed,) = await memory_store.claim_runs(["m:f"], 1, "conn", 2.0)
-    assert claimed.id == run_id and claimed.state is S.PENDING
 
 
 async def test_an_operation_that_raises_is_undone_alone(memory_store: SQLiteStore) -> None:
