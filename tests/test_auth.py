@@ -63,6 +63,7 @@ DOCUMENTED = {
     ("GET", "/health"): None,
     ("POST", "/runs"): {"submit"},
     ("GET", "/runs"): {"admin"},
+    ("GET", "/feeds/{feed_id}"): {"submit"},
     ("POST", "/runs/wait"): {"submit"},
     ("GET", "/runs/{run_id}"): {"submit"},
     ("GET", "/runs/{run_id}/wait"): {"submit"},

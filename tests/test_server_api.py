@@ -203,7 +203,9 @@ async def test_bad_requests_get_clear_errors(
 
 @pytest.mark.parametrize("path", list(openapi_document()["paths"]))
 async def test_wrong_method_lists_the_allowed_ones(http: httpx.AsyncClient, path: str) -> None:
-    url = path.replace("{run_id}", str(uuid.uuid4())).replace("{blob_id}", str(uuid.uuid4()))
+    url = path
+    for param in ("{run_id}", "{blob_id}", "{feed_id}"):
+        url = url.replace(param, str(uuid.uuid4()))
     response = await http.delete(url)
     assert response.status_code == 405
     assert response.json() == {"detail": "Method Not Allowed"}

@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import math
 import os
 import random
 import ssl
@@ -42,9 +43,11 @@ from ._exceptions import (
     TaskRunFailed,
     TaskRunNotFound,
 )
+from ._feed import FeedState
 from ._guard import in_trio_run
 from ._models import (
     CreatedRuns,
+    FeedPage,
     LogBatch,
     LogRecord,
     ReturnWhen,
@@ -391,7 +394,11 @@ def _op_load_payload(inline: bytes | None, ref: str | None) -> Operation[bytes |
     return inline
 
 
-def _op_submit(calls: Sequence[tuple[TaskRunCreate, bytes]]) -> Operation[list[uuid.UUID]]:
+def _op_submit(
+    calls: Sequence[tuple[TaskRunCreate, bytes]], feed: str | None = None
+) -> Operation[tuple[list[uuid.UUID], str | None]]:
+    """Create the runs; return their ids and whether ``feed`` watches them (the
+    ``Feed`` header: ``watching``, ``new``, or None)."""
     creates = []
     for create, payload in calls:
         stored = yield from _op_store_payload(payload)
@@ -403,12 +410,29 @@ def _op_submit(calls: Sequence[tuple[TaskRunCreate, bytes]]) -> Operation[list[u
     response = yield _Call(
         method="POST",
         path="/runs",
+        params=None if feed is None else {"feed": feed},
         content=to_json(TaskRunCreateBatch(runs=tuple(creates))),
         retry=True,
         idempotency_key=uuid.uuid4().hex,
     )
     _raise_for_status(response)
-    return list(from_json(response.content, CreatedRuns).ids)
+    ids = list(from_json(response.content, CreatedRuns).ids)
+    return ids, response.headers.get("feed")
+
+
+def _op_poll_feed(feed: str, after: int, wait: float) -> Operation[FeedPage | None]:
+    """One long-poll of the feed: the page, or None when the server has no such feed."""
+    response = yield _Call(
+        method="GET",
+        path=f"/feeds/{feed}",
+        params={"after": after, "timeout": wait},
+        read_timeout=wait + _CONNECT_TIMEOUT,
+        idempotent=True,  # a repeat acknowledges what the first one did
+    )
+    if response.status_code == 404:
+        return None
+    _raise_for_status(response)
+    return from_json(response.content, FeedPage)
 
 
 def _op_read_run(run_id: uuid.UUID) -> Operation[TaskRun]:
@@ -648,6 +672,7 @@ class TaskWorkerClient:
     api_url: str = attrs.field(converter=normalize_api_url)
     _http: httpx.AsyncClient
     _route: _Route = attrs.field(init=False)
+    _feed: FeedState = attrs.field(init=False, factory=FeedState)
 
     def __attrs_post_init__(self) -> None:
         self._route = _Route(api_urls(self.api_url))
@@ -682,9 +707,56 @@ class TaskWorkerClient:
         """Create runs from ``(create, pickled parameters)`` pairs in one request.
 
         Returns the new runs' ids in order. Large parameters are stored as
-        blobs first (see :meth:`store_payload`).
+        blobs first (see :meth:`store_payload`). The client's feed on the
+        server watches the new runs, so that :meth:`wait_end` hears of their
+        ends together.
         """
-        return await self._drive(_op_submit(calls))
+        feed = self._feed
+        ids, answer = await self._drive(_op_submit(calls, feed.feed_id))
+        feed.submitted(ids, answer)
+        return ids
+
+    async def wait_end(self, run_id: uuid.UUID, timeout: float | None = None) -> TaskRun:
+        """:meth:`wait_run`, through this client's feed when it watches the run.
+
+        The callers waiting on runs the feed watches share one long-poll: one
+        of them asks the feed for every run that ended since it last asked,
+        and each takes its own. A run the feed does not watch (submitted by
+        another client, or before the server lost the feed) is waited for
+        alone. The snapshot lacks the parameters when it comes from the feed.
+        """
+        feed = self._feed
+        deadline = None if timeout is None else trio.current_time() + timeout
+        while True:
+            end = feed.take(run_id)
+            if isinstance(end, TaskRun):
+                return end
+            left = None if deadline is None else max(0.0, deadline - trio.current_time())
+            if end is not None or run_id not in feed.covered or left == 0.0:
+                return await self.wait_run(run_id, left)
+            if feed.polling:
+                with trio.move_on_at(math.inf if deadline is None else deadline):
+                    await feed.changed.wait()
+                continue
+            await self._poll_feed(
+                LONG_POLL_SECONDS if left is None else min(left, LONG_POLL_SECONDS)
+            )
+
+    async def _poll_feed(self, wait: float) -> None:
+        feed = self._feed
+        generation = feed.generation
+        feed.polling = True
+        try:
+            page = await self._drive(_op_poll_feed(feed.feed_id, feed.cursor, wait))
+        finally:
+            feed.polling = False
+            feed.wake()
+        if generation != feed.generation:
+            return  # the feed was lost meanwhile: this page is of the one before
+        if page is None:
+            feed.lost()
+        else:
+            feed.heard(page)
 
     async def read_run(self, run_id: uuid.UUID) -> TaskRun:
         """Return the run's current snapshot; raise :class:`TaskRunNotFound` if unknown."""
@@ -989,8 +1061,9 @@ class SyncClient:
         return self._route.urls[self._route.current]
 
     def submit(self, calls: Sequence[tuple[TaskRunCreate, bytes]]) -> list[uuid.UUID]:
-        """See :meth:`TaskWorkerClient.submit`."""
-        return self._drive(_op_submit(calls))
+        """See :meth:`TaskWorkerClient.submit` (no feed watches them)."""
+        ids, _ = self._drive(_op_submit(calls))
+        return ids
 
     def read_run(self, run_id: uuid.UUID) -> TaskRun:
         """See :meth:`TaskWorkerClient.read_run`."""

@@ -99,7 +99,7 @@ class TaskRunFuture(Generic[R_co]):
         and ``TimeoutError`` when ``timeout`` passes first.
         """
         client = client_for(self.api_url)
-        run = await client.wait_run(self.task_run_id, timeout)
+        run = await client.wait_end(self.task_run_id, timeout)
         value: R_co = await client.load_result(run)
         return value
 

@@ -39,6 +39,7 @@ __all__ = [
     "Drain",
     "Drained",
     "ErrorInfo",
+    "FeedPage",
     "Finished",
     "Heartbeat",
     "LogBatch",
@@ -370,6 +371,21 @@ class WaitRequest:
     ids: tuple[uuid.UUID, ...] = attrs.field(validator=_id_count)
     timeout: float = attrs.field(default=30.0, validator=_wait_seconds)
     return_when: ReturnWhen = ReturnWhen.ALL_ENDED
+
+
+@attrs.frozen(kw_only=True)
+class FeedPage:
+    """The answer to ``GET /feeds/{feed_id}``: runs of the feed that have ended.
+
+    ``runs`` come without their parameters; ``heavy`` are runs that ended with
+    a result too large to carry here (read each with ``GET /runs/{run_id}``).
+    ``cursor`` is what the next poll sends as ``after``, so that the server
+    forgets what this page held: a page lost on the way is sent again.
+    """
+
+    runs: tuple[TaskRun, ...] = ()
+    heavy: tuple[uuid.UUID, ...] = ()
+    cursor: int = 0
 
 
 # --- websocket messages, worker to server -------------------------------------------

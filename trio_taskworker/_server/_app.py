@@ -67,12 +67,16 @@ from .._version import __version__
 from ._auth import Authenticate, KeyRing
 from ._dispatch import MAX_CREDITS, Dispatcher, Subscriber, Waiters
 from ._events import MAX_PENDING, MAX_STREAMS, Events
+from ._feeds import Feeds, feed_id
 from ._metrics import ServerMetrics
 from ._openapi import openapi_document
 from ._replicas import Bus, LocalBus
 from ._routes import (
+    AFTER,
     BLOB_ID,
     ENDPOINTS,
+    FEED,
+    FEED_ID,
     LIMIT,
     OFFSET,
     PUBLIC,
@@ -147,6 +151,10 @@ class AppState:
     #: What ``GET /metrics`` shows.
     metrics: ServerMetrics = attrs.field(
         default=attrs.Factory(lambda self: ServerMetrics(now=self.now), takes_self=True)
+    )
+    #: The clients' feeds of ended runs (see :mod:`._feeds`).
+    feeds: Feeds = attrs.field(
+        default=attrs.Factory(lambda self: Feeds(self.waiters, self.now), takes_self=True)
     )
     #: How this server tells the other replicas on its database (see :mod:`._replicas`).
     bus: Bus = attrs.field(factory=LocalBus)
@@ -417,6 +425,8 @@ _SPOOL_BYTES = 1024 * 1024
 
 #: The header that makes ``POST /runs`` safe to retry (see ``Store.create_runs``).
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+#: Says whether the client's feed watches the runs a ``POST /runs`` created.
+FEED_HEADER = "Feed"
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
@@ -452,25 +462,63 @@ class _Handlers:
                     422, f"{IDEMPOTENCY_HEADER} must be 1 to 255 visible ASCII characters"
                 )
             idempotency = Idempotency(raw_key, hashlib.sha256(body).hexdigest())
+        raw_feed = request.query_params.get(FEED.name)
         try:
-            ids = await state.store.create_runs(batch.runs, state.now(), idempotency)
-        except IdempotencyConflict as exc:
-            return _error(409, str(exc))
-        except StoreError as exc:  # a parameters_ref that names no stored blob
-            return _error(404, str(exc))
+            feed = None if raw_feed is None else state.feeds.open(feed_id(raw_feed))
+        except ValueError:
+            return _error(422, f"{FEED.name} must be a UUID")
+        # Watched before they exist, so that no end can come before the watch.
+        new_ids = [uuid.uuid4() for _ in batch.runs]
+        feed_answer = None
+        if feed is not None and state.feeds.watch(feed[0], new_ids):
+            feed_answer = "new" if feed[1] else "watching"
+        try:
+            ids = await state.store.create_runs(batch.runs, state.now(), idempotency, new_ids)
+        except (IdempotencyConflict, StoreError) as exc:
+            if feed is not None:
+                state.feeds.unwatch(feed[0], new_ids)
+            if isinstance(exc, IdempotencyConflict):
+                return _error(409, str(exc))
+            return _error(404, str(exc))  # a parameters_ref that names no stored blob
+        if feed is not None and ids != new_ids:
+            # A replayed key: these runs are the earlier request's, perhaps ended.
+            state.feeds.unwatch(feed[0], new_ids)
+            feed_answer = None
         state.dispatcher.wake()
         state.bus.runs_due()
         log.info("created %d runs", len(ids))
         state.metrics.runs_created([c.task_key for c in batch.runs])
         cached = any(c.cache_key is not None for c in batch.runs)
-        if state.events.watched and len(ids) > MAX_PENDING:
-            state.events.runs_reset()
-        elif cached or state.events.watched:
-            # A cache hit is created COMPLETED: it has ended, for metrics too.
+        if cached or (state.events.watched and len(ids) <= MAX_PENDING):
+            # A cache hit is created COMPLETED: it has ended, for metrics and
+            # feeds too (and more runs than a stream holds make one reset).
             created = await state.store.read_runs(ids)
             state.events.runs(created)
             state.metrics.runs_changed([r for r in created if r.state.is_terminal])
-        return _json(CreatedRuns(ids=tuple(ids)), 201)
+            state.waiters.notify(created)
+        elif state.events.watched:
+            state.events.runs_reset()
+        response = _json(CreatedRuns(ids=tuple(ids)), 201)
+        if feed_answer is not None:
+            response.headers[FEED_HEADER] = feed_answer
+        return response
+
+    async def poll_feed(self, request: Request) -> Response:
+        state = self.state
+        try:
+            feed = state.feeds.get(feed_id(request.path_params[FEED_ID.name]))
+        except ValueError:
+            return _error(422, f"{FEED_ID.name} must be a UUID")
+        after = int(_query_number(request, AFTER))
+        timeout = min(_query_number(request, WAIT_TIMEOUT), state.max_wait_seconds)
+        if feed is None:
+            return _error(404, "no such feed on this server: wait for its runs one by one")
+        state.metrics.wait_request("feed")
+        try:
+            page = await state.feeds.poll(feed, after, timeout)
+        except ValueError as exc:
+            return _error(404, f"not this feed's cursor: {exc}")
+        return Response(page, media_type="application/json")
 
     async def list_runs(self, request: Request) -> Response:
         raw_state = request.query_params.get(STATE.name)
@@ -500,6 +548,7 @@ class _Handlers:
         state = self.state
         run_id = _run_id(request)
         timeout = _query_number(request, WAIT_TIMEOUT)
+        state.metrics.wait_request("run")
         with state.waiters.watch([run_id]) as watch:
             runs = await state.store.read_runs([run_id])
             if not runs:
@@ -518,6 +567,7 @@ class _Handlers:
             wait = from_json(await _body(request, state), WaitRequest)
         except InvalidPayload as exc:
             return _error(422, f"invalid wait request: {exc}")
+        state.metrics.wait_request("runs")
         wanted = set(wait.ids)
         with state.waiters.watch(wanted) as watch:
             known = await state.store.read_runs(wait.ids)

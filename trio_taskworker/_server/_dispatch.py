@@ -201,20 +201,31 @@ class Waiters:
     def watch(self, ids: Iterable[uuid.UUID]) -> Iterator[Watch]:
         """A :class:`Watch` over ``ids``; its event is set as any of them ends."""
         watch = Watch()
-        if self._stopping:
-            watch.event.set()
         watched = list(dict.fromkeys(ids))
-        for run_id in watched:
-            self._watches.setdefault(run_id, set()).add(watch)
+        self.add(watch, watched)
         try:
             yield watch
         finally:
-            for run_id in watched:
-                watches = self._watches.get(run_id)
-                if watches is not None:
-                    watches.discard(watch)
-                    if not watches:
-                        del self._watches[run_id]
+            self.discard(watch, watched)
+
+    def add(self, watch: Watch, ids: Iterable[uuid.UUID]) -> None:
+        """Set ``watch``'s event as any of ``ids`` ends, until :meth:`discard`.
+
+        For a watch that outlives one request (a feed); a request uses :meth:`watch`.
+        """
+        if self._stopping:
+            watch.event.set()
+        for run_id in ids:
+            self._watches.setdefault(run_id, set()).add(watch)
+
+    def discard(self, watch: Watch, ids: Iterable[uuid.UUID]) -> None:
+        """``watch`` waits on ``ids`` no more."""
+        for run_id in ids:
+            watches = self._watches.get(run_id)
+            if watches is not None:
+                watches.discard(watch)
+                if not watches:
+                    del self._watches[run_id]
 
     @property
     def watched(self) -> int:

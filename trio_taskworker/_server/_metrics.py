@@ -257,6 +257,7 @@ class ServerMetrics:
     _batch_operations: Histogram = attrs.field(init=False)
     _batch_seconds: Histogram = attrs.field(init=False)
     _claim_runs: Histogram = attrs.field(init=False)
+    _waits: Counter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         registry = self.registry
@@ -311,6 +312,13 @@ class ServerMetrics:
             registry=registry,
             buckets=CLAIM_BUCKETS,
         )
+        self._waits = Counter(
+            _PREFIX + "wait_requests",
+            "Requests that waited for runs to end, by kind: `feed` (a page of a client's"
+            " feed of ended runs), `run` (one run), `runs` (a list of runs).",
+            ["kind"],
+            registry=registry,
+        )
         info = Gauge(
             _PREFIX + "build_info",
             "Always 1; the server's version is in the label.",
@@ -348,6 +356,10 @@ class ServerMetrics:
     def runs_claimed(self, n: int) -> None:
         """Observe one claim that leased ``n`` runs to a worker connection."""
         self._claim_runs.observe(n)
+
+    def wait_request(self, kind: str) -> None:
+        """Count one request that waits for runs to end (``feed``, ``run`` or ``runs``)."""
+        self._waits.labels(kind).inc()
 
     def count_statements(self, read: Callable[[], int]) -> None:
         """Export ``read()``, the store's SQL statements so far, as a counter."""

@@ -42,6 +42,7 @@ _SCHEMA_MODELS = (
     _models.CreatedRuns,
     _models.RunList,
     _models.WaitRequest,
+    _models.FeedPage,
     _models.StateChange,
     _models.RunHistory,
     _models.LogRecord,
@@ -174,6 +175,8 @@ def _parameter(param: Param) -> dict[str, Any]:
         return {"name": param.name, "in": "path", "required": True, "schema": schema}
     if isinstance(param, QueryText):
         schema = {"type": "string"} if param.choices is None else _type_schema(param.choices)
+        if param.format is not None:
+            schema["format"] = param.format
     elif param.integer:
         schema = {
             "type": "integer",

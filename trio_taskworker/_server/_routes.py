@@ -25,10 +25,13 @@ from .._states import TaskRunState
 
 __all__ = [
     "ADMIN_ONLY",
+    "AFTER",
     "ANY_ROLE",
     "BLOB_ID",
     "BYTES",
     "ENDPOINTS",
+    "FEED",
+    "FEED_ID",
     "LIMIT",
     "OFFSET",
     "PUBLIC",
@@ -87,10 +90,12 @@ class PathId:
 
 @attrs.frozen(kw_only=True)
 class QueryText:
-    """An optional query parameter: any string, or one of the values of ``choices``."""
+    """An optional query parameter: any string, one of the values of ``choices``,
+    or a string of the JSON Schema ``format`` (``uuid``)."""
 
     name: str
     choices: type[enum.Enum] | None = None
+    format: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -154,6 +159,11 @@ WAIT_TIMEOUT = QueryNumber(
     maximum=MAX_WAIT_SECONDS,
 )
 
+FEED_ID = PathId(name="feed_id")
+#: ``POST /runs?feed=...``: the client's feed that is to watch the new runs.
+FEED = QueryText(name="feed", format="uuid")
+AFTER = QueryNumber(name="after", default=0, minimum=0, maximum=2**62, integer=True)
+
 _SUBMIT = frozenset({Role.SUBMIT})
 # A submitter stores large parameters and reads large results; a worker the reverse.
 _SUBMIT_OR_WORK = frozenset({Role.SUBMIT, Role.WORK})
@@ -190,9 +200,15 @@ ENDPOINTS = (
         roles=_SUBMIT,
         operation_id="createRuns",
         summary="Create one or many runs in one transaction",
+        params=(FEED,),
         body="TaskRunCreateBatch",
         replies={
-            201: Reply(description="Created", body="CreatedRuns"),
+            201: Reply(
+                description="Created. With `feed`, the `Feed` header says `watching` (the"
+                " feed watches them) or `new` (a feed made now watches them: it watches no"
+                " earlier run); without it, the feed watches none of them.",
+                body="CreatedRuns",
+            ),
             404: Reply(
                 description="A `parameters_ref` names no stored blob; no run was created.",
                 body="Error",
@@ -203,6 +219,28 @@ ENDPOINTS = (
             ),
             422: _MALFORMED,
             **_BODY_LIMITS,
+        },
+    ),
+    Endpoint(
+        method="GET",
+        path="/feeds/{feed_id}",
+        handler="poll_feed",
+        roles=_SUBMIT,
+        operation_id="pollFeed",
+        summary="The runs of a client's feed that ended after `after`; waits up to"
+        " `timeout` for one",
+        params=(FEED_ID, AFTER, WAIT_TIMEOUT),
+        replies={
+            200: Reply(
+                description="Ended runs (none after the timeout) and the next cursor",
+                body="FeedPage",
+            ),
+            404: Reply(
+                description="This server has no such feed (restarted, another replica, or"
+                " idle too long), or never gave that cursor: wait for its runs another way.",
+                body="Error",
+            ),
+            422: _MALFORMED,
         },
     ),
     Endpoint(

@@ -309,6 +309,7 @@ class TaskServer:
         if state is not None and not state.stopping.is_set():
             state.stopping.set()
             state.waiters.stop()
+            state.feeds.stop()
             state.events.close()
             if state.connections:
                 with trio.move_on_after(2):
