@@ -64,6 +64,7 @@ DOCUMENTED = {
     ("POST", "/runs"): {"submit"},
     ("GET", "/runs"): {"admin"},
     ("GET", "/feeds/{feed_id}"): {"submit"},
+    ("POST", "/feeds/{feed_id}/watch"): {"submit"},
     ("POST", "/runs/wait"): {"submit"},
     ("GET", "/runs/{run_id}"): {"submit"},
     ("GET", "/runs/{run_id}/wait"): {"submit"},

@@ -23,6 +23,7 @@ from trio_taskworker import ServerUnavailable, open_client
 
 from . import e2e_tasks as t
 from .conftest import Proc, start_server, worker
+from .helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -80,7 +81,7 @@ async def test_futures_outlive_a_server_killed_with_their_feed(
     server = start_server(data)
     procs.append(server)
     url = server.url
-    async with open_client(url):
+    async with open_client(url) as client:
         futs = await t.add.map(range(30))  # no worker yet: they wait
         async with trio.open_nursery() as nursery:
             failed = trio.Event()
@@ -91,7 +92,7 @@ async def test_futures_outlive_a_server_killed_with_their_feed(
                 failed.set()
 
             nursery.start_soon(await_first)
-            await trio.sleep(0.5)  # its poll of the feed is in flight
+            await wait_until(lambda: client._feed.polling)  # its poll of the feed is out
             server.signal(signal.SIGKILL)
             await trio.to_thread.run_sync(server.wait)
             with trio.fail_after(30):

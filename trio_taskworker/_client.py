@@ -48,6 +48,8 @@ from ._guard import in_trio_run
 from ._models import (
     CreatedRuns,
     FeedPage,
+    FeedWatch,
+    FeedWatched,
     LogBatch,
     LogRecord,
     ReturnWhen,
@@ -394,11 +396,7 @@ def _op_load_payload(inline: bytes | None, ref: str | None) -> Operation[bytes |
     return inline
 
 
-def _op_submit(
-    calls: Sequence[tuple[TaskRunCreate, bytes]], feed: str | None = None
-) -> Operation[tuple[list[uuid.UUID], str | None]]:
-    """Create the runs; return their ids and whether ``feed`` watches them (the
-    ``Feed`` header: ``watching``, ``new``, or None)."""
+def _op_submit(calls: Sequence[tuple[TaskRunCreate, bytes]]) -> Operation[list[uuid.UUID]]:
     creates = []
     for create, payload in calls:
         stored = yield from _op_store_payload(payload)
@@ -410,22 +408,35 @@ def _op_submit(
     response = yield _Call(
         method="POST",
         path="/runs",
-        params=None if feed is None else {"feed": feed},
         content=to_json(TaskRunCreateBatch(runs=tuple(creates))),
         retry=True,
         idempotency_key=uuid.uuid4().hex,
     )
     _raise_for_status(response)
-    ids = list(from_json(response.content, CreatedRuns).ids)
-    return ids, response.headers.get("feed")
+    return list(from_json(response.content, CreatedRuns).ids)
 
 
-def _op_poll_feed(feed: str, after: int, wait: float) -> Operation[FeedPage | None]:
+def _op_watch_feed(feed: str, ids: Sequence[uuid.UUID]) -> Operation[FeedWatched | None]:
+    """Ask the feed to watch ``ids``: its answer, or None when it watches none of
+    them (it is full, or the server keeps as many feeds as it may)."""
+    response = yield _Call(
+        method="POST",
+        path=f"/feeds/{feed}/watch",
+        content=to_json(FeedWatch(ids=tuple(ids))),
+        idempotent=True,  # a repeat watches nothing more
+    )
+    if response.status_code == 409:
+        return None
+    _raise_for_status(response)
+    return from_json(response.content, FeedWatched)
+
+
+def _op_poll_feed(feed: str, epoch: int, after: int, wait: float) -> Operation[FeedPage | None]:
     """One long-poll of the feed: the page, or None when the server has no such feed."""
     response = yield _Call(
         method="GET",
         path=f"/feeds/{feed}",
-        params={"after": after, "timeout": wait},
+        params={"epoch": epoch, "after": after, "timeout": wait},
         read_timeout=wait + _CONNECT_TIMEOUT,
         idempotent=True,  # a repeat acknowledges what the first one did
     )
@@ -707,47 +718,75 @@ class TaskWorkerClient:
         """Create runs from ``(create, pickled parameters)`` pairs in one request.
 
         Returns the new runs' ids in order. Large parameters are stored as
-        blobs first (see :meth:`store_payload`). The client's feed on the
-        server watches the new runs, so that :meth:`wait_end` hears of their
-        ends together.
+        blobs first (see :meth:`store_payload`).
         """
-        feed = self._feed
-        ids, answer = await self._drive(_op_submit(calls, feed.feed_id))
-        feed.submitted(ids, answer)
+        ids = await self._drive(_op_submit(calls))
+        self._feed.submitted(ids)
         return ids
 
     async def wait_end(self, run_id: uuid.UUID, timeout: float | None = None) -> TaskRun:
-        """:meth:`wait_run`, through this client's feed when it watches the run.
+        """:meth:`wait_run` for an ended run, through this client's feed for the
+        runs it submitted.
 
-        The callers waiting on runs the feed watches share one long-poll: one
-        of them asks the feed for every run that ended since it last asked,
-        and each takes its own. A run the feed does not watch (submitted by
-        another client, or before the server lost the feed) is waited for
-        alone. The snapshot lacks the parameters when it comes from the feed.
+        The first wait for one of them asks the feed to watch it and the next
+        ones this client submitted; the callers waiting on watched runs share
+        one long-poll, and each takes its own run's end. A run this client did
+        not submit, or whose feed the server lost, is waited for alone. An end
+        the feed brings comes without the run's parameters; one that a retry
+        by request could have undone since (anything but COMPLETED) is read
+        again.
         """
         feed = self._feed
-        deadline = None if timeout is None else trio.current_time() + timeout
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
         while True:
             end = feed.take(run_id)
-            if isinstance(end, TaskRun):
+            left = None if timeout is None else max(0.0, deadline - trio.current_time())
+            if isinstance(end, TaskRun) and end.state is TaskRunState.COMPLETED:
                 return end
-            left = None if deadline is None else max(0.0, deadline - trio.current_time())
-            if end is not None or run_id not in feed.covered or left == 0.0:
+            if end is not None or left == 0.0:
                 return await self.wait_run(run_id, left)
-            if feed.polling:
-                with trio.move_on_at(math.inf if deadline is None else deadline):
-                    await feed.changed.wait()
-                continue
-            await self._poll_feed(
-                LONG_POLL_SECONDS if left is None else min(left, LONG_POLL_SECONDS)
-            )
+            if run_id in feed.covered:
+                if not feed.polling:
+                    await self._poll_feed(
+                        min(LONG_POLL_SECONDS, math.inf if left is None else left)
+                    )
+                    continue
+            elif run_id in feed.asking:
+                pass  # the watch request in flight names it: wait for its answer
+            elif run_id in feed.unwatched:
+                if not feed.watching:
+                    await self._watch_feed(run_id)
+                    continue
+            else:
+                return await self.wait_run(run_id, left)
+            with trio.move_on_at(deadline):
+                await feed.changed.wait()
+
+    async def _watch_feed(self, run_id: uuid.UUID) -> None:
+        feed = self._feed
+        ids = feed.to_watch(run_id)
+        feed.watching = True
+        try:
+            answer = await self._drive(_op_watch_feed(feed.feed_id, ids))
+        except BaseException:
+            feed.not_asked()  # the next waiter asks again
+            raise
+        finally:
+            feed.watching = False
+            feed.wake()
+        if answer is None:
+            feed.refused()
+        else:
+            feed.watched(ids, answer)
 
     async def _poll_feed(self, wait: float) -> None:
         feed = self._feed
         generation = feed.generation
         feed.polling = True
         try:
-            page = await self._drive(_op_poll_feed(feed.feed_id, feed.cursor, wait))
+            page = await self._drive(
+                _op_poll_feed(feed.feed_id, feed.epoch or 0, feed.cursor, wait)
+            )
         finally:
             feed.polling = False
             feed.wake()
@@ -1061,9 +1100,8 @@ class SyncClient:
         return self._route.urls[self._route.current]
 
     def submit(self, calls: Sequence[tuple[TaskRunCreate, bytes]]) -> list[uuid.UUID]:
-        """See :meth:`TaskWorkerClient.submit` (no feed watches them)."""
-        ids, _ = self._drive(_op_submit(calls))
-        return ids
+        """See :meth:`TaskWorkerClient.submit`."""
+        return self._drive(_op_submit(calls))
 
     def read_run(self, run_id: uuid.UUID) -> TaskRun:
         """See :meth:`TaskWorkerClient.read_run`."""

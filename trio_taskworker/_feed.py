@@ -1,10 +1,14 @@
-"""What a client knows of its feed on the server: which of its runs the feed
-watches, and which ends it has heard and nobody has taken yet.
+"""What a client knows of its feed on the server: the runs it submitted and
+has not asked the feed to watch yet, the runs the feed watches, and the ends
+it has heard that nobody has taken yet.
 
-The server side is ``_server/_feeds``. A client submits runs naming its feed;
-one waiting caller at a time long-polls the feed for the runs that ended, and
-every caller takes its own run's end from here. This module does no I/O (the
-client's methods send the requests), so its bookkeeping is tested alone.
+The server side is ``_server/_feeds``. When a caller awaits the result of a
+run this client submitted, the client asks its feed to watch that run and the
+next ones it submitted (a caller that awaits one result usually awaits the
+next); one waiting caller at a time long-polls the feed for the runs that
+ended, and every caller takes its own run's end from here. This module does
+no I/O (the client's methods send the requests), so its bookkeeping is tested
+alone.
 """
 
 from __future__ import annotations
@@ -15,13 +19,16 @@ from typing import Final
 import attrs
 import trio
 
-from ._models import FeedPage, TaskRun
+from ._models import MAX_WATCH_IDS, FeedPage, FeedWatched, TaskRun
 
-__all__ = ["HEAVY", "FeedState", "Heavy"]
+__all__ = ["HEAVY", "MAX_HELD", "MAX_UNWATCHED", "FeedState", "Heavy"]
 
 #: The most ended runs a client keeps for callers that have not asked yet; past
 #: it the oldest are forgotten, and a caller asking for one asks the server.
 MAX_HELD = 10_000
+#: The most submitted runs a client remembers as not watched yet; past it the
+#: oldest are forgotten, and their results are waited for one by one.
+MAX_UNWATCHED = 100_000
 
 
 class Heavy:
@@ -38,33 +45,76 @@ class FeedState:
 
     #: The feed's id on the server, chosen here.
     feed_id: str = attrs.field(factory=lambda: uuid.uuid4().hex)
+    #: The feed's epoch on the server, once it has said (see FeedWatched).
+    epoch: int | None = None
+    #: Runs this client submitted that the feed has not been asked to watch, oldest first.
+    unwatched: dict[uuid.UUID, None] = attrs.field(factory=dict)
+    #: Runs named by the watch request in flight.
+    asking: dict[uuid.UUID, None] = attrs.field(factory=dict)
     #: Runs the server's feed watches, whose end has not been heard yet.
     covered: dict[uuid.UUID, None] = attrs.field(factory=dict)
     #: Ends heard and not taken yet, oldest first.
     ended: dict[uuid.UUID, TaskRun | Heavy] = attrs.field(factory=dict)
     #: What the next poll acknowledges (0: nothing yet).
     cursor: int = 0
-    #: Counts the times the feed was lost, so that a page asked for before is dropped.
+    #: Counts the times the feed was lost, so that an answer to a request sent
+    #: before is dropped.
     generation: int = 0
     #: A caller is polling the feed now; the others wait for :attr:`changed`.
     polling: bool = False
-    #: Set when something here changed: an end heard, the feed lost, a poll over.
+    #: A caller is asking the feed to watch runs now.
+    watching: bool = False
+    #: Set when something here changed: an end heard, the feed lost, a request over.
     changed: trio.Event = attrs.field(factory=trio.Event)
 
-    def submitted(self, ids: list[uuid.UUID], answer: str | None) -> None:
-        """``ids`` were created; ``answer`` is the server's ``Feed`` header."""
-        if answer == "new":
-            # A feed made just now: the server lost the one we knew (a restart,
-            # another replica, idle too long), and with it what it watched.
-            self.lost()
-        elif answer != "watching":
-            return
-        self.covered.update(dict.fromkeys(ids))
+    def submitted(self, ids: list[uuid.UUID]) -> None:
+        """This client created runs ``ids``."""
+        self.unwatched.update(dict.fromkeys(ids))
+        while len(self.unwatched) > MAX_UNWATCHED:
+            del self.unwatched[next(iter(self.unwatched))]
+
+    def to_watch(self, run_id: uuid.UUID) -> list[uuid.UUID]:
+        """``run_id`` and the oldest others submitted and not watched yet (at most
+        :data:`~._models.MAX_WATCH_IDS`): what one watch request names. They
+        are :attr:`asking` until its answer."""
+        ids = [run_id]
+        self.unwatched.pop(run_id, None)
+        for other in self.unwatched:
+            if len(ids) == MAX_WATCH_IDS:
+                break
+            ids.append(other)
+        for other in ids:
+            self.unwatched.pop(other, None)
+        self.asking = dict.fromkeys(ids)
+        return ids
+
+    def not_asked(self) -> None:
+        """The watch request got no answer: its runs are to be asked for again."""
+        self.submitted(list(self.asking))
+        self.asking = {}
+
+    def refused(self) -> None:
+        """The feed watches none of the runs asked for: they are waited for one by one."""
+        self.asking = {}
+
+    def watched(self, ids: list[uuid.UUID], answer: FeedWatched) -> None:
+        """The feed watches ``ids`` (but those it refused): ``answer`` came back."""
+        self.asking = {}
+        if answer.epoch != self.epoch:
+            if self.epoch is not None:
+                # A feed made anew: the server lost the one we knew (a restart,
+                # another replica, idle too long), and with it what it watched.
+                self.lost()
+            self.epoch = answer.epoch
+        refused = set(answer.refused)
+        self.covered.update((run_id, None) for run_id in ids if run_id not in refused)
+        self.wake()
 
     def lost(self) -> None:
         """The server knows the feed no more: what it watched is waited for one by one."""
         self.covered.clear()
         self.cursor = 0
+        self.epoch = None
         self.generation += 1
         self.wake()
 

@@ -31,6 +31,7 @@ __all__ = [
     "MAX_RUNS_PER_REQUEST",
     "MAX_SECONDS",
     "MAX_WAIT_SECONDS",
+    "MAX_WATCH_IDS",
     "OPTION_NAMES",
     "Cancel",
     "CreatedRuns",
@@ -40,6 +41,8 @@ __all__ = [
     "Drained",
     "ErrorInfo",
     "FeedPage",
+    "FeedWatch",
+    "FeedWatched",
     "Finished",
     "Heartbeat",
     "LogBatch",
@@ -371,6 +374,31 @@ class WaitRequest:
     ids: tuple[uuid.UUID, ...] = attrs.field(validator=_id_count)
     timeout: float = attrs.field(default=30.0, validator=_wait_seconds)
     return_when: ReturnWhen = ReturnWhen.ALL_ENDED
+
+
+#: The most runs one ``POST /feeds/{feed_id}/watch`` names.
+MAX_WATCH_IDS = 1_000
+
+
+@attrs.frozen(kw_only=True)
+class FeedWatch:
+    """The body of ``POST /feeds/{feed_id}/watch``: runs the feed is to watch."""
+
+    ids: tuple[uuid.UUID, ...] = attrs.field(validator=_at_most_per_request(MAX_WATCH_IDS))
+
+
+@attrs.frozen(kw_only=True)
+class FeedWatched:
+    """The answer to ``POST /feeds/{feed_id}/watch``.
+
+    ``epoch`` names the feed as the server has it: polls send it back, and a
+    different one than before means the server made the feed anew (it watches
+    none of the runs the earlier one did). ``refused`` are the ids it does not
+    watch because they name no run.
+    """
+
+    epoch: int
+    refused: tuple[uuid.UUID, ...] = ()
 
 
 @attrs.frozen(kw_only=True)

@@ -35,6 +35,8 @@ from .._models import (
     Credit,
     Drain,
     Drained,
+    FeedWatch,
+    FeedWatched,
     Finished,
     Heartbeat,
     LogBatch,
@@ -75,7 +77,7 @@ from ._routes import (
     AFTER,
     BLOB_ID,
     ENDPOINTS,
-    FEED,
+    EPOCH,
     FEED_ID,
     LIMIT,
     OFFSET,
@@ -329,6 +331,19 @@ def _run_id(request: Request) -> uuid.UUID:
         raise HTTPException(422, f"run id {raw!r} is not a UUID") from None
 
 
+def _feed_id(request: Request) -> str:
+    try:
+        return feed_id(request.path_params[FEED_ID.name])
+    except ValueError:
+        raise HTTPException(422, f"{FEED_ID.name} must be a UUID") from None
+
+
+def _owner(request: Request) -> str:
+    """Whose feed a request may use: a digest of its ``Authorization`` header
+    (the same for every request without one)."""
+    return hashlib.sha256(request.headers.get("authorization", "").encode()).hexdigest()
+
+
 def _query_number(request: Request, param: QueryNumber) -> float:
     raw = request.query_params.get(param.name)
     if raw is None:
@@ -425,8 +440,6 @@ _SPOOL_BYTES = 1024 * 1024
 
 #: The header that makes ``POST /runs`` safe to retry (see ``Store.create_runs``).
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-#: Says whether the client's feed watches the runs a ``POST /runs`` created.
-FEED_HEADER = "Feed"
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
@@ -462,55 +475,60 @@ class _Handlers:
                     422, f"{IDEMPOTENCY_HEADER} must be 1 to 255 visible ASCII characters"
                 )
             idempotency = Idempotency(raw_key, hashlib.sha256(body).hexdigest())
-        raw_feed = request.query_params.get(FEED.name)
         try:
-            feed = None if raw_feed is None else state.feeds.open(feed_id(raw_feed))
-        except ValueError:
-            return _error(422, f"{FEED.name} must be a UUID")
-        # Watched before they exist, so that no end can come before the watch.
-        new_ids = [uuid.uuid4() for _ in batch.runs]
-        feed_answer = None
-        if feed is not None and state.feeds.watch(feed[0], new_ids):
-            feed_answer = "new" if feed[1] else "watching"
-        try:
-            ids = await state.store.create_runs(batch.runs, state.now(), idempotency, new_ids)
-        except (IdempotencyConflict, StoreError) as exc:
-            if feed is not None:
-                state.feeds.unwatch(feed[0], new_ids)
-            if isinstance(exc, IdempotencyConflict):
-                return _error(409, str(exc))
-            return _error(404, str(exc))  # a parameters_ref that names no stored blob
-        if feed is not None and ids != new_ids:
-            # A replayed key: these runs are the earlier request's, perhaps ended.
-            state.feeds.unwatch(feed[0], new_ids)
-            feed_answer = None
+            ids = await state.store.create_runs(batch.runs, state.now(), idempotency)
+        except IdempotencyConflict as exc:
+            return _error(409, str(exc))
+        except StoreError as exc:  # a parameters_ref that names no stored blob
+            return _error(404, str(exc))
         state.dispatcher.wake()
         state.bus.runs_due()
         log.info("created %d runs", len(ids))
         state.metrics.runs_created([c.task_key for c in batch.runs])
         cached = any(c.cache_key is not None for c in batch.runs)
-        if cached or (state.events.watched and len(ids) <= MAX_PENDING):
-            # A cache hit is created COMPLETED: it has ended, for metrics and
-            # feeds too (and more runs than a stream holds make one reset).
+        if state.events.watched and len(ids) > MAX_PENDING:
+            state.events.runs_reset()
+        elif cached or state.events.watched:
+            # A cache hit is created COMPLETED: it has ended, for metrics too.
             created = await state.store.read_runs(ids)
             state.events.runs(created)
             state.metrics.runs_changed([r for r in created if r.state.is_terminal])
-            state.waiters.notify(created)
-        elif state.events.watched:
-            state.events.runs_reset()
-        response = _json(CreatedRuns(ids=tuple(ids)), 201)
-        if feed_answer is not None:
-            response.headers[FEED_HEADER] = feed_answer
-        return response
+        return _json(CreatedRuns(ids=tuple(ids)), 201)
+
+    async def watch_feed(self, request: Request) -> Response:
+        state = self.state
+        name = _feed_id(request)
+        try:
+            wanted = from_json(await _body(request, state), FeedWatch).ids
+        except InvalidPayload as exc:
+            return _error(422, f"invalid watch request: {exc}")
+        feed = state.feeds.open(name, _owner(request))
+        if feed is None:
+            return _error(409, "this server keeps as many feeds as it may, or the id is taken")
+        try:
+            new = state.feeds.watch(feed, wanted)
+        except OverflowError as exc:
+            return _error(409, str(exc))
+        # Watched first, then read: an end is heard either way, never missed.
+        try:
+            found = await state.store.run_ends(new)
+            missing = [run_id for run_id in new if run_id not in found]
+            state.feeds.unwatch(feed, missing)
+            ended = [run_id for run_id, is_ended in found.items() if is_ended]
+            if ended:
+                state.feeds.heard(feed, await state.store.read_runs(ended))
+        except BaseException:
+            state.feeds.unwatch(feed, new)
+            raise
+        return _json(FeedWatched(epoch=feed.epoch, refused=tuple(missing)))
 
     async def poll_feed(self, request: Request) -> Response:
         state = self.state
-        try:
-            feed = state.feeds.get(feed_id(request.path_params[FEED_ID.name]))
-        except ValueError:
-            return _error(422, f"{FEED_ID.name} must be a UUID")
+        name = _feed_id(request)
+        epoch = int(_query_number(request, EPOCH))
         after = int(_query_number(request, AFTER))
         timeout = min(_query_number(request, WAIT_TIMEOUT), state.max_wait_seconds)
+        feed = state.feeds.get(name, _owner(request), epoch)
         if feed is None:
             return _error(404, "no such feed on this server: wait for its runs one by one")
         state.metrics.wait_request("feed")

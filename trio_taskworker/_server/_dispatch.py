@@ -185,6 +185,11 @@ class Watch:
         self.event = trio.Event()
         return taken
 
+    def heard(self, run: TaskRun) -> None:
+        """A run this watch waits on has ended (``run`` is its snapshot)."""
+        self.ended[run.id] = run
+        self.event.set()
+
 
 @attrs.define(eq=False)
 class Waiters:
@@ -244,9 +249,11 @@ class Waiters:
         """Hand the runs among these that have ended to whoever waits on them."""
         for run in runs:
             if run.state.is_terminal:
-                for watch in self._watches.get(run.id, ()):
-                    watch.ended[run.id] = run
-                    watch.event.set()
+                watches = self._watches.get(run.id)
+                if watches:
+                    # A copy: a watch may stop watching the run as it hears of it.
+                    for watch in tuple(watches):
+                        watch.heard(run)
 
     def stop(self) -> None:
         """Release every waiter (the server is shutting down)."""

@@ -1,17 +1,23 @@
 """Feeds: one stream per client of "these runs ended".
 
-A client names a feed (a UUID of its own) when it submits runs
-(``POST /runs?feed=...``); the server watches those runs for it from before
-they exist, so no end can slip past. The client then long-polls
-``GET /feeds/{feed_id}?after=CURSOR`` and gets every watched run that has
-ended since, a page at a time, with small results inline: awaiting many
-results costs one request per page instead of one per run.
+A client that awaits results names a feed (a UUID of its own) and asks it to
+watch runs (``POST /feeds/{feed_id}/watch``): the server registers them with
+the waiters first, then reads which have ended already, so no end slips
+between the two. The client long-polls ``GET /feeds/{feed_id}?epoch=&after=``
+and gets every watched run that has ended since, a page at a time, with small
+results inline: awaiting many results one by one costs a request per page
+instead of one per run.
 
-A feed lives in the memory of one server process. It is gone after a restart,
-on another replica, and once nobody has polled it for :data:`FEED_IDLE_SECONDS`;
-the poll then answers 404 and the client waits for those runs one by one, as
-it does for runs no feed watches. Every limit here refuses to watch more (the
-client falls back the same way); none drops an end a feed has heard.
+A feed lives in the memory of one server process, and each is made with a
+random ``epoch``. It is gone after a restart, on another replica, and once
+nobody has polled it for :data:`FEED_IDLE_SECONDS`; a poll naming a feed or an
+epoch the server does not have answers 404, and the client waits for those
+runs one by one. Every limit here refuses to watch more runs (the client
+falls back the same way); none drops an end a feed has heard.
+
+An end is kept as the JSON of the run without its parameters, made when the
+run ends; the bytes all feeds hold are bounded, and an end past the bound (or
+too large on its own) is kept as the run's id alone (``heavy``).
 """
 
 from __future__ import annotations
@@ -30,30 +36,35 @@ from ._dispatch import Waiters, Watch
 
 __all__ = [
     "FEED_IDLE_SECONDS",
+    "FEED_MAX_ENTRY_BYTES",
     "FEED_MAX_RUNS",
     "FEED_PAGE_RUNS",
     "MAX_FEEDS",
+    "MAX_FEED_BYTES",
+    "MAX_FEED_RUNS_TOTAL",
     "Feed",
     "Feeds",
     "feed_id",
 ]
 
 #: The most runs one feed watches or holds ended, not yet acknowledged, at once.
-FEED_MAX_RUNS = 10_000
+FEED_MAX_RUNS = 50_000
 #: The most runs all feeds together watch or hold.
 MAX_FEED_RUNS_TOTAL = 200_000
-#: The most feeds a server keeps; past it, runs are submitted but not watched.
+#: The most feeds a server keeps; past it, a new feed is refused.
 MAX_FEEDS = 1_000
 #: A feed nobody has polled for this long is dropped (with what it watched).
 FEED_IDLE_SECONDS = 300.0
 #: The most runs one poll answers with; the rest wait for the next poll.
 FEED_PAGE_RUNS = 1_000
 #: An ended run whose JSON is longer than this is sent as ``heavy`` (its id only).
-FEED_MAX_ENTRY_BYTES = 8 * 1024
-#: The most bytes of ended runs all feeds hold; past it, ends are sent as ``heavy``.
+FEED_MAX_ENTRY_BYTES = 4 * 1024
+#: The most bytes of ended runs all feeds hold; past it, ends are kept as ``heavy``.
 MAX_FEED_BYTES = 64 * 1024 * 1024
 #: How often, at most, idle feeds are looked for.
 _SWEEP_SECONDS = 10.0
+#: Epochs are below 2**53, so that any JSON reader holds them exactly.
+_EPOCHS = 2**53
 
 
 def feed_id(text: str) -> str:
@@ -64,25 +75,38 @@ def feed_id(text: str) -> str:
 
 
 @attrs.define(eq=False)
+class _FeedWatch(Watch):
+    """The waiters' handle on a feed: an end goes into the feed's log at once."""
+
+    feed: Feed | None = None
+    feeds: Feeds | None = None
+
+    def heard(self, run: TaskRun) -> None:
+        assert self.feed is not None and self.feeds is not None
+        self.feeds.heard(self.feed, [run])
+
+
+@attrs.define(eq=False)
 class Feed:
     """One client's feed: the runs it watches and the ends not yet acknowledged."""
 
     id: str
+    #: Whose feed it is: a digest of the ``Authorization`` header that made it.
+    owner: str
     touched: float
-    #: Registered with the waiters for every id in ``pending``.
-    watch: Watch = attrs.field(factory=Watch)
-    #: Watched runs whose end the feed has not heard yet.
+    #: Names this feed among the feeds made under the same id (before a restart).
+    epoch: int = attrs.field(factory=lambda: random.randrange(1, _EPOCHS))
+    #: Watched runs whose end the feed has not heard yet (registered with the waiters).
     pending: set[uuid.UUID] = attrs.field(factory=set)
     #: Ended runs not yet acknowledged: (sequence number, id, JSON or None for heavy).
     log: deque[tuple[int, uuid.UUID, bytes | None]] = attrs.field(factory=deque)
-    #: Where this feed's sequence numbers start: a random number, so that a
-    #: cursor given by an earlier feed of the same id (before a restart) is
-    #: refused instead of acknowledging ends the client never saw.
-    start: int = attrs.field(factory=lambda: random.randrange(1, 2**60))
     #: The sequence number of the last end put in the log.
-    seq: int = attrs.field(default=attrs.Factory(lambda self: self.start, takes_self=True))
+    seq: int = 0
     #: Polls in flight; a feed being polled is never idle.
     polls: int = 0
+    #: Set, and replaced, as ends arrive.
+    arrived: trio.Event = attrs.field(factory=trio.Event)
+    watch: _FeedWatch = attrs.field(factory=_FeedWatch)
 
     @property
     def size(self) -> int:
@@ -111,41 +135,65 @@ class Feeds:
         """Runs watched or held, not yet acknowledged, by all feeds together."""
         return self._runs
 
-    def get(self, feed_id: str) -> Feed | None:
-        return self._feeds.get(feed_id)
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of ended runs held by all feeds together."""
+        return self._bytes
 
-    def open(self, feed_id: str) -> tuple[Feed, bool] | None:
-        """The feed ``feed_id``, and whether it was made just now; None when the
-        server keeps :data:`MAX_FEEDS` feeds already."""
+    def get(self, feed_id: str, owner: str, epoch: int) -> Feed | None:
+        """The feed ``feed_id`` of ``owner`` made at ``epoch``, if this server has it."""
+        feed = self._feeds.get(feed_id)
+        if feed is None or feed.owner != owner or feed.epoch != epoch:
+            return None
+        return feed
+
+    def open(self, feed_id: str, owner: str) -> Feed | None:
+        """The feed ``feed_id`` of ``owner``, made now if there is none; None
+        when the server keeps :data:`MAX_FEEDS` feeds already, or another
+        owner has one under that id."""
         now = self.clock()
         self._sweep(now)
         feed = self._feeds.get(feed_id)
         if feed is not None:
-            return feed, False
+            return feed if feed.owner == owner else None
         if len(self._feeds) >= MAX_FEEDS:
             return None
-        feed = self._feeds[feed_id] = Feed(feed_id, touched=now)
-        if self._stopping:
-            feed.watch.event.set()
-        return feed, True
+        feed = self._feeds[feed_id] = Feed(feed_id, owner, touched=now)
+        feed.watch.feed, feed.watch.feeds = feed, self
+        return feed
 
-    def watch(self, feed: Feed, ids: Sequence[uuid.UUID]) -> bool:
-        """Watch all of ``ids`` (runs that do not exist yet: nothing has ended)
-        for ``feed``; False, watching none, when that would pass a limit."""
+    def watch(self, feed: Feed, ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+        """Watch ``ids`` for ``feed``; returns those it watches now that it did
+        not before. Raises ``OverflowError``, watching none, when that would
+        pass a limit."""
         new = [run_id for run_id in dict.fromkeys(ids) if run_id not in feed.pending]
         if feed.size + len(new) > FEED_MAX_RUNS or self._runs + len(new) > MAX_FEED_RUNS_TOTAL:
-            return False
+            raise OverflowError(f"a feed watches at most {FEED_MAX_RUNS} runs at a time")
         feed.pending.update(new)
         self._runs += len(new)
         self.waiters.add(feed.watch, new)
-        return True
+        return new
 
     def unwatch(self, feed: Feed, ids: Iterable[uuid.UUID]) -> None:
-        """Stop watching ``ids`` for ``feed`` (runs that were not created after all)."""
+        """Stop watching ``ids`` for ``feed`` (runs that do not exist)."""
         gone = [run_id for run_id in ids if run_id in feed.pending]
         feed.pending.difference_update(gone)
         self._runs -= len(gone)
         self.waiters.discard(feed.watch, gone)
+
+    def heard(self, feed: Feed, runs: Iterable[TaskRun]) -> None:
+        """These runs ended: the ones ``feed`` watches go into its log."""
+        ended = []
+        for run in runs:
+            if run.id in feed.pending and run.state.is_terminal:
+                feed.pending.discard(run.id)
+                feed.seq += 1
+                feed.log.append((feed.seq, run.id, self._entry(run)))
+                ended.append(run.id)
+        if ended:
+            self.waiters.discard(feed.watch, ended)
+            feed.arrived.set()
+            feed.arrived = trio.Event()
 
     async def poll(self, feed: Feed, after: int, timeout: float) -> bytes:
         """A :class:`~.._models.FeedPage` as JSON: the ends after ``after``,
@@ -154,16 +202,15 @@ class Feeds:
         ``after`` acknowledges the ends up to it (the feed forgets them); 0
         acknowledges none. Raises ``ValueError`` for a cursor this feed never gave.
         """
-        if after and not feed.start <= after <= feed.seq:
+        if not 0 <= after <= feed.seq:
             raise ValueError(f"this feed never gave cursor {after}")
         self._acknowledge(feed, after)
         feed.polls += 1
         try:
             self._sweep(self.clock())
             with trio.move_on_after(timeout):
-                while not self._collect(feed) and not self._stopping:
-                    await feed.watch.event.wait()
-            self._collect(feed)
+                while not feed.log and not self._stopping:
+                    await feed.arrived.wait()
         finally:
             feed.polls -= 1
             feed.touched = self.clock()
@@ -173,19 +220,7 @@ class Feeds:
         """The server is stopping: polls answer at once with what they have."""
         self._stopping = True
         for feed in self._feeds.values():
-            feed.watch.event.set()
-
-    def _collect(self, feed: Feed) -> bool:
-        """Move the ends the watch heard into the log; True if the log holds any."""
-        ended = feed.watch.take()
-        if ended:
-            self.waiters.discard(feed.watch, ended)
-            for run_id, run in ended.items():
-                if run_id in feed.pending:
-                    feed.pending.discard(run_id)
-                    feed.seq += 1
-                    feed.log.append((feed.seq, run_id, self._entry(run)))
-        return bool(feed.log)
+            feed.arrived.set()
 
     def _entry(self, run: TaskRun) -> bytes | None:
         # What result() needs: the caller has the parameters already.
@@ -206,7 +241,7 @@ class Feeds:
     def _page(self, feed: Feed, after: int) -> bytes:
         runs: list[bytes] = []
         heavy: list[bytes] = []
-        cursor = after or feed.start
+        cursor = after
         for seq, run_id, data in feed.log:
             if len(runs) + len(heavy) == FEED_PAGE_RUNS:
                 break

@@ -42,6 +42,8 @@ _SCHEMA_MODELS = (
     _models.CreatedRuns,
     _models.RunList,
     _models.WaitRequest,
+    _models.FeedWatch,
+    _models.FeedWatched,
     _models.FeedPage,
     _models.StateChange,
     _models.RunHistory,
@@ -81,6 +83,7 @@ _FIELD_LIMITS: dict[tuple[type, str], dict[str, Any]] = {
     },
     (_models.WaitRequest, "ids"): {"maxItems": _models.MAX_RUNS_PER_REQUEST},
     (_models.WaitRequest, "timeout"): {"minimum": 0.0, "maximum": _models.MAX_WAIT_SECONDS},
+    (_models.FeedWatch, "ids"): {"maxItems": _models.MAX_WATCH_IDS},
     (_CREATE, "parameters_preview"): {"maxLength": _models.MAX_PREVIEW},
     (_LOG, "attempt"): _COUNT,
     (_LOG, "level"): {"enum": list(_models.LOG_LEVELS)},
@@ -175,8 +178,6 @@ def _parameter(param: Param) -> dict[str, Any]:
         return {"name": param.name, "in": "path", "required": True, "schema": schema}
     if isinstance(param, QueryText):
         schema = {"type": "string"} if param.choices is None else _type_schema(param.choices)
-        if param.format is not None:
-            schema["format"] = param.format
     elif param.integer:
         schema = {
             "type": "integer",

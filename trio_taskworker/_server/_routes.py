@@ -30,7 +30,7 @@ __all__ = [
     "BLOB_ID",
     "BYTES",
     "ENDPOINTS",
-    "FEED",
+    "EPOCH",
     "FEED_ID",
     "LIMIT",
     "OFFSET",
@@ -90,12 +90,10 @@ class PathId:
 
 @attrs.frozen(kw_only=True)
 class QueryText:
-    """An optional query parameter: any string, one of the values of ``choices``,
-    or a string of the JSON Schema ``format`` (``uuid``)."""
+    """An optional query parameter: any string, or one of the values of ``choices``."""
 
     name: str
     choices: type[enum.Enum] | None = None
-    format: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -160,8 +158,7 @@ WAIT_TIMEOUT = QueryNumber(
 )
 
 FEED_ID = PathId(name="feed_id")
-#: ``POST /runs?feed=...``: the client's feed that is to watch the new runs.
-FEED = QueryText(name="feed", format="uuid")
+EPOCH = QueryNumber(name="epoch", default=0, minimum=0, maximum=2**53, integer=True)
 AFTER = QueryNumber(name="after", default=0, minimum=0, maximum=2**62, integer=True)
 
 _SUBMIT = frozenset({Role.SUBMIT})
@@ -200,21 +197,38 @@ ENDPOINTS = (
         roles=_SUBMIT,
         operation_id="createRuns",
         summary="Create one or many runs in one transaction",
-        params=(FEED,),
         body="TaskRunCreateBatch",
         replies={
-            201: Reply(
-                description="Created. With `feed`, the `Feed` header says `watching` (the"
-                " feed watches them) or `new` (a feed made now watches them: it watches no"
-                " earlier run); without it, the feed watches none of them.",
-                body="CreatedRuns",
-            ),
+            201: Reply(description="Created", body="CreatedRuns"),
             404: Reply(
                 description="A `parameters_ref` names no stored blob; no run was created.",
                 body="Error",
             ),
             409: Reply(
                 description="The `Idempotency-Key` was used before with another body.",
+                body="Error",
+            ),
+            422: _MALFORMED,
+            **_BODY_LIMITS,
+        },
+    ),
+    Endpoint(
+        method="POST",
+        path="/feeds/{feed_id}/watch",
+        handler="watch_feed",
+        roles=_SUBMIT,
+        operation_id="watchFeed",
+        summary="Make a client's feed watch runs (the feed is made if it does not exist)",
+        params=(FEED_ID,),
+        body="FeedWatch",
+        replies={
+            200: Reply(
+                description="The feed's epoch, and the ids naming no run", body="FeedWatched"
+            ),
+            409: Reply(
+                description="The feed (or all feeds together) watch as many runs as they"
+                " may, or another API key has a feed under this id: wait for these runs"
+                " another way.",
                 body="Error",
             ),
             422: _MALFORMED,
@@ -229,15 +243,16 @@ ENDPOINTS = (
         operation_id="pollFeed",
         summary="The runs of a client's feed that ended after `after`; waits up to"
         " `timeout` for one",
-        params=(FEED_ID, AFTER, WAIT_TIMEOUT),
+        params=(FEED_ID, EPOCH, AFTER, WAIT_TIMEOUT),
         replies={
             200: Reply(
                 description="Ended runs (none after the timeout) and the next cursor",
                 body="FeedPage",
             ),
             404: Reply(
-                description="This server has no such feed (restarted, another replica, or"
-                " idle too long), or never gave that cursor: wait for its runs another way.",
+                description="This server has no such feed of this epoch (it restarted, is"
+                " another replica, or nobody polled it for a while), or it never gave that"
+                " cursor: wait for its runs another way.",
                 body="Error",
             ),
             422: _MALFORMED,

@@ -628,13 +628,8 @@ class Store:
         creates: Sequence[TaskRunCreate],
         now: float,
         idempotency: Idempotency | None = None,
-        ids: Sequence[uuid.UUID] | None = None,
     ) -> list[uuid.UUID]:
         """Create all runs in one transaction; return their ids in order.
-
-        ``ids`` are the new runs' ids, one per create, chosen by the caller
-        (new random ones otherwise), so that they can be watched before the
-        runs exist. A replayed idempotency key returns the ids of then instead.
 
         A run with a ``cache_key`` that matches a COMPLETED run of its task
         whose cache has not expired is created COMPLETED, with that run's
@@ -648,10 +643,6 @@ class Store:
         transaction as the runs, so either both exist or neither does.
         """
 
-        new_ids = [uuid.uuid4() for _ in creates] if ids is None else list(ids)
-        if len(new_ids) != len(creates):
-            raise ValueError(f"{len(new_ids)} ids for {len(creates)} runs")
-
         def create(cur: Cursor) -> list[uuid.UUID] | _Refused:
             if idempotency is not None:
                 if self._dialect.key_lock is not None:
@@ -659,15 +650,18 @@ class Store:
                 seen = self._seen_key(cur, idempotency, now)
                 if seen is not None:
                     return seen
+            ids = []
             rows = []
             cached: list[tuple[str, _Row]] = []
             seqs = self._next_seqs(cur, len(creates))
             created = _entry(TaskRunState.SCHEDULED.value, 0, None, now)
-            for c, seq, run_id in zip(creates, seqs, new_ids, strict=True):
+            for c, seq in zip(creates, seqs, strict=True):
                 if c.parameters_ref is not None and not self._has_blob(cur, c.parameters_ref):
                     return _Refused(
                         StoreError(f"no stored blob {c.parameters_ref!r} for parameters_ref")
                     )
+                run_id = uuid.uuid4()
+                ids.append(run_id)
                 scheduled = now if c.scheduled_time is None else c.scheduled_time.timestamp()
                 rows.append(
                     (
@@ -704,9 +698,9 @@ class Store:
                         "INSERT INTO idempotency_keys (key, body_hash, ids, created_at)"
                         " VALUES (?, ?, ?, ?)"
                     ),
-                    (idempotency.key, idempotency.body_hash, ",".join(map(str, new_ids)), now),
+                    (idempotency.key, idempotency.body_hash, ",".join(map(str, ids)), now),
                 )
-            return new_ids
+            return ids
 
         return await self._transact(create)
 
@@ -1393,6 +1387,22 @@ class Store:
                 )
                 ended.extend(uuid.UUID(row[0]) for row in cur.fetchall())
             return ended
+
+        return await self.runner.transact(read)
+
+    async def run_ends(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, bool]:
+        """Those of ``ids`` that name a run, each with whether it has ended (no payloads)."""
+        terminal = {s.value for s in TERMINAL_STATES}
+
+        def read(cur: Cursor) -> dict[uuid.UUID, bool]:
+            found: dict[uuid.UUID, bool] = {}
+            for start in range(0, len(ids), _ID_CHUNK):
+                chunk = [str(i) for i in ids[start : start + _ID_CHUNK]]
+                cur.execute(
+                    self._q(f"SELECT id, state FROM task_runs WHERE id IN {_in(chunk)}"), chunk
+                )
+                found.update((uuid.UUID(row[0]), row[1] in terminal) for row in cur.fetchall())
+            return found
 
         return await self.runner.transact(read)
 
