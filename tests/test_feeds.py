@@ -501,7 +501,7 @@ async def test_a_failed_watch_leaves_nothing_watched(
 
     monkeypatch.setattr(type(state.store), "run_ends", unavailable)
     async with open_client(server.url) as client:
-        fut = await double.delay(1)
+        fut, _ = await double.map([1, 2])
         with pytest.raises(Exception, match="disk full"):
             await fut.result(timeout=1)
         assert state.feeds.runs == 0 and state.waiters.watched == 0
@@ -514,12 +514,15 @@ async def test_a_cache_hit_ends_through_the_feed(
     await start_worker(nursery, server, double)
     cached = double.with_options(cache_key_fn=lambda *a, **k: "same")
     async with open_client(server.url):
+        # Alone, a run is waited for in one request of its own.
         assert await (await cached.delay(5)).result(timeout=30) == 10
-        hit = await cached.delay(6)
+        assert waits(server) == {"run": 1}
+        hit, other = await cached.delay(6), await double.delay(7)
         assert await hit.result(timeout=30) == 10
+        assert await other.result(timeout=30) == 14
+        assert waits(server)["run"] == 1 and waits(server)["feed"] >= 1
         run = await hit.wait()
         assert run.message is not None and run.message.startswith("cached")
-    assert waits(server).get("run", 0) == 1  # the wait() above
 
 
 async def test_the_feed_routes_answer_as_documented(server: TaskServer) -> None:

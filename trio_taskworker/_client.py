@@ -729,7 +729,8 @@ class TaskWorkerClient:
         runs it submitted.
 
         The first wait for one of them asks the feed to watch it and the next
-        ones this client submitted; the callers waiting on watched runs share
+        ones this client submitted (when there are none, it waits for the run
+        alone, in one request); the callers waiting on watched runs share
         one long-poll, and each takes its own run's end. A run this client did
         not submit, or whose feed the server lost, is waited for alone. An end
         the feed brings comes without the run's parameters; one that a retry
@@ -754,6 +755,11 @@ class TaskWorkerClient:
             elif run_id in feed.asking:
                 pass  # the watch request in flight names it: wait for its answer
             elif run_id in feed.unwatched:
+                if len(feed.unwatched) == 1:
+                    # Nothing else to watch: one long-poll of its own costs one
+                    # request, where watching and polling would cost two.
+                    del feed.unwatched[run_id]
+                    return await self.wait_run(run_id, left)
                 if not feed.watching:
                     await self._watch_feed(run_id)
                     continue
