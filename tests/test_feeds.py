@@ -256,7 +256,29 @@ async def test_a_feed_nobody_polls_is_dropped_with_what_it_watched(
         nursery.cancel_scope.cancel()
 
 
+async def test_one_key_may_hold_only_so_many_feeds(feeds: Feeds) -> None:
+    mine = [open_feed(feeds, "mine") for _ in range(_feeds.MAX_FEEDS_PER_OWNER)]
+    assert feeds.open(str(uuid.uuid4()), "mine") is None
+    assert feeds.open(mine[0].id, "mine") is mine[0]  # its own feeds it still reaches
+    assert open_feed(feeds, "theirs") is not None
+    feeds._drop(mine[0])
+    assert feeds.open(str(uuid.uuid4()), "mine") is not None
+
+
 # --- the client's bookkeeping, alone ----------------------------------------------------
+
+
+def test_an_end_heard_before_the_watch_answer_is_kept() -> None:
+    # Another caller's poll can bring the end of a run that the watch request
+    # in flight found ended, before that request's answer arrives.
+    state = FeedState()
+    a, b = uuid.uuid4(), uuid.uuid4()
+    state.submitted([a, b])
+    assert state.to_watch(a) == [a, b]
+    state.heard(FeedPage(runs=(ended(a),), cursor=1))
+    state.watched([a, b], FeedWatched(epoch=3))
+    assert list(state.covered) == [b]  # a is not waited for again
+    assert state.take(a) == ended(a)
 
 
 def test_a_watch_names_the_run_and_the_oldest_others_not_watched() -> None:
@@ -490,8 +512,8 @@ async def test_a_timeout_while_another_caller_polls_returns_in_time(
         assert await slow.result(timeout=30) == 2
 
 
-async def test_a_failed_watch_leaves_nothing_watched(
-    server: TaskServer, monkeypatch: pytest.MonkeyPatch
+async def test_a_failed_watch_is_asked_again_by_the_next_wait(
+    nursery: trio.Nursery, server: TaskServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert server.state is not None
     state = server.state
@@ -501,11 +523,57 @@ async def test_a_failed_watch_leaves_nothing_watched(
 
     monkeypatch.setattr(type(state.store), "run_ends", unavailable)
     async with open_client(server.url) as client:
-        fut, _ = await double.map([1, 2])
+        futs = await double.map([1, 2])
         with pytest.raises(Exception, match="disk full"):
-            await fut.result(timeout=1)
-        assert state.feeds.runs == 0 and state.waiters.watched == 0
-        assert fut.task_run_id in client._feed.unwatched  # asked again next time
+            await futs[0].result(timeout=1)
+        # Asked again next time (the server may watch them already: no harm).
+        assert set(client._feed.unwatched) == {f.task_run_id for f in futs}
+        monkeypatch.undo()
+        await start_worker(nursery, server, double)
+        assert [await f.result(timeout=30) for f in futs] == [2, 4]
+        assert waits(server).get("run", 0) == 0
+
+
+async def test_a_watch_that_failed_before_it_read_is_made_good_by_the_next(
+    server: TaskServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert server.state is not None
+    store_type = type(server.state.store)
+    run_ends = store_type.run_ends
+    failures = [StoreUnavailable("disk full")]
+
+    async def fails_once(self: Any, ids: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await run_ends(self, ids)
+
+    monkeypatch.setattr(store_type, "run_ends", fails_once)
+    body = {"runs": [{"task_key": "mod:fn"}, {"task_key": "mod:fn"}]}
+    feed = str(uuid.uuid4())
+    async with httpx.AsyncClient(base_url=str(server.url)) as http:
+        ids = (await http.post("/runs", json=body)).json()["ids"]
+        # Ended before any watch: only a read can tell.
+        assert (await http.post(f"/runs/{ids[0]}/cancel")).status_code == 200
+        failed = await http.post(f"/feeds/{feed}/watch", json={"ids": ids})
+        assert failed.status_code == 503
+        again = await http.post(f"/feeds/{feed}/watch", json={"ids": ids})
+        assert again.status_code == 200
+        epoch = again.json()["epoch"]
+        page = await http.get(f"/feeds/{feed}", params={"epoch": epoch, "timeout": 0})
+        assert [r["id"] for r in page.json()["runs"]] == ids[:1]
+        assert server.state.feeds.runs == 2  # the other is still watched
+
+
+@pytest.mark.parametrize("status", [404, 405, 409, 501])
+def test_a_server_without_feeds_or_room_makes_the_client_wait_alone(status: int) -> None:
+    from trio_taskworker._client import _op_watch_feed
+
+    op = _op_watch_feed("f", [uuid.uuid4()])
+    call = next(op)
+    assert call.path == "/feeds/f/watch"
+    with pytest.raises(StopIteration) as done:
+        op.send(httpx.Response(status, json={"detail": "no"}))
+    assert done.value.value is None
 
 
 async def test_a_cache_hit_ends_through_the_feed(

@@ -418,14 +418,15 @@ def _op_submit(calls: Sequence[tuple[TaskRunCreate, bytes]]) -> Operation[list[u
 
 def _op_watch_feed(feed: str, ids: Sequence[uuid.UUID]) -> Operation[FeedWatched | None]:
     """Ask the feed to watch ``ids``: its answer, or None when it watches none of
-    them (it is full, or the server keeps as many feeds as it may)."""
+    them (it is full, the server keeps as many feeds as it may, or it is a
+    server without feeds)."""
     response = yield _Call(
         method="POST",
         path=f"/feeds/{feed}/watch",
         content=to_json(FeedWatch(ids=tuple(ids))),
         idempotent=True,  # a repeat watches nothing more
     )
-    if response.status_code == 409:
+    if response.status_code in (404, 405, 409, 501):
         return None
     _raise_for_status(response)
     return from_json(response.content, FeedWatched)

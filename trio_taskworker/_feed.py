@@ -28,7 +28,7 @@ __all__ = ["HEAVY", "MAX_HELD", "MAX_UNWATCHED", "FeedState", "Heavy"]
 MAX_HELD = 10_000
 #: The most submitted runs a client remembers as not watched yet; past it the
 #: oldest are forgotten, and their results are waited for one by one.
-MAX_UNWATCHED = 100_000
+MAX_UNWATCHED = 50_000
 
 
 class Heavy:
@@ -107,7 +107,9 @@ class FeedState:
                 self.lost()
             self.epoch = answer.epoch
         refused = set(answer.refused)
-        self.covered.update((run_id, None) for run_id in ids if run_id not in refused)
+        self.covered.update(
+            (run_id, None) for run_id in ids if run_id not in refused and run_id not in self.ended
+        )
         self.wake()
 
     def lost(self) -> None:
@@ -123,8 +125,10 @@ class FeedState:
         ends: list[tuple[uuid.UUID, TaskRun | Heavy]] = [(run.id, run) for run in page.runs]
         ends += [(run_id, HEAVY) for run_id in page.heavy]
         for run_id, end in ends:
-            if run_id in self.covered:
-                del self.covered[run_id]
+            # A run named by the watch request in flight can end before its
+            # answer arrives (an end it found is in the feed at once).
+            if run_id in self.covered or run_id in self.asking:
+                self.covered.pop(run_id, None)
                 self.ended[run_id] = end
         self.cursor = page.cursor
         while len(self.ended) > MAX_HELD:

@@ -241,6 +241,7 @@ class AppState:
     async def poll(self) -> None:
         """What notifications carry, looked up: the fallback for a lost one."""
         self.dispatcher.wake()
+        self.feeds.sweep(self.now())  # what idle feeds watch is not looked up
         await self._look_at_waited_runs()
         cancelling = dict(await self.store.cancelling_runs())
         for run_id, owner in cancelling.items():
@@ -506,20 +507,19 @@ class _Handlers:
         if feed is None:
             return _error(409, "this server keeps as many feeds as it may, or the id is taken")
         try:
-            new = state.feeds.watch(feed, wanted)
+            state.feeds.watch(feed, wanted)
         except OverflowError as exc:
             return _error(409, str(exc))
         # Watched first, then read: an end is heard either way, never missed.
-        try:
-            found = await state.store.run_ends(new)
-            missing = [run_id for run_id in new if run_id not in found]
-            state.feeds.unwatch(feed, missing)
-            ended = [run_id for run_id, is_ended in found.items() if is_ended]
-            if ended:
-                state.feeds.heard(feed, await state.store.read_runs(ended))
-        except BaseException:
-            state.feeds.unwatch(feed, new)
-            raise
+        # Every run asked about is read, watched before or not: an earlier
+        # request for it may have failed before it read.
+        waiting = [run_id for run_id in dict.fromkeys(wanted) if run_id in feed.pending]
+        found = await state.store.run_ends(waiting)
+        missing = [run_id for run_id in waiting if run_id not in found]
+        state.feeds.unwatch(feed, missing)
+        ended = [run_id for run_id, is_ended in found.items() if is_ended]
+        if ended:
+            state.feeds.heard(feed, await state.store.read_runs(ended))
         return _json(FeedWatched(epoch=feed.epoch, refused=tuple(missing)))
 
     async def poll_feed(self, request: Request) -> Response:

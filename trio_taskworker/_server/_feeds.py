@@ -22,6 +22,7 @@ too large on its own) is kept as the run's id alone (``heavy``).
 
 from __future__ import annotations
 
+import collections
 import random
 import uuid
 from collections import deque
@@ -40,6 +41,7 @@ __all__ = [
     "FEED_MAX_RUNS",
     "FEED_PAGE_RUNS",
     "MAX_FEEDS",
+    "MAX_FEEDS_PER_OWNER",
     "MAX_FEED_BYTES",
     "MAX_FEED_RUNS_TOTAL",
     "Feed",
@@ -48,11 +50,14 @@ __all__ = [
 ]
 
 #: The most runs one feed watches or holds ended, not yet acknowledged, at once.
-FEED_MAX_RUNS = 50_000
-#: The most runs all feeds together watch or hold.
-MAX_FEED_RUNS_TOTAL = 200_000
+FEED_MAX_RUNS = 10_000
+#: The most runs all feeds together watch or hold. On PostgreSQL each replica
+#: looks at the runs watched here every poll (the fallback for a lost notification).
+MAX_FEED_RUNS_TOTAL = 100_000
 #: The most feeds a server keeps; past it, a new feed is refused.
 MAX_FEEDS = 1_000
+#: The most feeds one API key (one ``Authorization`` header) may have at once.
+MAX_FEEDS_PER_OWNER = 100
 #: A feed nobody has polled for this long is dropped (with what it watched).
 FEED_IDLE_SECONDS = 300.0
 #: The most runs one poll answers with; the rest wait for the next poll.
@@ -120,6 +125,8 @@ class Feeds:
     waiters: Waiters
     clock: Callable[[], float]
     _feeds: dict[str, Feed] = attrs.field(init=False, factory=dict)
+    #: Feeds per owner.
+    _owned: collections.Counter[str] = attrs.field(init=False, factory=collections.Counter)
     #: Runs watched or held by all feeds.
     _runs: int = attrs.field(init=False, default=0)
     #: Bytes of ended runs held by all feeds.
@@ -149,16 +156,17 @@ class Feeds:
 
     def open(self, feed_id: str, owner: str) -> Feed | None:
         """The feed ``feed_id`` of ``owner``, made now if there is none; None
-        when the server keeps :data:`MAX_FEEDS` feeds already, or another
-        owner has one under that id."""
+        when the server keeps :data:`MAX_FEEDS` feeds already, the owner
+        :data:`MAX_FEEDS_PER_OWNER`, or another owner has one under that id."""
         now = self.clock()
-        self._sweep(now)
+        self.sweep(now)
         feed = self._feeds.get(feed_id)
         if feed is not None:
             return feed if feed.owner == owner else None
-        if len(self._feeds) >= MAX_FEEDS:
+        if len(self._feeds) >= MAX_FEEDS or self._owned[owner] >= MAX_FEEDS_PER_OWNER:
             return None
         feed = self._feeds[feed_id] = Feed(feed_id, owner, touched=now)
+        self._owned[owner] += 1
         feed.watch.feed, feed.watch.feeds = feed, self
         return feed
 
@@ -207,7 +215,7 @@ class Feeds:
         self._acknowledge(feed, after)
         feed.polls += 1
         try:
-            self._sweep(self.clock())
+            self.sweep(self.clock())
             with trio.move_on_after(timeout):
                 while not feed.log and not self._stopping:
                     await feed.arrived.wait()
@@ -256,7 +264,7 @@ class Feeds:
             cursor,
         )
 
-    def _sweep(self, now: float) -> None:
+    def sweep(self, now: float) -> None:
         """Drop the feeds nobody has polled for :data:`FEED_IDLE_SECONDS`."""
         if now - self._swept_at < _SWEEP_SECONDS:
             return
@@ -267,6 +275,9 @@ class Feeds:
 
     def _drop(self, feed: Feed) -> None:
         del self._feeds[feed.id]
+        self._owned[feed.owner] -= 1
+        if not self._owned[feed.owner]:
+            del self._owned[feed.owner]
         self.waiters.discard(feed.watch, feed.pending)
         self._runs -= len(feed.pending)
         feed.pending.clear()
