@@ -602,6 +602,9 @@ async def test_the_feed_routes_answer_as_documented(server: TaskServer) -> None:
         watched = await http.post(f"/feeds/{feed}/watch", json={"ids": [*ids, unknown_run]})
         check_against_spec("/feeds/{feed_id}/watch", "post", watched)
         assert watched.status_code == 200 and watched.json()["refused"] == [unknown_run]
+        metrics = (await http.get("/metrics")).text
+        assert "\ntrio_taskworker_feeds 1.0\n" in metrics
+        assert "\ntrio_taskworker_feed_runs 2.0\n" in metrics
         epoch = watched.json()["epoch"]
         poll = await http.get(f"/feeds/{feed}", params={"epoch": epoch, "timeout": 0})
         check_against_spec("/feeds/{feed_id}", "get", poll)

@@ -165,6 +165,8 @@ class AppState:
 
     def __attrs_post_init__(self) -> None:
         self.dispatcher.on_claimed = self.claimed
+        feeds = self.feeds
+        self.metrics.watch_feeds(lambda: (len(feeds), feeds.runs, feeds.held_bytes))
 
     def claimed(self, runs: Sequence[TaskRun]) -> None:
         """The dispatcher leased ``runs`` to a worker (they are PENDING now)."""

@@ -144,6 +144,27 @@ class _StatementCount(Collector):
 
 
 @attrs.define(eq=False)
+class _FeedGauges(Collector):
+    """The clients' feeds, read at scrape time: how many, and what they hold."""
+
+    read: Callable[[], tuple[int, int, int]]
+
+    def collect(self) -> Iterable[Metric]:
+        feeds, runs, held = self.read()
+        yield GaugeMetricFamily(
+            _PREFIX + "feeds", "Clients' feeds of ended runs on this server.", value=feeds
+        )
+        yield GaugeMetricFamily(
+            _PREFIX + "feed_runs",
+            "Runs the feeds watch, or hold ended and not yet acknowledged.",
+            value=runs,
+        )
+        yield GaugeMetricFamily(
+            _PREFIX + "feed_bytes", "Bytes of ended runs the feeds hold.", value=held
+        )
+
+
+@attrs.define(eq=False)
 class _Snapshots(Collector):
     """Gauges built at scrape time from the snapshots :meth:`ServerMetrics.render` got."""
 
@@ -360,6 +381,10 @@ class ServerMetrics:
     def wait_request(self, kind: str) -> None:
         """Count one request that waits for runs to end (``feed``, ``run`` or ``runs``)."""
         self._waits.labels(kind).inc()
+
+    def watch_feeds(self, read: Callable[[], tuple[int, int, int]]) -> None:
+        """Export ``read()``, the feeds' count, runs and bytes, as gauges."""
+        self.registry.register(_FeedGauges(read))
 
     def count_statements(self, read: Callable[[], int]) -> None:
         """Export ``read()``, the store's SQL statements so far, as a counter."""
