@@ -14,6 +14,7 @@ alone.
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from typing import Final
 
 import attrs
@@ -47,14 +48,15 @@ class FeedState:
     feed_id: str = attrs.field(factory=lambda: uuid.uuid4().hex)
     #: The feed's epoch on the server, once it has said (see FeedWatched).
     epoch: int | None = None
-    #: Runs this client submitted that the feed has not been asked to watch, oldest first.
-    unwatched: dict[uuid.UUID, None] = attrs.field(factory=dict)
+    #: Runs this client submitted that the feed has not been asked to watch, oldest
+    #: first (ordered dicts: forgetting the oldest costs the same however many went).
+    unwatched: OrderedDict[uuid.UUID, None] = attrs.field(factory=OrderedDict)
     #: Runs named by the watch request in flight.
     asking: dict[uuid.UUID, None] = attrs.field(factory=dict)
     #: Runs the server's feed watches, whose end has not been heard yet.
     covered: dict[uuid.UUID, None] = attrs.field(factory=dict)
     #: Ends heard and not taken yet, oldest first.
-    ended: dict[uuid.UUID, TaskRun | Heavy] = attrs.field(factory=dict)
+    ended: OrderedDict[uuid.UUID, TaskRun | Heavy] = attrs.field(factory=OrderedDict)
     #: What the next poll acknowledges (0: nothing yet).
     cursor: int = 0
     #: Counts the times the feed was lost, so that an answer to a request sent
@@ -71,7 +73,7 @@ class FeedState:
         """This client created runs ``ids``."""
         self.unwatched.update(dict.fromkeys(ids))
         while len(self.unwatched) > MAX_UNWATCHED:
-            del self.unwatched[next(iter(self.unwatched))]
+            self.unwatched.popitem(last=False)
 
     def to_watch(self, run_id: uuid.UUID) -> list[uuid.UUID]:
         """``run_id`` and the oldest others submitted and not watched yet (at most
@@ -132,7 +134,7 @@ class FeedState:
                 self.ended[run_id] = end
         self.cursor = page.cursor
         while len(self.ended) > MAX_HELD:
-            del self.ended[next(iter(self.ended))]
+            self.ended.popitem(last=False)
         self.wake()
 
     def take(self, run_id: uuid.UUID) -> TaskRun | Heavy | None:
