@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -91,3 +93,20 @@ def test_the_purity_check_follows_relative_imports() -> None:
     """The check above would catch ``_task``, which reaches httpx through ``_client``."""
     relatives = _imports("_task")[1]
     assert "_client" in relatives and "httpx" in _imports("_client")[0]
+
+
+def test_clients_and_workers_do_not_load_the_server() -> None:
+    # A fresh interpreter: what importing the package (and the CLI a worker runs) loads.
+    code = (
+        "import sys, trio_taskworker, trio_taskworker._cli\n"
+        "heavy = {'starlette', 'hypercorn', 'psycopg', 'psycopg_pool', 'prometheus_client'}\n"
+        "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n"
+        "from trio_taskworker import TaskServer\n"
+        "from trio_taskworker._server import TaskServer as Real\n"
+        "print(TaskServer is Real)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split("\n")[:2] == ["[]", "True"]
+    assert not hasattr(trio_taskworker, "NoSuchName")

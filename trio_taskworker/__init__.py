@@ -10,6 +10,8 @@ Python's last-resort handler quiet).
 """
 
 import logging as _logging
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
 
 from ._client import SyncClient, TaskWorkerClient, open_client
 from ._context import TaskRunContext, get_run_context
@@ -47,13 +49,27 @@ from ._future import (
 from ._models import ErrorInfo, TaskOptions, TaskRun
 from ._policy import State, exponential_backoff
 from ._runlog import get_run_logger
-from ._server import TaskServer
+
+if _TYPE_CHECKING:
+    from ._server import TaskServer
 from ._states import TaskRunState
 from ._task import Task, task
 from ._version import __version__
 from ._worker import TaskWorker, serve, should_try_to_read_parameters
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
+
+def __getattr__(name: str) -> _Any:
+    # The server (Starlette, Hypercorn, psycopg, prometheus_client) is imported
+    # on first use: a worker or a submitting process never loads it, which
+    # keeps their memory and start-up small.
+    if name == "TaskServer":
+        from ._server import TaskServer
+
+        return TaskServer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Plain sorted() order, which test_exports checks (ruff's isort-style order
 # would put the constants first).

@@ -48,7 +48,6 @@ from ._models import Released, TaskRun, WorkerMessage
 from ._runlog import LogShipper
 from ._spawner import Spawner, should_try_to_read_parameters
 from ._states import TaskRunState
-from ._status import StatusServer
 from ._subscription import Connect, Subscription, max_frame_bytes, websocket_connector
 
 __all__ = ["TaskWorker", "serve", "should_try_to_read_parameters"]
@@ -318,6 +317,10 @@ class TaskWorker:
                     ):
                         nursery.start_soon(self._watch_signals)
                     if self.status_server_port is not None:
+                        # Imported here: a worker without a status server never
+                        # loads Hypercorn, Starlette or prometheus_client.
+                        from ._status import StatusServer
+
                         status = StatusServer(self.status, port=self.status_server_port)
                         await nursery.start(status.run)
                     await nursery.start(self._subscribe)
