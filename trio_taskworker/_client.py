@@ -739,19 +739,17 @@ class TaskWorkerClient:
         again.
         """
         feed = self._feed
-        deadline = math.inf if timeout is None else trio.current_time() + timeout
+        deadline = None if timeout is None else trio.current_time() + timeout
         while True:
             end = feed.take(run_id)
-            left = None if timeout is None else max(0.0, deadline - trio.current_time())
+            left = None if deadline is None else max(0.0, deadline - trio.current_time())
             if isinstance(end, TaskRun) and end.state is TaskRunState.COMPLETED:
                 return end
             if end is not None or left == 0.0:
                 return await self.wait_run(run_id, left)
             if run_id in feed.covered:
                 if not feed.polling:
-                    await self._poll_feed(
-                        min(LONG_POLL_SECONDS, math.inf if left is None else left)
-                    )
+                    await self._poll_feed(_remaining(deadline, trio.current_time))
                     continue
             elif run_id in feed.asking:
                 pass  # the watch request in flight names it: wait for its answer
@@ -766,21 +764,17 @@ class TaskWorkerClient:
                     continue
             else:
                 return await self.wait_run(run_id, left)
-            with trio.move_on_at(deadline):
+            with trio.move_on_at(math.inf if deadline is None else deadline):
                 await feed.changed.wait()
 
     async def _watch_feed(self, run_id: uuid.UUID) -> None:
         feed = self._feed
-        ids = feed.to_watch(run_id)
-        feed.watching = True
+        ids = feed.to_watch(run_id)  # asking: the feed is being asked until the answer
         try:
             answer = await self._drive(_op_watch_feed(feed.feed_id, ids))
         except BaseException:
             feed.not_asked()  # the next waiter asks again
             raise
-        finally:
-            feed.watching = False
-            feed.wake()
         if answer is None:
             feed.refused()
         else:

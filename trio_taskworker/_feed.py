@@ -13,6 +13,7 @@ alone.
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections import OrderedDict
 from typing import Final
@@ -64,8 +65,6 @@ class FeedState:
     generation: int = 0
     #: A caller is polling the feed now; the others wait for :attr:`changed`.
     polling: bool = False
-    #: A caller is asking the feed to watch runs now.
-    watching: bool = False
     #: Set when something here changed: an end heard, the feed lost, a request over.
     changed: trio.Event = attrs.field(factory=trio.Event)
 
@@ -79,25 +78,28 @@ class FeedState:
         """``run_id`` and the oldest others submitted and not watched yet (at most
         :data:`~._models.MAX_WATCH_IDS`): what one watch request names. They
         are :attr:`asking` until its answer."""
-        ids = [run_id]
         self.unwatched.pop(run_id, None)
-        for other in self.unwatched:
-            if len(ids) == MAX_WATCH_IDS:
-                break
-            ids.append(other)
-        for other in ids:
-            self.unwatched.pop(other, None)
+        ids = [run_id, *itertools.islice(self.unwatched, MAX_WATCH_IDS - 1)]
+        for other in ids[1:]:
+            del self.unwatched[other]
         self.asking = dict.fromkeys(ids)
         return ids
+
+    @property
+    def watching(self) -> bool:
+        """A caller is asking the feed to watch runs now (:attr:`asking`)."""
+        return bool(self.asking)
 
     def not_asked(self) -> None:
         """The watch request got no answer: its runs are to be asked for again."""
         self.submitted(list(self.asking))
         self.asking = {}
+        self.wake()
 
     def refused(self) -> None:
         """The feed watches none of the runs asked for: they are waited for one by one."""
         self.asking = {}
+        self.wake()
 
     def watched(self, ids: list[uuid.UUID], answer: FeedWatched) -> None:
         """The feed watches ``ids`` (but those it refused): ``answer`` came back."""
