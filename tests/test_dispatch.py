@@ -11,7 +11,7 @@ import trio.testing
 from trio_taskworker import TaskRunState
 from trio_taskworker._models import Deliver, Finished, Started, TaskRunCreate
 from trio_taskworker._server import SQLiteStore
-from trio_taskworker._server._dispatch import Dispatcher, Waiters
+from trio_taskworker._server._dispatch import CLAIM_INTERVAL, Dispatcher, Waiters
 
 EPOCH = 1_700_000_000.0
 
@@ -176,3 +176,60 @@ async def test_a_store_that_refuses_pauses_dispatch_and_it_resumes(
     delivered = await next_delivery(sub)  # the dispatcher did not die: it retried
     assert len(delivered.runs) == 1 and refusals == 0
     assert trio.current_time() - start == pytest.approx(3 * STORE_RETRY_SECONDS)
+
+
+async def test_credits_handed_back_soon_after_a_lease_are_leased_together(
+    autojump_clock: trio.testing.MockClock,
+    memory_store: SQLiteStore,
+    dispatcher: Dispatcher,
+) -> None:
+    sub = dispatcher.add(["k"], "w", credits=10)
+    await memory_store.create_runs([TaskRunCreate(task_key="k") for _ in range(30)], clock_now())
+    dispatcher.wake()
+    first = await next_delivery(sub)
+    leased_at = trio.current_time()
+    assert len(first.runs) == 10
+    # Runs out, and credits trickling back one at a time: leased together, once
+    # CLAIM_INTERVAL has passed since the last lease.
+    for _ in range(3):
+        dispatcher.grant(sub, 1)
+        await trio.testing.wait_all_tasks_blocked()
+    second = await next_delivery(sub)
+    assert len(second.runs) == 3
+    assert trio.current_time() - leased_at == pytest.approx(CLAIM_INTERVAL)
+
+
+async def test_a_connection_with_all_its_credits_is_leased_at_once(
+    autojump_clock: trio.testing.MockClock,
+    memory_store: SQLiteStore,
+    dispatcher: Dispatcher,
+) -> None:
+    sub = dispatcher.add(["k"], "w", credits=2)
+    await memory_store.create_runs([TaskRunCreate(task_key="k")], clock_now())
+    dispatcher.wake()
+    await next_delivery(sub)
+    dispatcher.grant(sub, 1)  # the run ended: the worker is idle again
+    await trio.testing.wait_all_tasks_blocked()
+    began = trio.current_time()
+    await memory_store.create_runs([TaskRunCreate(task_key="k")], clock_now())
+    dispatcher.wake()
+    await next_delivery(sub)
+    assert trio.current_time() == began  # no wait on an idle worker
+
+
+async def test_a_paced_connection_still_gets_a_run_that_comes_due(
+    autojump_clock: trio.testing.MockClock,
+    memory_store: SQLiteStore,
+    dispatcher: Dispatcher,
+) -> None:
+    sub = dispatcher.add(["k"], "w", credits=2)
+    await memory_store.create_runs([TaskRunCreate(task_key="k")], clock_now())
+    dispatcher.wake()
+    await next_delivery(sub)
+    due = datetime.datetime.fromtimestamp(clock_now() + 60, datetime.UTC)
+    await memory_store.create_runs([TaskRunCreate(task_key="k", scheduled_time=due)], clock_now())
+    dispatcher.wake()  # paced (one run out, leased just now), then nothing due for a minute
+    began = trio.current_time()
+    delivered = await next_delivery(sub)
+    assert len(delivered.runs) == 1
+    assert trio.current_time() - began == pytest.approx(60, abs=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -10,11 +11,13 @@ import trio
 import trio.testing
 
 from trio_taskworker import TaskRunState
-from trio_taskworker._models import Deliver, Subscribed, TaskRunCreate
+from trio_taskworker._models import Deliver, Drained, Subscribed, TaskRun, TaskRunCreate
+from trio_taskworker._rules import Report
 from trio_taskworker._serialization import decode_server_frame
 from trio_taskworker._server import SQLiteStore
 from trio_taskworker._server._app import AppState, SubscriptionHandler
 from trio_taskworker._server._dispatch import Dispatcher, Waiters
+from trio_taskworker._server._store import Outcome
 
 EPOCH = 1_700_000_000.0
 
@@ -95,3 +98,97 @@ async def test_no_subscribe_in_time_is_closed(
     nursery.start_soon(SubscriptionHandler(app_state, ws).run)  # type: ignore[arg-type]
     closed = await ws.from_server.receive()
     assert closed[:2] == ("closed", 1013) and "no subscribe message in time" in closed[2]
+
+
+class GatedStore(SQLiteStore):
+    """A store whose first report application waits for ``gate``; it records
+    how many reports each application carried."""
+
+    def __init__(self) -> None:
+        super().__init__(":memory:", threaded=False)
+        self.gate = trio.Event()
+        self.applied: list[int] = []
+
+    async def apply_reports(self, owner: str, reports: Sequence[Report], now: float) -> Outcome:
+        self.applied.append(len(reports))
+        if len(self.applied) == 1:
+            await self.gate.wait()
+        return await super().apply_reports(owner, reports, now)
+
+
+@pytest.fixture
+async def gated_state(nursery: trio.Nursery) -> AppState:
+    store = GatedStore()
+    await nursery.start(store.run)
+    dispatcher = Dispatcher(store, now)
+    await nursery.start(dispatcher.run)
+    return AppState(
+        store=store, dispatcher=dispatcher, waiters=Waiters(), now=now, lease_seconds=30.0
+    )
+
+
+def finished(run: TaskRun) -> list[dict[str, Any]]:
+    """A no-op run's whole life as one frame: started, finished, its credit back."""
+    return [
+        {"type": "started", "id": str(run.id), "attempt": run.attempt},
+        {"type": "finished", "id": str(run.id), "attempt": run.attempt, "state": "COMPLETED"},
+        {"type": "credit", "n": 1},
+    ]
+
+
+async def subscribed_with_runs(
+    nursery: trio.Nursery, state: AppState, n: int
+) -> tuple[FakeWebSocket, list[TaskRun]]:
+    """A fake worker subscribed with ``n`` credits, and the ``n`` runs delivered to it."""
+    await state.store.create_runs([TaskRunCreate(task_key="k") for _ in range(n)], now())
+    ws = FakeWebSocket()
+    nursery.start_soon(SubscriptionHandler(state, ws).run)  # type: ignore[arg-type]
+    await ws.send_frame([{**SUBSCRIBE, "credits": n}])
+    (subscribed,) = await ws.from_server.receive()
+    assert isinstance(subscribed, Subscribed)
+    (deliver,) = await ws.from_server.receive()
+    assert isinstance(deliver, Deliver) and len(deliver.runs) == n
+    return ws, list(deliver.runs)
+
+
+async def test_frames_that_queue_during_an_application_are_applied_together(
+    nursery: trio.Nursery, gated_state: AppState
+) -> None:
+    store = gated_state.store
+    assert isinstance(store, GatedStore)
+    ws, runs = await subscribed_with_runs(nursery, gated_state, 3)
+    await ws.send_frame(finished(runs[0]))
+    await trio.testing.wait_all_tasks_blocked()
+    assert store.applied == [2]  # the first frame's two reports, held at the gate
+    # Three more frames arrive while that one is applied: they wait, read.
+    await ws.send_frame(finished(runs[1]))
+    await ws.send_frame(finished(runs[2]))
+    await ws.send_frame([{"type": "drain", "seq": 7}])
+    await trio.testing.wait_all_tasks_blocked()
+    assert store.applied == [2]
+    store.gate.set()
+    # One more application carries both frames' reports; the drain is answered after it.
+    (drained,) = await ws.from_server.receive()
+    assert drained == Drained(seq=7)
+    assert store.applied == [2, 4]
+    ended = await store.read_runs([r.id for r in runs])
+    assert [r.state for r in ended] == [TaskRunState.COMPLETED] * 3
+
+
+async def test_a_bad_frame_closes_after_the_frames_before_it_are_applied(
+    nursery: trio.Nursery, gated_state: AppState
+) -> None:
+    store = gated_state.store
+    assert isinstance(store, GatedStore)
+    ws, (run,) = await subscribed_with_runs(nursery, gated_state, 1)
+    await ws.send_frame(finished(run))
+    await trio.testing.wait_all_tasks_blocked()
+    await ws.send_frame([{"type": "credit", "n": -1}])
+    await trio.testing.wait_all_tasks_blocked()
+    assert ws.closed is None  # not before the frame ahead of it is applied
+    store.gate.set()
+    closed = await ws.from_server.receive()
+    assert closed[:2] == ("closed", 1008) and "credits must stay in" in closed[2]
+    # The run's end was applied, not released for a redelivery.
+    (after,) = await store.read_runs([run.id])
+    assert (after.state, after.redeliveries) == (TaskRunState.COMPLETED, 0)

@@ -56,6 +56,7 @@ from .._models import (
     WaitRequest,
     WorkerInfo,
     WorkerList,
+    WorkerMessage,
 )
 from .._serialization import (
     InvalidPayload,
@@ -115,6 +116,11 @@ CLOSE_LEASE_EXPIRED = 3008
 CLOSE_TRY_AGAIN = 1013
 #: How long a new connection has to send its ``subscribe`` message.
 SUBSCRIBE_TIMEOUT = 10.0
+#: Frames a worker's connection reads ahead while the reports before them are
+#: applied; the next transaction applies them all. The reader waits beyond this.
+MAX_FRAMES_AHEAD = 32
+#: What a subscribed worker may send.
+_FROM_SUBSCRIBED_WORKER = (Started, Finished, Released, Credit, Drain, Heartbeat)
 #: How often an idle ``GET /events`` stream sends a comment, so that proxies
 #: and the browser keep it open and a dead peer is noticed.
 EVENTS_KEEPALIVE = 15.0
@@ -926,6 +932,22 @@ class SubscriptionHandler:
         raise _Closed(CLOSE_GOING_AWAY, "the server is shutting down")
 
     async def _reader(self, sub: Subscriber) -> None:
+        """Read and check frames; hand their messages to the applier in order."""
+        send, receive = trio.open_memory_channel[list[WorkerMessage]](MAX_FRAMES_AHEAD)
+        closing: _Closed | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._applier, sub, receive)
+            async with send:
+                try:
+                    await self._read_frames(sub, send)
+                except _Closed as exc:
+                    closing = exc  # once the frames read before it are applied
+        if closing is not None:
+            raise closing
+
+    async def _read_frames(
+        self, sub: Subscriber, send: trio.MemorySendChannel[list[WorkerMessage]]
+    ) -> None:
         state = self.state
         while True:
             # The lease lives as long as the worker keeps talking.
@@ -943,19 +965,35 @@ class SubscriptionHandler:
                 messages = decode_worker_frame(data)
             except InvalidPayload as exc:
                 raise _Closed(CLOSE_POLICY, f"invalid message: {exc}") from None
-            reports = []
-            granted = 0  # credits are granted after the reports: count the whole frame's
             for message in messages:
-                if isinstance(message, Started | Finished | Released):
-                    reports.append(message)
-                elif isinstance(message, Credit):
-                    granted += message.n
-                    if message.n < 0 or sub.credits + granted > MAX_CREDITS:
-                        raise _Closed(CLOSE_POLICY, f"credits must stay in [0, {MAX_CREDITS}]")
-                elif isinstance(message, Drain | Heartbeat):
-                    pass
-                else:
+                if isinstance(message, Credit) and message.n < 0:
+                    raise _Closed(CLOSE_POLICY, f"credits must stay in [0, {MAX_CREDITS}]")
+                if not isinstance(message, _FROM_SUBSCRIBED_WORKER):
                     raise _Closed(CLOSE_POLICY, "subscribe may only be sent once")
+            await send.send(messages)
+
+    async def _applier(
+        self, sub: Subscriber, receive: trio.MemoryReceiveChannel[list[WorkerMessage]]
+    ) -> None:
+        """Apply the frames read, in order: all those waiting at once, in one transaction.
+
+        While one batch is applied, the frames that arrive queue up (at most
+        MAX_FRAMES_AHEAD), and the next batch takes them all: under load, many
+        frames' reports cost one transaction. Credits are granted after the
+        reports sent before them are applied, and a drain is answered after.
+        """
+        state = self.state
+        async for first in receive:
+            messages = list(first)
+            while True:
+                try:
+                    messages += receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            reports = [m for m in messages if isinstance(m, Started | Finished | Released)]
+            granted = sum(m.n for m in messages if isinstance(m, Credit))
+            if sub.credits + granted > MAX_CREDITS:
+                raise _Closed(CLOSE_POLICY, f"credits must stay in [0, {MAX_CREDITS}]")
             if reports:
                 outcome = await state.store.apply_reports(sub.id, reports, state.now())
                 state.changed(outcome)

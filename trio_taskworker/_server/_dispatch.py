@@ -24,10 +24,16 @@ __all__ = ["Dispatcher", "Subscriber", "Waiters", "Watch"]
 
 log = logging.getLogger(__name__)
 
-#: The most credits a connection may hold; a worker asking for more is refused.
 #: How long the dispatcher waits before trying a store that refused an operation.
 STORE_RETRY_SECONDS = 1.0
+#: The most credits a connection may hold; a worker asking for more is refused.
 MAX_CREDITS = 100_000
+#: A connection with runs out (fewer credits than it subscribed with) that was
+#: leased runs less than this long ago is leased again this long after that:
+#: the credits its runs hand back meanwhile are leased together, in one claim
+#: and one delivery, instead of a few at a time. A connection with all its
+#: credits (an idle worker) is leased at once.
+CLAIM_INTERVAL = 0.002
 
 
 @attrs.define(eq=False)
@@ -47,6 +53,8 @@ class Subscriber:
     limit: int = 0
     connected_at: float = 0.0
     last_seen: float = 0.0
+    #: When runs were last leased to it (trio's clock).
+    last_claim: float = -math.inf
     _outbox: list[ServerMessage] = attrs.field(factory=list)
     _has_mail: trio.Event = attrs.field(factory=trio.Event)
 
@@ -130,10 +138,11 @@ class Dispatcher:
             # A fresh event before looking: a wake() during the pass is not lost.
             self._wakeup = trio.Event()
             try:
-                await self._dispatch_once()
-                keys = sorted(
-                    {k for s in self._subscribers.values() if s.credits > 0 for k in s.keys}
-                )
+                paced, short = await self._dispatch_once()
+                # Only a claim that found fewer due runs than it asked for can
+                # leave runs scheduled for later: when is the next one due? (A
+                # connection granted credits during a pass has woken the next.)
+                keys = sorted({k for s in short if s.credits > 0 for k in s.keys})
                 due = await self.store.next_due(keys) if keys else None
             except StoreUnavailable as exc:
                 # A full disk or a damaged page must not stop the server: try again soon.
@@ -145,21 +154,37 @@ class Dispatcher:
                 log.exception("dispatch failed; retrying in %g s", STORE_RETRY_SECONDS)
                 await trio.sleep(STORE_RETRY_SECONDS)
                 continue
-            delay = math.inf if due is None else max(0.0, due - self.now())
-            with trio.move_on_after(delay):
+            deadline = min(
+                (s.last_claim + CLAIM_INTERVAL for s in paced),
+                default=math.inf,
+            )
+            if due is not None:
+                deadline = min(deadline, trio.current_time() + max(0.0, due - self.now()))
+            with trio.move_on_at(deadline):
                 await self._wakeup.wait()
 
-    async def _dispatch_once(self) -> None:
+    async def _dispatch_once(self) -> tuple[set[Subscriber], list[Subscriber]]:
+        """Lease runs to each connection with credits; return those made to wait
+        (see :data:`CLAIM_INTERVAL`) and those leased fewer runs than they asked for."""
+        paced: set[Subscriber] = set()
+        short: list[Subscriber] = []
         subs = [s for s in self._subscribers.values() if s.credits > 0]
         if not subs:
-            return
+            return paced, short
         self._rotation = (self._rotation + 1) % len(subs)
         for sub in subs[self._rotation :] + subs[: self._rotation]:
             if sub.closed or sub.credits <= 0:
                 continue
-            runs = await self.store.claim_runs(sub.keys, sub.credits, sub.id, self.now())
+            if sub.credits < sub.limit and trio.current_time() < sub.last_claim + CLAIM_INTERVAL:
+                paced.add(sub)
+                continue
+            asked = sub.credits
+            runs = await self.store.claim_runs(sub.keys, asked, sub.id, self.now())
+            if len(runs) < asked:
+                short.append(sub)
             if not runs:
                 continue
+            sub.last_claim = trio.current_time()
             if sub.closed:
                 # It went away while we claimed: its release may have run first.
                 await self.store.release_owner(sub.id, self.now())
@@ -170,6 +195,7 @@ class Dispatcher:
             if self.on_claimed is not None:
                 self.on_claimed(runs)
             sub.post(Deliver(runs=tuple(runs)))
+        return paced, short
 
 
 @attrs.define(eq=False)
