@@ -3,6 +3,7 @@ from __future__ import annotations
 import datetime
 import uuid
 
+import attrs
 import pytest
 
 from trio_taskworker import SerializationError, TaskRunState
@@ -18,6 +19,7 @@ from trio_taskworker._models import (
 )
 from trio_taskworker._serialization import (
     InvalidPayload,
+    create_batch_json,
     decode_server_frame,
     decode_worker_frame,
     dumps_payload,
@@ -111,3 +113,24 @@ def test_payload_round_trip_and_errors() -> None:
         dumps_payload(threading.Lock())
     with pytest.raises(SerializationError, match="cannot unpickle"):
         loads_payload(b"garbage")
+
+
+def test_a_create_batch_encodes_as_the_batch_of_evolved_runs_would() -> None:
+    creates = (
+        TaskRunCreate(task_key="k", parameters_preview="x=1", tags=("a",), retries=2),
+        TaskRunCreate(
+            task_key="k",
+            name="second",
+            scheduled_time=datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC),
+        ),
+    )
+    parameters = [(b"\x80pickle", None), (None, "blob-1")]
+    evolved = TaskRunCreateBatch(
+        runs=tuple(
+            attrs.evolve(c, parameters=inline, parameters_ref=ref)
+            for c, (inline, ref) in zip(creates, parameters, strict=True)
+        )
+    )
+    encoded = create_batch_json(TaskRunCreateBatch(runs=creates), parameters)
+    assert encoded == to_json(evolved)
+    assert from_json(encoded, TaskRunCreateBatch) == evolved

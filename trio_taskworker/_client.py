@@ -59,7 +59,7 @@ from ._models import (
     TaskRunCreateBatch,
     WaitRequest,
 )
-from ._serialization import from_json, loads_payload, to_json
+from ._serialization import create_batch_json, from_json, loads_payload, to_json
 from ._states import TaskRunState
 
 __all__ = [
@@ -397,10 +397,11 @@ def _op_load_payload(inline: bytes | None, ref: str | None) -> Operation[bytes |
 
 
 def _op_submit(calls: Sequence[tuple[TaskRunCreate, bytes]]) -> Operation[list[uuid.UUID]]:
-    creates = []
-    for create, payload in calls:
+    batch = TaskRunCreateBatch(runs=tuple(create for create, _ in calls))  # checks the size
+    parameters = []
+    for _, payload in calls:
         stored = yield from _op_store_payload(payload)
-        creates.append(attrs.evolve(create, parameters=stored.inline, parameters_ref=stored.ref))
+        parameters.append((stored.inline, stored.ref))
     # One key per submission: a retry after a lost answer gets the same ids back
     # instead of creating the runs twice (and an error never hides created runs).
     # The server keeps the keys in its database, so a replica that shares it
@@ -408,7 +409,7 @@ def _op_submit(calls: Sequence[tuple[TaskRunCreate, bytes]]) -> Operation[list[u
     response = yield _Call(
         method="POST",
         path="/runs",
-        content=to_json(TaskRunCreateBatch(runs=tuple(creates))),
+        content=create_batch_json(batch, parameters),
         retry=True,
         idempotency_key=uuid.uuid4().hex,
     )

@@ -42,6 +42,8 @@ from ._models import (
     Started,
     Subscribe,
     Subscribed,
+    TaskRunCreate,
+    TaskRunCreateBatch,
     WorkerMessage,
 )
 from ._states import TaskRunState
@@ -50,6 +52,7 @@ __all__ = [
     "SIGNING_KEY_ENV",
     "InvalidPayload",
     "converter",
+    "create_batch_json",
     "decode_server_frame",
     "decode_worker_frame",
     "dumps_payload",
@@ -153,7 +156,13 @@ converter.register_unstructure_hook(uuid.UUID, str)
 converter.register_structure_hook(datetime.datetime, _structure_datetime)
 converter.register_unstructure_hook(datetime.datetime, lambda d: d.isoformat())
 converter.register_structure_hook(bytes, _structure_bytes)
-converter.register_unstructure_hook(bytes, lambda b: base64.b64encode(b).decode("ascii"))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+converter.register_unstructure_hook(bytes, _b64)
 converter.register_structure_hook(str, _structure_str)
 # Registered after str: TaskRunState is a str subclass and must not fall to that hook.
 converter.register_structure_hook(TaskRunState, lambda value, _: TaskRunState(value))
@@ -240,6 +249,23 @@ def structure(data: Any, cls: type[T]) -> T:
 def to_json(value: Any) -> bytes:
     """Encode an attrs value as compact JSON bytes."""
     return json.dumps(converter.unstructure(value), separators=(",", ":")).encode()
+
+
+def create_batch_json(
+    batch: TaskRunCreateBatch, parameters: Sequence[tuple[bytes | None, str | None]]
+) -> bytes:
+    """The JSON of ``batch`` with each run's parameters replaced: ``(inline,
+    ref)`` pairs in the runs' order. The same bytes as :func:`to_json` of the
+    batch with each run evolved, without building every run again (``map``
+    sends thousands)."""
+    unstructure = converter.get_unstructure_hook(TaskRunCreate)
+    runs = []
+    for create, (inline, ref) in zip(batch.runs, parameters, strict=True):
+        run = unstructure(create)
+        run["parameters"] = None if inline is None else _b64(inline)
+        run["parameters_ref"] = ref
+        runs.append(run)
+    return json.dumps({"runs": runs}, separators=(",", ":")).encode()
 
 
 def _refuse_constant(name: str) -> Any:
