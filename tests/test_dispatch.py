@@ -233,3 +233,22 @@ async def test_a_paced_connection_still_gets_a_run_that_comes_due(
     delivered = await next_delivery(sub)
     assert len(delivered.runs) == 1
     assert trio.current_time() - began == pytest.approx(60, abs=1e-6)
+
+
+async def test_pacing_knows_a_window_larger_than_the_credits_subscribed_with(
+    autojump_clock: trio.testing.MockClock,
+    memory_store: SQLiteStore,
+    dispatcher: Dispatcher,
+) -> None:
+    # A worker that reconnects with all its runs in flight subscribes with 0
+    # credits; the credits its runs hand back later show its window.
+    sub = dispatcher.add(["k"], "w", credits=0)
+    await memory_store.create_runs([TaskRunCreate(task_key="k") for _ in range(5)], clock_now())
+    dispatcher.grant(sub, 2)
+    first = await next_delivery(sub)
+    leased_at = trio.current_time()
+    assert len(first.runs) == 2
+    dispatcher.grant(sub, 1)  # one of two back: runs are out, so it waits
+    second = await next_delivery(sub)
+    assert len(second.runs) == 1
+    assert trio.current_time() - leased_at == pytest.approx(CLAIM_INTERVAL)

@@ -14,7 +14,7 @@ from trio_taskworker import TaskRunState
 from trio_taskworker._models import Deliver, Drained, Subscribed, TaskRun, TaskRunCreate
 from trio_taskworker._rules import Report
 from trio_taskworker._serialization import decode_server_frame
-from trio_taskworker._server import SQLiteStore
+from trio_taskworker._server import SQLiteStore, _app
 from trio_taskworker._server._app import AppState, SubscriptionHandler
 from trio_taskworker._server._dispatch import Dispatcher, Waiters
 from trio_taskworker._server._store import Outcome
@@ -192,3 +192,44 @@ async def test_a_bad_frame_closes_after_the_frames_before_it_are_applied(
     # The run's end was applied, not released for a redelivery.
     (after,) = await store.read_runs([run.id])
     assert (after.state, after.redeliveries) == (TaskRunState.COMPLETED, 0)
+
+
+async def test_a_credit_overflow_does_not_drop_the_good_frames_queued_before_it(
+    nursery: trio.Nursery, gated_state: AppState
+) -> None:
+    store = gated_state.store
+    assert isinstance(store, GatedStore)
+    ws, (r0, r1) = await subscribed_with_runs(nursery, gated_state, 2)
+    await ws.send_frame(finished(r0))  # held at the gate
+    await trio.testing.wait_all_tasks_blocked()
+    await ws.send_frame(finished(r1))  # a good frame, read while the first is applied
+    await ws.send_frame([{"type": "credit", "n": 100_000}])  # then one past MAX_CREDITS
+    await trio.testing.wait_all_tasks_blocked()
+    store.gate.set()
+    closed = await ws.from_server.receive()
+    assert closed[:2] == ("closed", 1008) and "credits must stay in" in closed[2]
+    await trio.testing.wait_all_tasks_blocked()
+    assert store.applied == [2, 2]
+    ended = await store.read_runs([r0.id, r1.id])
+    assert [r.state for r in ended] == [TaskRunState.COMPLETED] * 2
+
+
+async def test_the_reader_stops_reading_ahead_past_its_byte_bound(
+    nursery: trio.Nursery, gated_state: AppState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_app, "MAX_BYTES_AHEAD", 100)
+    store = gated_state.store
+    assert isinstance(store, GatedStore)
+    ws, runs = await subscribed_with_runs(nursery, gated_state, 4)
+    for run in runs:  # each frame is over 100 bytes
+        await ws.send_frame(finished(run))
+    await trio.testing.wait_all_tasks_blocked()
+    # The first frame is being applied, the second read and queued (past the
+    # bound), the other two not read yet.
+    assert store.applied == [2]
+    assert ws.to_server.statistics().current_buffer_used == 2
+    store.gate.set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert ws.to_server.statistics().current_buffer_used == 0
+    ended = await store.read_runs([r.id for r in runs])
+    assert [r.state for r in ended] == [TaskRunState.COMPLETED] * 4

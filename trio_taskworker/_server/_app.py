@@ -116,9 +116,11 @@ CLOSE_LEASE_EXPIRED = 3008
 CLOSE_TRY_AGAIN = 1013
 #: How long a new connection has to send its ``subscribe`` message.
 SUBSCRIBE_TIMEOUT = 10.0
-#: Frames a worker's connection reads ahead while the reports before them are
-#: applied; the next transaction applies them all. The reader waits beyond this.
+#: Frames, and their bytes, that a worker's connection reads ahead while the
+#: reports before them are applied; the next transaction applies them all.
+#: Beyond either bound, the reader waits.
 MAX_FRAMES_AHEAD = 32
+MAX_BYTES_AHEAD = 8 * 1024 * 1024
 #: What a subscribed worker may send.
 _FROM_SUBSCRIBED_WORKER = (Started, Finished, Released, Credit, Drain, Heartbeat)
 #: How often an idle ``GET /events`` stream sends a comment, so that proxies
@@ -795,6 +797,23 @@ def _most_telling(group: BaseExceptionGroup[_Closed]) -> _Closed:
 
 
 @attrs.define(eq=False)
+class _Frame:
+    """A worker's frame, read and checked: its messages and its size in bytes."""
+
+    messages: list[WorkerMessage]
+    size: int
+
+
+@attrs.define(eq=False)
+class _ReadAhead:
+    """The bytes of the frames a connection has read and not yet applied."""
+
+    size: int = 0
+    #: Set when the applier takes frames (the reader waits on it past MAX_BYTES_AHEAD).
+    taken: trio.Event = attrs.field(factory=trio.Event)
+
+
+@attrs.define(eq=False)
 class SubscriptionHandler:
     """One worker's websocket: a reader, a sender, and a watch on server shutdown.
 
@@ -933,20 +952,21 @@ class SubscriptionHandler:
 
     async def _reader(self, sub: Subscriber) -> None:
         """Read and check frames; hand their messages to the applier in order."""
-        send, receive = trio.open_memory_channel[list[WorkerMessage]](MAX_FRAMES_AHEAD)
+        send, receive = trio.open_memory_channel[_Frame](MAX_FRAMES_AHEAD)
+        ahead = _ReadAhead()
         closing: _Closed | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._applier, sub, receive)
+            nursery.start_soon(self._applier, sub, receive, ahead)
             async with send:
                 try:
-                    await self._read_frames(sub, send)
+                    await self._read_frames(sub, send, ahead)
                 except _Closed as exc:
                     closing = exc  # once the frames read before it are applied
         if closing is not None:
             raise closing
 
     async def _read_frames(
-        self, sub: Subscriber, send: trio.MemorySendChannel[list[WorkerMessage]]
+        self, sub: Subscriber, send: trio.MemorySendChannel[_Frame], ahead: _ReadAhead
     ) -> None:
         state = self.state
         while True:
@@ -970,30 +990,45 @@ class SubscriptionHandler:
                     raise _Closed(CLOSE_POLICY, f"credits must stay in [0, {MAX_CREDITS}]")
                 if not isinstance(message, _FROM_SUBSCRIBED_WORKER):
                     raise _Closed(CLOSE_POLICY, "subscribe may only be sent once")
-            await send.send(messages)
+            ahead.size += len(data)
+            await send.send(_Frame(messages, len(data)))
+            while ahead.size > MAX_BYTES_AHEAD:
+                ahead.taken = trio.Event()
+                await ahead.taken.wait()
 
     async def _applier(
-        self, sub: Subscriber, receive: trio.MemoryReceiveChannel[list[WorkerMessage]]
+        self, sub: Subscriber, receive: trio.MemoryReceiveChannel[_Frame], ahead: _ReadAhead
     ) -> None:
         """Apply the frames read, in order: all those waiting at once, in one transaction.
 
-        While one batch is applied, the frames that arrive queue up (at most
+        While one batch is applied, the frames that arrive queue up (see
         MAX_FRAMES_AHEAD), and the next batch takes them all: under load, many
         frames' reports cost one transaction. Credits are granted after the
         reports sent before them are applied, and a drain is answered after.
+        A frame that would take the credits past MAX_CREDITS closes the
+        connection once the frames before it are applied.
         """
         state = self.state
         async for first in receive:
-            messages = list(first)
+            frames = [first]
             while True:
                 try:
-                    messages += receive.receive_nowait()
+                    frames.append(receive.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
+            ahead.size -= sum(frame.size for frame in frames)
+            ahead.taken.set()
+            messages: list[WorkerMessage] = []
+            granted = 0
+            refused: _Closed | None = None
+            for frame in frames:
+                adds = sum(m.n for m in frame.messages if isinstance(m, Credit))
+                if sub.credits + granted + adds > MAX_CREDITS:
+                    refused = _Closed(CLOSE_POLICY, f"credits must stay in [0, {MAX_CREDITS}]")
+                    break
+                granted += adds
+                messages += frame.messages
             reports = [m for m in messages if isinstance(m, Started | Finished | Released)]
-            granted = sum(m.n for m in messages if isinstance(m, Credit))
-            if sub.credits + granted > MAX_CREDITS:
-                raise _Closed(CLOSE_POLICY, f"credits must stay in [0, {MAX_CREDITS}]")
             if reports:
                 outcome = await state.store.apply_reports(sub.id, reports, state.now())
                 state.changed(outcome)
@@ -1006,3 +1041,5 @@ class SubscriptionHandler:
                 elif isinstance(message, Drain):
                     state.dispatcher.drain(sub)
                     sub.post(Drained(seq=message.seq))
+            if refused is not None:
+                raise refused

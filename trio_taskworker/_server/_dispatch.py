@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 STORE_RETRY_SECONDS = 1.0
 #: The most credits a connection may hold; a worker asking for more is refused.
 MAX_CREDITS = 100_000
-#: A connection with runs out (fewer credits than it subscribed with) that was
+#: A connection with runs out (fewer credits than the most it has held) that was
 #: leased runs less than this long ago is leased again this long after that:
 #: the credits its runs hand back meanwhile are leased together, in one claim
 #: and one delivery, instead of a few at a time. A connection with all its
@@ -55,6 +55,9 @@ class Subscriber:
     last_seen: float = 0.0
     #: When runs were last leased to it (trio's clock).
     last_claim: float = -math.inf
+    #: The most credits it has held: its worker's window as far as seen (after a
+    #: reconnect with runs in flight, ``limit`` is less). Fewer means runs are out.
+    window: int = 0
     _outbox: list[ServerMessage] = attrs.field(factory=list)
     _has_mail: trio.Event = attrs.field(factory=trio.Event)
 
@@ -102,7 +105,7 @@ class Dispatcher:
             connected_at=now,
             last_seen=now,
         )
-        sub.credits = credits
+        sub.credits = sub.window = credits
         self._subscribers[sub.id] = sub
         self.wake()
         return sub
@@ -116,6 +119,7 @@ class Dispatcher:
         """Add ``n`` credits to a connection."""
         if not sub.draining:
             sub.credits += n
+            sub.window = max(sub.window, sub.credits)
             self.wake()
 
     def drain(self, sub: Subscriber) -> None:
@@ -175,7 +179,7 @@ class Dispatcher:
         for sub in subs[self._rotation :] + subs[: self._rotation]:
             if sub.closed or sub.credits <= 0:
                 continue
-            if sub.credits < sub.limit and trio.current_time() < sub.last_claim + CLAIM_INTERVAL:
+            if sub.credits < sub.window and trio.current_time() < sub.last_claim + CLAIM_INTERVAL:
                 paced.add(sub)
                 continue
             asked = sub.credits
