@@ -233,3 +233,23 @@ async def test_the_reader_stops_reading_ahead_past_its_byte_bound(
     assert ws.to_server.statistics().current_buffer_used == 0
     ended = await store.read_runs([r.id for r in runs])
     assert [r.state for r in ended] == [TaskRunState.COMPLETED] * 4
+
+
+async def test_reports_are_timed_when_their_frame_arrived(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, gated_state: AppState
+) -> None:
+    store = gated_state.store
+    assert isinstance(store, GatedStore)
+    ws, (r0, r1) = await subscribed_with_runs(nursery, gated_state, 2)
+    await ws.send_frame(finished(r0))  # held at the gate
+    await trio.testing.wait_all_tasks_blocked()
+    arrived = now()
+    await ws.send_frame(finished(r1))
+    await trio.testing.wait_all_tasks_blocked()
+    await trio.sleep(5)  # the second frame waits for the first one's application
+    store.gate.set()
+    await trio.testing.wait_all_tasks_blocked()
+    (after,) = await store.read_runs([r1.id])
+    assert after.started_at is not None and after.finished_at is not None
+    assert after.started_at.timestamp() == pytest.approx(arrived)
+    assert after.finished_at.timestamp() == pytest.approx(arrived)

@@ -798,10 +798,12 @@ def _most_telling(group: BaseExceptionGroup[_Closed]) -> _Closed:
 
 @attrs.define(eq=False)
 class _Frame:
-    """A worker's frame, read and checked: its messages and its size in bytes."""
+    """A worker's frame, read and checked: its messages, its size in bytes, and
+    when it arrived (server clock)."""
 
     messages: list[WorkerMessage]
     size: int
+    received: float
 
 
 @attrs.define(eq=False)
@@ -980,7 +982,7 @@ class SubscriptionHandler:
                 )
             if data is None:
                 return
-            sub.last_seen = state.now()
+            sub.last_seen = received = state.now()
             try:
                 messages = decode_worker_frame(data)
             except InvalidPayload as exc:
@@ -991,7 +993,7 @@ class SubscriptionHandler:
                 if not isinstance(message, _FROM_SUBSCRIBED_WORKER):
                     raise _Closed(CLOSE_POLICY, "subscribe may only be sent once")
             ahead.size += len(data)
-            await send.send(_Frame(messages, len(data)))
+            await send.send(_Frame(messages, len(data), received))
             while ahead.size > MAX_BYTES_AHEAD:
                 ahead.taken = trio.Event()
                 await ahead.taken.wait()
@@ -1021,6 +1023,7 @@ class SubscriptionHandler:
             messages: list[WorkerMessage] = []
             granted = 0
             refused: _Closed | None = None
+            received = first.received
             for frame in frames:
                 adds = sum(m.n for m in frame.messages if isinstance(m, Credit))
                 if sub.credits + granted + adds > MAX_CREDITS:
@@ -1028,9 +1031,12 @@ class SubscriptionHandler:
                     break
                 granted += adds
                 messages += frame.messages
+                received = frame.received
             reports = [m for m in messages if isinstance(m, Started | Finished | Released)]
             if reports:
-                outcome = await state.store.apply_reports(sub.id, reports, state.now())
+                # Timed (started_at, finished_at) when the last of these frames
+                # arrived, not after the wait for the frames ahead of them.
+                outcome = await state.store.apply_reports(sub.id, reports, received)
                 state.changed(outcome)
                 for run_id, reason in outcome.rejected:
                     log.warning("refused a report on run %s: %s", run_id, _safe(reason))
