@@ -151,14 +151,22 @@ async def subscribed_with_runs(
     return ws, list(deliver.runs)
 
 
+async def first_frame_at_the_gate(
+    nursery: trio.Nursery, state: AppState, n: int
+) -> tuple[GatedStore, FakeWebSocket, list[TaskRun]]:
+    """:func:`subscribed_with_runs`, then the first run's frame sent and held at the gate."""
+    store = state.store
+    assert isinstance(store, GatedStore)
+    ws, runs = await subscribed_with_runs(nursery, state, n)
+    await ws.send_frame(finished(runs[0]))
+    await trio.testing.wait_all_tasks_blocked()
+    return store, ws, runs
+
+
 async def test_frames_that_queue_during_an_application_are_applied_together(
     nursery: trio.Nursery, gated_state: AppState
 ) -> None:
-    store = gated_state.store
-    assert isinstance(store, GatedStore)
-    ws, runs = await subscribed_with_runs(nursery, gated_state, 3)
-    await ws.send_frame(finished(runs[0]))
-    await trio.testing.wait_all_tasks_blocked()
+    store, ws, runs = await first_frame_at_the_gate(nursery, gated_state, 3)
     assert store.applied == [2]  # the first frame's two reports, held at the gate
     # Three more frames arrive while that one is applied: they wait, read.
     await ws.send_frame(finished(runs[1]))
@@ -178,11 +186,7 @@ async def test_frames_that_queue_during_an_application_are_applied_together(
 async def test_a_bad_frame_closes_after_the_frames_before_it_are_applied(
     nursery: trio.Nursery, gated_state: AppState
 ) -> None:
-    store = gated_state.store
-    assert isinstance(store, GatedStore)
-    ws, (run,) = await subscribed_with_runs(nursery, gated_state, 1)
-    await ws.send_frame(finished(run))
-    await trio.testing.wait_all_tasks_blocked()
+    store, ws, (run,) = await first_frame_at_the_gate(nursery, gated_state, 1)
     await ws.send_frame([{"type": "credit", "n": -1}])
     await trio.testing.wait_all_tasks_blocked()
     assert ws.closed is None  # not before the frame ahead of it is applied
@@ -197,11 +201,7 @@ async def test_a_bad_frame_closes_after_the_frames_before_it_are_applied(
 async def test_a_credit_overflow_does_not_drop_the_good_frames_queued_before_it(
     nursery: trio.Nursery, gated_state: AppState
 ) -> None:
-    store = gated_state.store
-    assert isinstance(store, GatedStore)
-    ws, (r0, r1) = await subscribed_with_runs(nursery, gated_state, 2)
-    await ws.send_frame(finished(r0))  # held at the gate
-    await trio.testing.wait_all_tasks_blocked()
+    store, ws, (r0, r1) = await first_frame_at_the_gate(nursery, gated_state, 2)
     await ws.send_frame(finished(r1))  # a good frame, read while the first is applied
     await ws.send_frame([{"type": "credit", "n": 100_000}])  # then one past MAX_CREDITS
     await trio.testing.wait_all_tasks_blocked()
@@ -238,11 +238,7 @@ async def test_the_reader_stops_reading_ahead_past_its_byte_bound(
 async def test_reports_are_timed_when_their_frame_arrived(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, gated_state: AppState
 ) -> None:
-    store = gated_state.store
-    assert isinstance(store, GatedStore)
-    ws, (r0, r1) = await subscribed_with_runs(nursery, gated_state, 2)
-    await ws.send_frame(finished(r0))  # held at the gate
-    await trio.testing.wait_all_tasks_blocked()
+    store, ws, (_, r1) = await first_frame_at_the_gate(nursery, gated_state, 2)
     arrived = now()
     await ws.send_frame(finished(r1))
     await trio.testing.wait_all_tasks_blocked()
