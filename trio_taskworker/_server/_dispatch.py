@@ -167,10 +167,10 @@ class Dispatcher:
             with trio.move_on_at(deadline):
                 await self._wakeup.wait()
 
-    async def _dispatch_once(self) -> tuple[set[Subscriber], list[Subscriber]]:
+    async def _dispatch_once(self) -> tuple[list[Subscriber], list[Subscriber]]:
         """Lease runs to each connection with credits; return those made to wait
         (see :data:`CLAIM_INTERVAL`) and those leased fewer runs than they asked for."""
-        paced: set[Subscriber] = set()
+        paced: list[Subscriber] = []
         short: list[Subscriber] = []
         subs = [s for s in self._subscribers.values() if s.credits > 0]
         if not subs:
@@ -180,7 +180,7 @@ class Dispatcher:
             if sub.closed or sub.credits <= 0:
                 continue
             if sub.credits < sub.window and trio.current_time() < sub.last_claim + CLAIM_INTERVAL:
-                paced.add(sub)
+                paced.append(sub)
                 continue
             asked = sub.credits
             runs = await self.store.claim_runs(sub.keys, asked, sub.id, self.now())

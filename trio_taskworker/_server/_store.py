@@ -1372,23 +1372,7 @@ class Store:
 
     async def ended_ids(self, ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
         """Those of ``ids`` whose run has ended (a light read: no payloads)."""
-
-        def read(cur: Cursor) -> list[uuid.UUID]:
-            ended: list[uuid.UUID] = []
-            terminal = _in([s.value for s in TERMINAL_STATES])
-            for start in range(0, len(ids), _ID_CHUNK):
-                chunk = [str(i) for i in ids[start : start + _ID_CHUNK]]
-                cur.execute(
-                    self._q(
-                        f"SELECT id FROM task_runs WHERE id IN {_in(chunk)}"
-                        f" AND state IN {terminal}"
-                    ),
-                    [*chunk, *(s.value for s in TERMINAL_STATES)],
-                )
-                ended.extend(uuid.UUID(row[0]) for row in cur.fetchall())
-            return ended
-
-        return await self.runner.transact(read)
+        return [run_id for run_id, ended in (await self.run_ends(ids)).items() if ended]
 
     async def run_ends(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, bool]:
         """Those of ``ids`` that name a run, each with whether it has ended (no payloads)."""
