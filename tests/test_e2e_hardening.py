@@ -78,12 +78,12 @@ async def test_two_servers_in_one_process_on_one_directory(tmp_path: Path) -> No
     ("frame", "reason"),
     [
         ('[{"type": "subscribe", "keys": ["\\ud800"], "client_id": "x", "credits": 1}]',
-         "lone surrogate"),
+         "no low surrogate"),
         ('[{"type": "subscribe", "keys": ["k"], "client_id": "x", "credits": NaN}]',
          "NaN is not a JSON number"),
         ("[" * 5_000 + "]" * 5_000, "nested too deeply"),
         ('[{"type": "subscribe", "keys": ["k"], "client_id": "x", "credits": 1, "\\ud800": 1}]',
-         "\\ud800"),
+         "no low surrogate"),
     ],
     ids=["lone surrogate", "NaN", "deep nesting", "lone surrogate in a field name"],
 )  # fmt: skip

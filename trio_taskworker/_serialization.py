@@ -13,7 +13,6 @@ import binascii
 import datetime
 import hashlib
 import hmac
-import json
 import os
 import typing
 import uuid
@@ -23,6 +22,7 @@ from typing import Any, TypeVar
 import attrs
 import cattrs
 import cloudpickle
+import orjson
 from cattrs.strategies import configure_tagged_union
 from cattrs.v import format_exception
 
@@ -129,8 +129,9 @@ def _structure_str(value: object, _: type) -> str:
 
 
 def _structure_int(value: object, _: type) -> int:
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
-        # JSON has one number type: 776.0 is the integer 776 (as JSON Schema says).
+    if isinstance(value, float) and value.is_integer():
+        # JSON has one number type: 776.0 is the integer 776 (as JSON Schema
+        # says). The parser reads an integer past 64 bits as a float.
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"expected an integer, got {type(value).__name__}")
@@ -247,8 +248,8 @@ def structure(data: Any, cls: type[T]) -> T:
 
 
 def to_json(value: Any) -> bytes:
-    """Encode an attrs value as compact JSON bytes."""
-    return json.dumps(converter.unstructure(value), separators=(",", ":")).encode()
+    """Encode an attrs value as compact JSON bytes (UTF-8)."""
+    return orjson.dumps(converter.unstructure(value))
 
 
 def create_batch_json(
@@ -265,21 +266,32 @@ def create_batch_json(
         run["parameters"] = None if inline is None else _b64(inline)
         run["parameters_ref"] = ref
         runs.append(run)
-    return json.dumps({"runs": runs}, separators=(",", ":")).encode()
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
+    return orjson.dumps({"runs": runs})
 
 
 def _load_json(data: bytes | str) -> Any:
-    """Parse JSON strictly: no NaN or Infinity, and bounded nesting."""
+    """Parse JSON strictly (orjson): no NaN or Infinity, no number that
+    overflows a double, no lone surrogate, valid UTF-8, and at most 1,024
+    levels of nesting."""
     try:
-        return json.loads(data, parse_constant=_refuse_constant)
-    except RecursionError:
-        raise InvalidPayload("not valid JSON: nested too deeply") from None
-    except ValueError as exc:  # UnicodeDecodeError included
-        raise InvalidPayload(f"not valid JSON: {exc}") from None
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidPayload(f"not valid JSON: {_reason(exc)}") from None
+
+
+def _reason(exc: orjson.JSONDecodeError) -> str:
+    if exc.msg.startswith("depth limit exceeded"):
+        return "nested too deeply"
+    doc: Any = exc.doc
+    text = doc.decode("utf-8", "replace") if isinstance(doc, bytes | bytearray) else str(doc)
+    for constant in _CONSTANTS:
+        if text.startswith(constant, exc.pos):
+            return f"{constant} is not a JSON number (at character {exc.pos})"
+    return str(exc)
+
+
+#: What Python's own json module would have read as numbers.
+_CONSTANTS = ("NaN", "Infinity", "-Infinity")
 
 
 def from_json(data: bytes | str, cls: type[T]) -> T:
@@ -290,7 +302,7 @@ def from_json(data: bytes | str, cls: type[T]) -> T:
 def encode_frame(messages: Sequence[WorkerMessage] | Sequence[ServerMessage]) -> str:
     """Encode a websocket frame: a JSON array of tagged messages."""
     union = WorkerMessage if isinstance(messages[0], tuple(_WORKER_TAGS)) else ServerMessage
-    return json.dumps([converter.unstructure(m, union) for m in messages], separators=(",", ":"))
+    return orjson.dumps([converter.unstructure(m, union) for m in messages]).decode()
 
 
 def _decode_frame(data: str | bytes, union: Any) -> list[Any]:

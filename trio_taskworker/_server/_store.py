@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import IO, Any, NamedTuple, Protocol, TypeVar
 
 import attrs
+import orjson
 import trio
 
 from .. import _rules
@@ -403,7 +404,7 @@ _APPEND_HISTORY = "history = COALESCE(history, '') || ?"
 
 def _entry(state: str, attempt: int, message: str | None, now: float) -> str:
     """One line of a run's ``history``: ``[at, state, attempt, message]`` as JSON."""
-    return json.dumps([now, state, attempt, message], separators=(",", ":")) + "\n"
+    return orjson.dumps([now, state, attempt, message]).decode() + "\n"
 
 
 def _row_entry(row: _Row, now: float) -> str:
@@ -413,7 +414,7 @@ def _row_entry(row: _Row, now: float) -> str:
 def _parse_history(text: str | None) -> list[StateChange]:
     changes = []
     for line in (text or "").splitlines():
-        at, state, attempt, message = json.loads(line)
+        at, state, attempt, message = orjson.loads(line)
         changes.append(
             StateChange(
                 timestamp=_dt(at), state=TaskRunState(state), attempt=attempt, message=message
