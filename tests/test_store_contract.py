@@ -380,6 +380,45 @@ async def test_reports_complete_a_run(store: Store) -> None:
     assert await store.lease_counts() == {}
 
 
+async def test_one_batch_of_reports_of_different_shapes(store: Store) -> None:
+    """Runs of one batch whose reports change different columns are each written
+    as their own reports say (the batch groups runs by the columns they change)."""
+    ids = await store.create_runs([create() for _ in range(5)], now=1.0)
+    runs = {r.id: r for r in await store.claim_runs(["m:f"], 5, "c1", now=1.0)}
+    done, started, failed, retried, stale = ids
+    error = ErrorInfo(type="ValueError", message="no")
+    outcome = await store.apply_reports(
+        "c1",
+        [
+            Started(id=done, attempt=runs[done].attempt),
+            Started(id=started, attempt=runs[started].attempt),
+            Started(id=failed, attempt=runs[failed].attempt),
+            Finished(id=done, attempt=runs[done].attempt, state=S.COMPLETED, result=b"r1"),
+            Finished(
+                id=failed, attempt=runs[failed].attempt, state=S.FAILED, error=error, retry=False
+            ),
+            Started(id=retried, attempt=runs[retried].attempt),
+            Started(id=stale, attempt=runs[stale].attempt + 1),
+        ],
+        now=2.0,
+    )
+    assert [run_id for run_id, _ in outcome.rejected] == [stale]
+    assert {r.id: r.state for r in outcome.changed} == {
+        done: S.COMPLETED,
+        started: S.RUNNING,
+        failed: S.FAILED,
+        retried: S.RUNNING,
+    }
+    now = {r.id: r for r in await store.read_runs(ids)}
+    assert (now[done].result, now[done].finished_at) == (b"r1", at(2.0))
+    assert (now[started].started_at, now[started].finished_at) == (at(2.0), None)
+    assert now[failed].error == error and now[failed].result is None
+    assert now[stale].state is S.PENDING and now[stale].started_at is None
+    history = await store.read_history(done)
+    assert history is not None
+    assert [c.state for c in history] == [S.SCHEDULED, S.PENDING, S.RUNNING, S.COMPLETED]
+
+
 async def test_fencing_by_owner_and_attempt(store: Store) -> None:
     run_id, attempt = await leased(store)
     foreign = await store.apply_reports("c2", [Started(id=run_id, attempt=attempt)], 2.0)

@@ -106,6 +106,24 @@ def _label(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+@attrs.frozen
+class _TaskChildren:
+    """One task_key label value's children of the metrics observed per run."""
+
+    label: str
+    start_delay: Histogram
+    duration: Histogram
+    _ended_family: Counter
+    #: The run end counter's children by state, made as each state first ends a run.
+    _ended: dict[str, Counter] = attrs.field(factory=dict)
+
+    def ended(self, state: str) -> Counter:
+        counter = self._ended.get(state)
+        if counter is None:
+            counter = self._ended[state] = self._ended_family.labels(self.label, state)
+        return counter
+
+
 @attrs.define(eq=False)
 class _WithoutCreated(Collector):
     """``registry``'s metrics without the ``*_created`` series of its counters and
@@ -263,6 +281,9 @@ class ServerMetrics:
     process: bool = True
     registry: CollectorRegistry = attrs.field(init=False, factory=CollectorRegistry)
     _task_keys: set[str] = attrs.field(init=False, factory=set)
+    #: Each task_key label value's children of the per-run metrics: looked up
+    #: once, not per run (``labels()`` takes a lock and builds a key each time).
+    _children: dict[str, _TaskChildren] = attrs.field(init=False, factory=dict)
     _attempts: collections.OrderedDict[uuid.UUID, _Attempt] = attrs.field(
         init=False, factory=collections.OrderedDict
     )
@@ -364,6 +385,15 @@ class ServerMetrics:
             return _label(task_key)
         return OTHER_TASK_KEY
 
+    def _of_task(self, task_key: str) -> _TaskChildren:
+        label = self._task_label(task_key)
+        children = self._children.get(label)
+        if children is None:
+            children = self._children[label] = _TaskChildren(
+                label, self._start_delay.labels(label), self._duration.labels(label), self._ended
+            )
+        return children
+
     def runs_created(self, task_keys: Sequence[str]) -> None:
         """Count new runs: the task key of each, in one ``POST /runs`` batch."""
         for key, n in collections.Counter(task_keys).items():
@@ -433,7 +463,7 @@ class ServerMetrics:
                 # attempt became due is not known, and no delay is observed.)
                 due = run.scheduled_time
             if due is not None:
-                self._start_delay.labels(self._task_label(run.task_key)).observe(
+                self._of_task(run.task_key).start_delay.observe(
                     max(0.0, _seconds(run.started_at, due))
                 )
             known = _Attempt(run.attempt, started_at=run.started_at, running=True)
@@ -447,7 +477,7 @@ class ServerMetrics:
                 seconds = self.now() - (known.started_at or run.scheduled_time).timestamp()
             if seconds is not None:
                 # Once: the entry is replaced (queued again) or dropped (ended) below.
-                self._duration.labels(self._task_label(run.task_key)).observe(max(0.0, seconds))
+                self._of_task(run.task_key).duration.observe(max(0.0, seconds))
         if run.state is TaskRunState.SCHEDULED:
             if known is None or known.attempt != run.attempt + 1:
                 # Queued (again): the next attempt is due at its scheduled time,
@@ -460,7 +490,7 @@ class ServerMetrics:
                 # Claimed without having been seen queued.
                 self._remember(run.id, _Attempt(run.attempt, run.scheduled_time, run.started_at))
         elif run.state.is_terminal:
-            self._ended.labels(self._task_label(run.task_key), run.state.value).inc()
+            self._of_task(run.task_key).ended(run.state.value).inc()
             self._attempts.pop(run.id, None)
             self._ends[run.id] = end
             self._ends.move_to_end(run.id)

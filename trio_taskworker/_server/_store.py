@@ -549,6 +549,8 @@ class Store:
     #: The last ``seq`` given out, when the dialect counts it in memory; ``seq``
     #: orders runs by creation.
     _seq: int = attrs.field(init=False, default=0)
+    #: :meth:`_update_sql`'s statements, by the columns they write.
+    _update_sqls: dict[tuple[str, ...], str] = attrs.field(init=False, factory=dict, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self._dialect = self.runner.dialect
@@ -1171,20 +1173,19 @@ class Store:
         self._update(cur, row.id, values, _row_entry(updated, now))
         return updated
 
-    def _update(
-        self, cur: Cursor, run_id: str, values: dict[str, Any], history: str | None = None
-    ) -> None:
+    def _update_sql(self, columns: tuple[str, ...]) -> str:
+        """The UPDATE that writes ``columns`` and appends to the history, by id."""
+        sql = self._update_sqls.get(columns)
+        if sql is None:
+            assignments = ", ".join([*(f"{name} = ?" for name in columns), _APPEND_HISTORY])
+            sql = self._q(f"UPDATE task_runs SET {assignments} WHERE id = ?")
+            self._update_sqls[columns] = sql  # a handful: the column sets _rules writes
+        return sql
+
+    def _update(self, cur: Cursor, run_id: str, values: dict[str, Any], history: str) -> None:
         """Write ``values`` to the run's row, and append ``history`` (lines of
-        :func:`_entry`) to its history when given."""
-        assignments = [f"{name} = ?" for name in values]
-        params = [*values.values()]
-        if history:
-            assignments.append(_APPEND_HISTORY)
-            params.append(history)
-        cur.execute(
-            self._q(f"UPDATE task_runs SET {', '.join(assignments)} WHERE id = ?"),
-            [*params, run_id],
-        )
+        :func:`_entry`) to its history."""
+        cur.execute(self._update_sql(tuple(values)), [*values.values(), history, run_id])
 
     async def apply_reports(self, owner: str, reports: Sequence[Report], now: float) -> Outcome:
         """Apply a worker's reports in order, refusing those that do not hold the lease."""
@@ -1232,8 +1233,15 @@ class Store:
                 rows[row.id] = changed[row.id] = updated
                 dirty.setdefault(row.id, {}).update(values)
                 history[row.id] = history.get(row.id, "") + _row_entry(updated, now)
+            # One executemany per set of columns written: most runs of a batch
+            # change the same ones ("started" and "finished" together, or one).
+            by_columns: dict[tuple[str, ...], list[list[Any]]] = {}
             for run_id, values in dirty.items():
-                self._update(cur, run_id, values, history[run_id])
+                by_columns.setdefault(tuple(values), []).append(
+                    [*values.values(), history[run_id], run_id]
+                )
+            for columns, params in by_columns.items():
+                cur.executemany(self._update_sql(columns), params)
             return Outcome(
                 changed=tuple(_row_to_run(row) for row in changed.values()),
                 rejected=tuple(rejected),
