@@ -42,9 +42,23 @@ T = TypeVar("T")
 MAX_BATCH = 512
 
 
+#: A batch of at most this many operations, all marked ``quick``, runs on the
+#: trio thread: a round trip to a worker thread costs about 0.2 ms on the
+#: development machine, ten times a small transaction.
+INLINE_MAX_OPS = 4
+
+#: The write-ahead log is checkpointed by the writer, in a worker thread,
+#: after this many commits or this many rows changed, whichever comes first
+#: (SQLite's own checkpoint would run inside whichever commit filled the log,
+#: on the trio thread when that batch runs there).
+CHECKPOINT_COMMITS = 200
+CHECKPOINT_CHANGES = 4000
+
+
 @attrs.define(eq=False)
 class _Op:
     fn: Callable[[Cursor], Any]
+    quick: bool = False
     done: trio.Event = attrs.field(factory=trio.Event)
     result: outcome.Outcome[Any] | None = None
 
@@ -77,6 +91,7 @@ class SQLiteRunner:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # see CHECKPOINT_COMMITS
             conn.execute("PRAGMA busy_timeout=5000")
             # LIKE matches case as on PostgreSQL (the tag filter: "prod" is not "Prod").
             conn.execute("PRAGMA case_sensitive_like=ON")
@@ -108,6 +123,8 @@ class SQLiteRunner:
         """
         conn = await self._call_sync(partial(self._connect, setup))
         batch: list[_Op] = []
+        commits = 0
+        changes = conn.total_changes
         try:
             task_status.started()
             while True:
@@ -121,12 +138,22 @@ class SQLiteRunner:
                     except trio.WouldBlock:
                         break
                 began = time.perf_counter()
-                await self._call_sync(partial(self._execute, conn, batch))
+                if len(batch) <= INLINE_MAX_OPS and all(op.quick for op in batch):
+                    self._execute(conn, batch)
+                else:
+                    await self._call_sync(partial(self._execute, conn, batch))
                 if self.on_batch is not None:
                     self.on_batch(len(batch), time.perf_counter() - began)
                 for op in batch:
                     op.done.set()
                 batch = []
+                commits += 1
+                if (
+                    commits >= CHECKPOINT_COMMITS
+                    or conn.total_changes - changes >= CHECKPOINT_CHANGES
+                ):
+                    await self._call_sync(partial(_checkpoint, conn))
+                    commits, changes = 0, conn.total_changes
         finally:
             closed = outcome.Error(StoreError("the store is closed"))
             while True:
@@ -165,8 +192,11 @@ class SQLiteRunner:
             for op in batch:
                 op.result = outcome.Error(exc)
 
-    async def transact(self, fn: Callable[[Cursor], T]) -> T:
+    async def transact(self, fn: Callable[[Cursor], T], *, quick: bool = False) -> T:
         """Run ``fn`` in the next batch; return or raise as it did.
+
+        A small batch of ``quick`` operations runs on the trio thread, the
+        others in a worker thread (see :data:`INLINE_MAX_OPS`).
 
         When an operation of the batch raises, the batch is undone and run again
         with a savepoint around each operation, so ``fn`` may run twice: it must
@@ -176,7 +206,7 @@ class SQLiteRunner:
         Raises :class:`StoreError` once the writer has stopped, and the
         ``sqlite3.Error`` that made a whole batch fail.
         """
-        op = _Op(fn)
+        op = _Op(fn, quick)
         try:
             await self._send.send(op)
         except trio.BrokenResourceError:
@@ -207,6 +237,15 @@ class SQLiteStore(Store):
         self, path: str | Path, default_max_redeliveries: int = 3, threaded: bool = True
     ) -> None:
         self.__attrs_init__(SQLiteRunner(path, threaded), default_max_redeliveries)
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    """Copy what the write-ahead log holds into the database file (without
+    waiting for readers), so that the log starts over instead of growing."""
+    try:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    except sqlite3.Error as exc:  # a full disk: the next one tries again
+        log.warning("SQLite checkpoint failed: %s", exc)
 
 
 def _run_batch(cur: sqlite3.Cursor, batch: list[_Op], *, savepoints: bool) -> bool:

@@ -211,8 +211,13 @@ class Runner(Protocol):
         :meth:`transact` that has not run fails with :class:`StoreError`.
         """
 
-    async def transact(self, fn: Callable[[Cursor], T]) -> T:
+    async def transact(self, fn: Callable[[Cursor], T], *, quick: bool = False) -> T:
         """Run ``fn`` inside a transaction; return its value or raise its error.
+
+        ``quick`` says that ``fn`` reads and writes a few rows by key (the hot
+        path: a run created, leased, reported on): a backend may run it
+        without handing it to another thread, whose round trip would cost more
+        than the work.
 
         A function that raises leaves no change behind, and may have been run
         more than once: it must change nothing outside the database. An
@@ -432,6 +437,9 @@ def _like(text: str) -> str:
 _BLOB_CHUNK = 1024 * 1024
 
 
+#: The most rows an operation marked ``quick`` (see :meth:`Runner.transact`) handles.
+QUICK_ROWS = 128
+
 #: Ids per ``IN (...)`` list: SQLite allows 32,766 parameters, and long lists plan slowly.
 _ID_CHUNK = 500
 
@@ -619,9 +627,9 @@ class Store:
 
     # --- runs ---------------------------------------------------------------------
 
-    async def _transact(self, fn: Callable[[Cursor], T | _Refused]) -> T:
+    async def _transact(self, fn: Callable[[Cursor], T | _Refused], *, quick: bool = False) -> T:
         """``runner.transact``, raising the error of an operation that refused."""
-        result = await self.runner.transact(fn)
+        result = await self.runner.transact(fn, quick=quick)
         if isinstance(result, _Refused):
             raise result.error
         return result
@@ -705,7 +713,7 @@ class Store:
                 )
             return ids
 
-        return await self._transact(create)
+        return await self._transact(create, quick=len(creates) <= QUICK_ROWS)
 
     def _seen_key(
         self, cur: Cursor, idempotency: Idempotency, now: float
@@ -753,7 +761,7 @@ class Store:
             rows = self._read_rows(cur, [str(i) for i in ids])
             return _readable(rows.values())
 
-        return await self.runner.transact(read)
+        return await self.runner.transact(read, quick=len(ids) <= QUICK_ROWS)
 
     def _read_rows(
         self, cur: Cursor, ids: Sequence[str], *, lock: bool = False
@@ -1146,7 +1154,7 @@ class Store:
                 )
             return leased
 
-        return await self.runner.transact(claim)
+        return await self.runner.transact(claim, quick=n <= QUICK_ROWS)
 
     async def next_due(self, keys: Sequence[str]) -> float | None:
         """The earliest ``scheduled_time`` among SCHEDULED runs of ``keys``."""
@@ -1162,7 +1170,7 @@ class Store:
             row = cur.fetchone()
             return None if row is None or row[0] is None else float(row[0])
 
-        return await self.runner.transact(due)
+        return await self.runner.transact(due, quick=True)
 
     # --- state changes ------------------------------------------------------------
 
@@ -1247,7 +1255,7 @@ class Store:
                 rejected=tuple(rejected),
             )
 
-        return await self.runner.transact(apply)
+        return await self.runner.transact(apply, quick=len(reports) <= QUICK_ROWS)
 
     def _release(self, cur: Cursor, reason: str, now: float) -> Outcome:
         """Requeue, redeliver or crash the leased rows just selected on ``cur``."""
@@ -1397,7 +1405,7 @@ class Store:
                 found.update((uuid.UUID(row[0]), row[1] in terminal) for row in cur.fetchall())
             return found
 
-        return await self.runner.transact(read)
+        return await self.runner.transact(read, quick=len(ids) <= QUICK_ROWS)
 
     async def cancelling_runs(self) -> list[tuple[uuid.UUID, str]]:
         """The CANCELLING runs leased through this replica, with their connections."""
@@ -1434,7 +1442,7 @@ class Store:
                 row = self._write(cur, row, changes, now)
             return _row_to_run(row), owner
 
-        return await self._transact(cancel)
+        return await self._transact(cancel, quick=True)
 
     # --- blobs --------------------------------------------------------------------
 
