@@ -279,3 +279,31 @@ async def test_an_operation_that_raises_is_undone_alone(memory_store: SQLiteStor
     assert len(runs) == 3  # both good operations committed, each once
     assert all(r.task_name != "changed" for r in runs)  # the failed write was undone
     assert existing in {r.id for r in runs}
+
+
+async def _wal_bytes_after_commits(path: Path, commits: int) -> int:
+    store = SQLiteStore(path, threaded=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        for _ in range(commits):
+            await store.create_runs([TaskRunCreate(task_key="m:f", parameters=bytes(2000))], 1.0)
+        size = path.with_name(path.name + "-wal").stat().st_size
+        nursery.cancel_scope.cancel()
+    return size
+
+
+async def test_the_write_ahead_log_is_checkpointed_between_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's checkpoint inside a commit is off; the writer checkpoints
+    between batches, so the log starts over instead of growing."""
+    from trio_taskworker._server import _sqlite
+
+    monkeypatch.setattr(_sqlite, "CHECKPOINT_COMMITS", 10**9)
+    monkeypatch.setattr(_sqlite, "CHECKPOINT_CHANGES", 10**9)
+    unchecked = await _wal_bytes_after_commits(tmp_path / "a.sqlite", 300)
+    monkeypatch.setattr(_sqlite, "CHECKPOINT_COMMITS", 20)
+    checked = await _wal_bytes_after_commits(tmp_path / "b.sqlite", 300)
+    # Without checkpoints every commit appends to the log (a page or more each).
+    assert unchecked > 300 * 4096
+    assert checked < unchecked / 5

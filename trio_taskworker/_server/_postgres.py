@@ -231,14 +231,13 @@ class PostgresRunner:
                     await self._idle.wait()
                 await trio.to_thread.run_sync(self._pool.close)
 
-    async def transact(self, fn: Callable[[Cursor], T], *, quick: bool = False) -> T:
+    async def transact(self, fn: Callable[[Cursor], T]) -> T:
         """Run ``fn`` in a transaction of its own on a pooled connection; return
         or raise as it did.
 
         ``fn`` may run more than once (after a deadlock or a serialization
         failure, or on a fresh connection when a pooled one was found broken):
-        it must change nothing but the database. ``quick`` changes nothing
-        here: every transaction waits on the network, in a thread.
+        it must change nothing but the database.
 
         Raises :class:`StoreError` once the runner has stopped,
         :class:`StoreUnavailable` when the database cannot do it now, and the

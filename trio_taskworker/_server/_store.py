@@ -211,13 +211,8 @@ class Runner(Protocol):
         :meth:`transact` that has not run fails with :class:`StoreError`.
         """
 
-    async def transact(self, fn: Callable[[Cursor], T], *, quick: bool = False) -> T:
+    async def transact(self, fn: Callable[[Cursor], T]) -> T:
         """Run ``fn`` inside a transaction; return its value or raise its error.
-
-        ``quick`` says that ``fn`` reads and writes a few rows by key (the hot
-        path: a run created, leased, reported on): a backend may run it
-        without handing it to another thread, whose round trip would cost more
-        than the work.
 
         A function that raises leaves no change behind, and may have been run
         more than once: it must change nothing outside the database. An
@@ -437,9 +432,6 @@ def _like(text: str) -> str:
 _BLOB_CHUNK = 1024 * 1024
 
 
-#: The most rows an operation marked ``quick`` (see :meth:`Runner.transact`) handles.
-QUICK_ROWS = 128
-
 #: Ids per ``IN (...)`` list: SQLite allows 32,766 parameters, and long lists plan slowly.
 _ID_CHUNK = 500
 
@@ -627,9 +619,9 @@ class Store:
 
     # --- runs ---------------------------------------------------------------------
 
-    async def _transact(self, fn: Callable[[Cursor], T | _Refused], *, quick: bool = False) -> T:
+    async def _transact(self, fn: Callable[[Cursor], T | _Refused]) -> T:
         """``runner.transact``, raising the error of an operation that refused."""
-        result = await self.runner.transact(fn, quick=quick)
+        result = await self.runner.transact(fn)
         if isinstance(result, _Refused):
             raise result.error
         return result
@@ -713,7 +705,7 @@ class Store:
                 )
             return ids
 
-        return await self._transact(create, quick=len(creates) <= QUICK_ROWS)
+        return await self._transact(create)
 
     def _seen_key(
         self, cur: Cursor, idempotency: Idempotency, now: float
@@ -761,7 +753,7 @@ class Store:
             rows = self._read_rows(cur, [str(i) for i in ids])
             return _readable(rows.values())
 
-        return await self.runner.transact(read, quick=len(ids) <= QUICK_ROWS)
+        return await self.runner.transact(read)
 
     def _read_rows(
         self, cur: Cursor, ids: Sequence[str], *, lock: bool = False
@@ -1154,7 +1146,7 @@ class Store:
                 )
             return leased
 
-        return await self.runner.transact(claim, quick=n <= QUICK_ROWS)
+        return await self.runner.transact(claim)
 
     async def next_due(self, keys: Sequence[str]) -> float | None:
         """The earliest ``scheduled_time`` among SCHEDULED runs of ``keys``."""
@@ -1170,7 +1162,7 @@ class Store:
             row = cur.fetchone()
             return None if row is None or row[0] is None else float(row[0])
 
-        return await self.runner.transact(due, quick=True)
+        return await self.runner.transact(due)
 
     # --- state changes ------------------------------------------------------------
 
@@ -1255,7 +1247,7 @@ class Store:
                 rejected=tuple(rejected),
             )
 
-        return await self.runner.transact(apply, quick=len(reports) <= QUICK_ROWS)
+        return await self.runner.transact(apply)
 
     def _release(self, cur: Cursor, reason: str, now: float) -> Outcome:
         """Requeue, redeliver or crash the leased rows just selected on ``cur``."""
@@ -1405,7 +1397,7 @@ class Store:
                 found.update((uuid.UUID(row[0]), row[1] in terminal) for row in cur.fetchall())
             return found
 
-        return await self.runner.transact(read, quick=len(ids) <= QUICK_ROWS)
+        return await self.runner.transact(read)
 
     async def cancelling_runs(self) -> list[tuple[uuid.UUID, str]]:
         """The CANCELLING runs leased through this replica, with their connections."""
@@ -1442,7 +1434,7 @@ class Store:
                 row = self._write(cur, row, changes, now)
             return _row_to_run(row), owner
 
-        return await self._transact(cancel, quick=True)
+        return await self._transact(cancel)
 
     # --- blobs --------------------------------------------------------------------
 
