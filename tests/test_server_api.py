@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 import uuid
 from typing import Any
 
@@ -12,7 +13,8 @@ import trio
 from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate as validate_spec
 
-from trio_taskworker import TaskServer
+from trio_taskworker import TaskRunState, TaskServer
+from trio_taskworker._models import Finished, Started
 from trio_taskworker._server._openapi import openapi_document
 
 from .helpers import wait_until
@@ -244,3 +246,53 @@ async def test_wait_returns_when_the_server_stops(nursery: trio.Nursery, tmp_pat
             await srv.stop()
         assert answers[0].status_code == 200
         assert answers[0].json()["state"] == "SCHEDULED"
+
+
+async def _ended_run(server: TaskServer, http: httpx.AsyncClient, state: str) -> str:
+    """A run of its own task that a worker connection took and ended in ``state``."""
+    assert server.state is not None
+    store = server.state.store
+    key = f"mod:{uuid.uuid4().hex}"
+    created = await http.post("/runs", json=create_body(task_key=key))
+    (run,) = await store.claim_runs([key], 1, "c1", time.time() + 1)
+    reports = [
+        Started(id=run.id, attempt=run.attempt),
+        Finished(id=run.id, attempt=run.attempt, state=TaskRunState(state), retry=False),
+    ]
+    assert not (await store.apply_reports("c1", reports, time.time() + 1)).rejected
+    return str(created.json()["ids"][0])
+
+
+async def test_wait_for_many_reads_payloads_only_of_runs_that_ended(
+    server: TaskServer, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``POST /runs/wait`` looks up states first, then reads the ended runs;
+    a run retried or deleted between the two is waited for or reported missing."""
+    assert server.state is not None
+    store = server.state.store
+    pending = (await http.post("/runs", json=create_body())).json()["ids"][0]
+    done = await _ended_run(server, http, "COMPLETED")
+    retried = await _ended_run(server, http, "FAILED")
+    deleted = await _ended_run(server, http, "COMPLETED")
+    read: list[list[str]] = []
+    read_runs = type(store).read_runs
+
+    async def racing_read(self: Any, ids: Any) -> Any:
+        # Between the two reads: one ended run is retried, and in a second
+        # wait another is deleted (as retention would).
+        read.append(sorted(str(i) for i in ids))
+        if len(read) == 1:
+            await store.retry_run(uuid.UUID(retried), time.time() + 1)
+        else:
+            await store.runner.transact(
+                lambda cur: cur.execute("DELETE FROM task_runs WHERE id = ?", (deleted,))
+            )
+        return await read_runs(self, ids)
+
+    monkeypatch.setattr(type(store), "read_runs", racing_read)
+    first = await http.post("/runs/wait", json={"ids": [pending, done, retried], "timeout": 0.2})
+    assert first.status_code == 200
+    assert read == [sorted([done, retried])]  # never the pending run's payload
+    assert [r["id"] for r in first.json()["runs"]] == [done]  # the retried run: not ended
+    second = await http.post("/runs/wait", json={"ids": [done, deleted], "timeout": 0})
+    assert second.status_code == 404 and deleted in second.json()["detail"]

@@ -598,14 +598,21 @@ class _Handlers:
         state.metrics.wait_request("runs")
         wanted = set(wait.ids)
         with state.waiters.watch(wanted) as watch:
-            known = await state.store.read_runs(wait.ids)
-            if len(known) < len(wanted):
+            # States first (no payloads): most runs waited for have not ended,
+            # and those that end from now on come through the watch.
+            ends = await state.store.run_ends(wait.ids)
+            done = [run_id for run_id, has_ended in ends.items() if has_ended]
+            read = await state.store.read_runs(done)
+            # An ended run may have been retried since (it is watched) or
+            # deleted by retention (it is missing).
+            ended = {r.id: r for r in read if r.state.is_terminal}
+            found = ends.keys() - (set(done) - {r.id for r in read})
+            if len(found) < len(wanted):
                 # A run that does not exist (or was deleted by retention) would
                 # never end: say so now instead of holding the wait forever.
-                missing = sorted(str(i) for i in wanted - {r.id for r in known})
+                missing = sorted(str(i) for i in wanted - found)
                 more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
                 return _error(404, f"no run {', '.join(missing[:3])}{more}")
-            ended = {r.id: r for r in known if r.state.is_terminal}
             with trio.move_on_after(min(wait.timeout, state.max_wait_seconds)):
                 while not _satisfied(wait.return_when, len(ended), len(wanted)):
                     await watch.event.wait()

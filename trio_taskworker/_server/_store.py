@@ -748,6 +748,8 @@ class Store:
 
     async def read_runs(self, ids: Sequence[uuid.UUID]) -> list[TaskRun]:
         """Return the runs that exist among ``ids`` (any order), with payloads."""
+        if not ids:
+            return []
 
         def read(cur: Cursor) -> list[TaskRun]:
             rows = self._read_rows(cur, [str(i) for i in ids])
