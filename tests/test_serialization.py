@@ -134,3 +134,12 @@ def test_a_create_batch_encodes_as_the_batch_of_evolved_runs_would() -> None:
     encoded = create_batch_json(TaskRunCreateBatch(runs=creates), parameters)
     assert encoded == to_json(evolved)
     assert from_json(encoded, TaskRunCreateBatch) == evolved
+
+
+def test_to_json_replaces_fields_as_the_evolved_value_would_encode() -> None:
+    run = attrs.evolve(_run(), parameters_preview="(1, 2)")
+    replaced = to_json(run, parameters=None, parameters_preview=None)
+    assert replaced == to_json(attrs.evolve(run, parameters=None, parameters_preview=None))
+    assert from_json(replaced, TaskRun) == attrs.evolve(
+        run, parameters=None, parameters_preview=None
+    )

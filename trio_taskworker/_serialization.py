@@ -247,9 +247,13 @@ def structure(data: Any, cls: type[T]) -> T:
         raise InvalidPayload(_describe(exc)) from None
 
 
-def to_json(value: Any) -> bytes:
-    """Encode an attrs value as compact JSON bytes (UTF-8)."""
-    return orjson.dumps(converter.unstructure(value))
+def to_json(value: Any, **replace: Any) -> bytes:
+    """Encode an attrs value as compact JSON bytes (UTF-8); ``replace`` sets
+    fields of its JSON object to these JSON-ready values instead."""
+    data = converter.unstructure(value)
+    if replace:
+        data.update(replace)
+    return orjson.dumps(data)
 
 
 def create_batch_json(

@@ -232,7 +232,7 @@ class Feeds:
 
     def _entry(self, run: TaskRun) -> bytes | None:
         # What result() needs: the caller has the parameters already.
-        data = to_json(attrs.evolve(run, parameters=None, parameters_preview=None))
+        data = to_json(run, parameters=None, parameters_preview=None)
         if len(data) > FEED_MAX_ENTRY_BYTES or self._bytes + len(data) > MAX_FEED_BYTES:
             return None
         self._bytes += len(data)
