@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import uuid
 
 import attrs
@@ -16,6 +17,7 @@ from trio_taskworker._models import (
     TaskRun,
     TaskRunCreate,
     TaskRunCreateBatch,
+    WorkerMessage,
 )
 from trio_taskworker._serialization import (
     InvalidPayload,
@@ -26,6 +28,7 @@ from trio_taskworker._serialization import (
     encode_frame,
     from_json,
     loads_payload,
+    structure,
     to_json,
 )
 
@@ -143,3 +146,26 @@ def test_to_json_replaces_fields_as_the_evolved_value_would_encode() -> None:
     assert from_json(replaced, TaskRun) == attrs.evolve(
         run, parameters=None, parameters_preview=None
     )
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"type": "started", "id": "not-a-uuid", "attempt": 1},
+        {"type": "finished", "id": str(uuid.uuid4()), "attempt": 1, "state": "DONE"},
+        {"type": "credit", "n": "3"},
+        {"type": "started", "id": str(uuid.uuid4()), "attempt": 1, "extra": 1},
+        {"type": ["started"]},
+        {"type": "nope"},
+        {"id": str(uuid.uuid4())},
+        ["started"],
+    ],
+)
+def test_a_bad_message_in_a_frame_is_refused_with_the_unions_reason(item: object) -> None:
+    """Messages go straight to their class by tag; what it refuses is described
+    as the tagged union describes it."""
+    with pytest.raises(InvalidPayload) as in_frame:
+        decode_worker_frame(json.dumps([item]))
+    with pytest.raises(InvalidPayload) as alone:
+        structure(item, WorkerMessage)
+    assert str(in_frame.value) == str(alone.value) != ""

@@ -1193,7 +1193,8 @@ class Store:
         """Apply a worker's reports in order, refusing those that do not hold the lease."""
 
         def apply(cur: Cursor) -> Outcome:
-            rows = self._read_rows(cur, list(dict.fromkeys(str(r.id) for r in reports)), lock=True)
+            keys = [str(report.id) for report in reports]
+            rows = self._read_rows(cur, list(dict.fromkeys(keys)), lock=True)
             # Each report sees the row as the reports before it left it; each run
             # changed is returned once, as it ends up.
             changed: dict[str, _Row] = {}
@@ -1202,8 +1203,8 @@ class Store:
             dirty: dict[str, dict[str, Any]] = {}
             rejected: list[tuple[uuid.UUID, str]] = []
             history: dict[str, str] = {}
-            for report in reports:
-                row = rows.get(str(report.id))
+            for key, report in zip(keys, reports, strict=True):
+                row = rows.get(key)
                 if row is None:
                     rejected.append((report.id, "no such run"))
                     continue
