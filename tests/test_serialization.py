@@ -12,6 +12,7 @@ from trio_taskworker._models import (
     Credit,
     Deliver,
     Finished,
+    ServerMessage,
     Started,
     Subscribe,
     TaskRun,
@@ -169,3 +170,26 @@ def test_a_bad_message_in_a_frame_is_refused_with_the_unions_reason(item: object
     with pytest.raises(InvalidPayload) as alone:
         structure(item, WorkerMessage)
     assert str(in_frame.value) == str(alone.value) != ""
+
+
+def test_wire_json_is_what_the_converter_unstructures() -> None:
+    """UUIDs and UTC datetimes are left to orjson on the wire; the JSON is the
+    same as the converter's strings, and other zones keep their exact offset."""
+    import orjson
+
+    from trio_taskworker._serialization import converter
+
+    odd_zone = datetime.timezone(datetime.timedelta(hours=-1, seconds=-90))
+    run = attrs.evolve(
+        _run(),
+        started_at=NOW.replace(microsecond=0),
+        finished_at=NOW.astimezone(odd_zone),
+    )
+    assert to_json(run) == orjson.dumps(converter.unstructure(run))
+    assert b'"finished_at":"2026-01-02T02:02:35-01:01:30"' in to_json(run)
+    create = TaskRunCreate(task_key="m:f", scheduled_time=NOW.astimezone(odd_zone))
+    assert to_json(create) == orjson.dumps(converter.unstructure(create))
+    frame = [Deliver(runs=(run, _run()))]
+    assert encode_frame(frame) == json.dumps(
+        [converter.unstructure(m, ServerMessage) for m in frame], separators=(",", ":")
+    )
