@@ -1106,31 +1106,30 @@ class Store:
                     chosen.append(_Row._make(rows[depth]))
                 depth += 1
             leased: list[TaskRun] = []
+            updates: list[tuple[str, str, str, str]] = []
             unreadable: list[tuple[str, str]] = []
+            pending = TaskRunState.PENDING.value
             for row in chosen:
+                attempt = row.attempt + 1
                 try:
                     leased.append(
                         _row_to_run(
-                            row._replace(
-                                state=TaskRunState.PENDING.value,
-                                attempt=row.attempt + 1,
-                                lease_owner=owner,
-                            )
+                            row._replace(state=pending, attempt=attempt, lease_owner=owner)
                         )
                     )
                 except Exception as exc:  # a row no reader can use (written by hand?)
                     unreadable.append((f"the stored run cannot be read: {exc!r}", row.id))
-            pending = TaskRunState.PENDING.value
+                    continue
+                updates.append(
+                    (owner, self.replica_id, _entry(pending, attempt, None, now), row.id)
+                )
             cur.executemany(
                 self._q(
                     "UPDATE task_runs SET state = 'PENDING', attempt = attempt + 1,"
                     f" lease_owner = ?, lease_replica = ?, {_APPEND_HISTORY}"
                     " WHERE id = ? AND state = 'SCHEDULED'"
                 ),
-                [
-                    (owner, self.replica_id, _entry(pending, run.attempt, None, now), str(run.id))
-                    for run in leased
-                ],
+                updates,
             )
             if unreadable:
                 # Never delivered, never retried: CRASHED with the reason, so the
