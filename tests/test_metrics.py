@@ -533,3 +533,25 @@ async def test_worker_metrics(nursery: trio.Nursery) -> None:
         assert not [k for k in samples if k[0] == failed]
         # /status is still there.
         assert (await http.get(f"{url}/status")).json()["stopping"] is True
+
+
+def test_no_zero_valued_histogram_series_for_a_run_that_never_started(
+    metrics: ServerMetrics,
+) -> None:
+    """A run cancelled before it started observes no start delay and no
+    duration: neither histogram gets a series for its task key."""
+    rid = uuid.uuid4()
+    metrics.runs_changed([snapshot(rid, S.SCHEDULED)])
+    metrics.runs_changed([snapshot(rid, S.CANCELLED, finished=1)])
+    samples = scrape(metrics)
+    assert value(samples, ENDED, task_key=KEY, state="CANCELLED") == 1
+    assert value(samples, f"{START}_count", task_key=KEY) is None
+    assert value(samples, f"{DURATION}_count", task_key=KEY) is None
+
+
+def test_a_started_run_has_no_zero_valued_duration_series(metrics: ServerMetrics) -> None:
+    rid = uuid.uuid4()
+    metrics.runs_changed([snapshot(rid, S.RUNNING, started=1)])
+    samples = scrape(metrics)
+    assert observed(samples, START) == (1, 1.0)
+    assert value(samples, f"{DURATION}_count", task_key=KEY) is None

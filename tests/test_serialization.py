@@ -11,6 +11,8 @@ from trio_taskworker import SerializationError, TaskRunState
 from trio_taskworker._models import (
     Credit,
     Deliver,
+    Drain,
+    ErrorInfo,
     Finished,
     ServerMessage,
     Started,
@@ -193,3 +195,44 @@ def test_wire_json_is_what_the_converter_unstructures() -> None:
     assert encode_frame(frame) == json.dumps(
         [converter.unstructure(m, ServerMessage) for m in frame], separators=(",", ":")
     )
+
+
+@pytest.mark.parametrize(
+    "literal",
+    [
+        "-9223372036854775809",  # -(2**63) - 1: read as the float -(2.0**63)
+        "-9223372036854776832",  # the last one that rounds to it
+        "9223372036854775808",  # 2**63, read as an int
+        "18446744073709551616",  # 2**64, read as a float
+    ],
+)
+def test_an_integer_past_64_bits_is_refused_however_the_parser_reads_it(literal: str) -> None:
+    with pytest.raises(InvalidPayload, match="64 bits"):
+        decode_worker_frame(f'[{{"type": "drain", "seq": {literal}}}]')
+
+
+def test_a_lone_surrogate_in_a_report_is_sent_and_refused_by_the_server() -> None:
+    """json.dumps (ensure_ascii) wrote a lone surrogate as ``\\udcff``, and the
+    server refused the frame with a reason (1008, the worker stopped with a
+    ProtocolError); a task's exception message can hold one (os.fsdecode of
+    a file name). Encoding must not raise TypeError in the worker instead."""
+    report = Finished(
+        id=uuid.uuid4(),
+        attempt=1,
+        state=TaskRunState.FAILED,
+        error=ErrorInfo(type="builtins.ValueError", message="bad name \udcff"),
+    )
+    frame = encode_frame([report])
+    with pytest.raises(InvalidPayload, match="surrogate"):
+        decode_worker_frame(frame)
+
+
+def test_an_integer_written_as_a_float_past_2_to_the_53_is_refused() -> None:
+    """Such a float stands for several integers (9007199254740993.0 reads as
+    ...992): none is taken."""
+    with pytest.raises(InvalidPayload, match="2\\*\\*53"):
+        decode_worker_frame('[{"type": "drain", "seq": 9007199254740993.0}]')
+    assert decode_worker_frame('[{"type": "drain", "seq": 9007199254740992}]')[0] == Drain(
+        seq=2**53
+    )
+    assert decode_worker_frame('[{"type": "drain", "seq": 776.0}]')[0] == Drain(seq=776)

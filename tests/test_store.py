@@ -299,11 +299,34 @@ async def test_the_write_ahead_log_is_checkpointed_between_batches(
     between batches, so the log starts over instead of growing."""
     from trio_taskworker._server import _sqlite
 
-    monkeypatch.setattr(_sqlite, "CHECKPOINT_COMMITS", 10**9)
+    monkeypatch.setattr(_sqlite, "CHECKPOINT_BATCHES", 10**9)
     monkeypatch.setattr(_sqlite, "CHECKPOINT_CHANGES", 10**9)
+    monkeypatch.setattr(_sqlite, "CHECKPOINT_BYTES", 10**12)
     unchecked = await _wal_bytes_after_commits(tmp_path / "a.sqlite", 300)
-    monkeypatch.setattr(_sqlite, "CHECKPOINT_COMMITS", 20)
+    monkeypatch.setattr(_sqlite, "CHECKPOINT_BATCHES", 20)
     checked = await _wal_bytes_after_commits(tmp_path / "b.sqlite", 300)
     # Without checkpoints every commit appends to the log (a page or more each).
     assert unchecked > 300 * 4096
     assert checked < unchecked / 5
+
+
+async def test_the_write_ahead_log_stays_bounded_in_bytes(tmp_path: Path) -> None:
+    """A few large transactions (blob uploads of up to 64 MiB) fill the log
+    long before 200 commits: it must be checkpointed by size too, as
+    SQLite's own checkpoint (every 1,000 pages) did."""
+    path = tmp_path / "big.sqlite"
+    store = SQLiteStore(path, threaded=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        for _ in range(40):
+            await store.put_blob(bytes(1024 * 1024), 1.0)
+        size = path.with_name(path.name + "-wal").stat().st_size
+        nursery.cancel_scope.cancel()
+    assert size < 8 * 1024 * 1024, f"the log holds {size / 2**20:.0f} MiB after 40 MiB of blobs"
+
+
+def test_a_history_line_with_text_that_is_not_unicode_is_kept_readable() -> None:
+    from trio_taskworker._server._store import _entry, _parse_history
+
+    (change,) = _parse_history(_entry("FAILED", 1, "bad name \udcff", 1.5))
+    assert change.message == "bad name \\udcff" and change.state is TaskRunState.FAILED

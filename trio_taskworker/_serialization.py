@@ -13,10 +13,11 @@ import binascii
 import datetime
 import hashlib
 import hmac
+import json
 import os
 import typing
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -132,7 +133,12 @@ def _structure_str(value: object, _: type) -> str:
 def _structure_int(value: object, _: type) -> int:
     if isinstance(value, float) and value.is_integer():
         # JSON has one number type: 776.0 is the integer 776 (as JSON Schema
-        # says). The parser reads an integer past 64 bits as a float.
+        # says). The parser reads an integer past 64 bits as a float, and a
+        # float from 2**53 on may stand for several integers: none is taken.
+        if not -(2.0**63) < value < 2.0**63:
+            raise ValueError("an integer does not fit in 64 bits")
+        if abs(value) >= 2.0**53:
+            raise ValueError("from 2**53 on, write an integer with no fraction or exponent")
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"expected an integer, got {type(value).__name__}")
@@ -278,13 +284,34 @@ def structure(data: Any, cls: type[T]) -> T:
         raise InvalidPayload(_describe(exc)) from None
 
 
+def _dumps(build: Callable[[cattrs.Converter], Any]) -> bytes:
+    """The JSON of ``build(converter)``: orjson's, with :data:`_wire`.
+
+    orjson refuses a string that is not valid Unicode (a lone surrogate, as
+    ``os.fsdecode`` makes of a bad file name). Such data is encoded by the
+    json module instead, which escapes it, and whoever receives it refuses it
+    with a reason (a 422, a close code), as before orjson.
+    """
+    try:
+        return orjson.dumps(build(_wire))
+    except orjson.JSONEncodeError:
+        return json.dumps(build(converter), separators=(",", ":")).encode()
+
+
 def to_json(value: Any, **replace: Any) -> bytes:
     """Encode an attrs value as compact JSON bytes (UTF-8); ``replace`` sets
     fields of its JSON object to these JSON-ready values instead."""
-    data = _wire.unstructure(value)
-    if replace:
-        data.update(replace)
-    return orjson.dumps(data)
+
+    def build(using: cattrs.Converter) -> Any:
+        data = using.unstructure(value)
+        if replace:
+            unknown = replace.keys() - data.keys()
+            if unknown:
+                raise KeyError(f"{type(value).__name__} has no field {sorted(unknown)}")
+            data.update(replace)
+        return data
+
+    return _dumps(build)
 
 
 def create_batch_json(
@@ -294,14 +321,18 @@ def create_batch_json(
     ref)`` pairs in the runs' order. The same bytes as :func:`to_json` of the
     batch with each run evolved, without building every run again (``map``
     sends thousands)."""
-    unstructure = _wire.get_unstructure_hook(TaskRunCreate)
-    runs = []
-    for create, (inline, ref) in zip(batch.runs, parameters, strict=True):
-        run = unstructure(create)
-        run["parameters"] = None if inline is None else _b64(inline)
-        run["parameters_ref"] = ref
-        runs.append(run)
-    return orjson.dumps({"runs": runs})
+
+    def build(using: cattrs.Converter) -> Any:
+        unstructure = using.get_unstructure_hook(TaskRunCreate)
+        runs = []
+        for create, (inline, ref) in zip(batch.runs, parameters, strict=True):
+            run = unstructure(create)
+            run["parameters"] = None if inline is None else _b64(inline)
+            run["parameters_ref"] = ref
+            runs.append(run)
+        return {"runs": runs}
+
+    return _dumps(build)
 
 
 def _load_json(data: bytes | str) -> Any:
@@ -337,7 +368,7 @@ def from_json(data: bytes | str, cls: type[T]) -> T:
 def encode_frame(messages: Sequence[WorkerMessage] | Sequence[ServerMessage]) -> str:
     """Encode a websocket frame: a JSON array of tagged messages."""
     union = WorkerMessage if isinstance(messages[0], tuple(_WORKER_TAGS)) else ServerMessage
-    return orjson.dumps([_wire.unstructure(m, union) for m in messages]).decode()
+    return _dumps(lambda using: [using.unstructure(m, union) for m in messages]).decode()
 
 
 _WORKER_TYPES = {tag: cls for cls, tag in _WORKER_TAGS.items()}

@@ -106,21 +106,31 @@ def _label(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-@attrs.frozen
+@attrs.define
 class _TaskChildren:
-    """One task_key label value's children of the metrics observed per run."""
+    """One task_key label value's series of the metrics observed per run, each
+    made when first observed (a series made is exported, zero or not)."""
 
     label: str
-    start_delay: Histogram
-    duration: Histogram
-    _ended_family: Counter
-    #: The run end counter's children by state, made as each state first ends a run.
+    _metrics: ServerMetrics
+    _start_delay: Histogram | None = None
+    _duration: Histogram | None = None
     _ended: dict[str, Counter] = attrs.field(factory=dict)
+
+    def start_delay(self) -> Histogram:
+        if self._start_delay is None:
+            self._start_delay = self._metrics._start_delay.labels(self.label)
+        return self._start_delay
+
+    def duration(self) -> Histogram:
+        if self._duration is None:
+            self._duration = self._metrics._duration.labels(self.label)
+        return self._duration
 
     def ended(self, state: str) -> Counter:
         counter = self._ended.get(state)
         if counter is None:
-            counter = self._ended[state] = self._ended_family.labels(self.label, state)
+            counter = self._ended[state] = self._metrics._ended.labels(self.label, state)
         return counter
 
 
@@ -281,8 +291,8 @@ class ServerMetrics:
     process: bool = True
     registry: CollectorRegistry = attrs.field(init=False, factory=CollectorRegistry)
     _task_keys: set[str] = attrs.field(init=False, factory=set)
-    #: Each task_key label value's children of the per-run metrics: looked up
-    #: once, not per run (``labels()`` takes a lock and builds a key each time).
+    #: Each task_key label value's series of the per-run metrics, kept: not
+    #: looked up per run (``labels()`` takes a lock and builds a key each time).
     _children: dict[str, _TaskChildren] = attrs.field(init=False, factory=dict)
     _attempts: collections.OrderedDict[uuid.UUID, _Attempt] = attrs.field(
         init=False, factory=collections.OrderedDict
@@ -389,9 +399,7 @@ class ServerMetrics:
         label = self._task_label(task_key)
         children = self._children.get(label)
         if children is None:
-            children = self._children[label] = _TaskChildren(
-                label, self._start_delay.labels(label), self._duration.labels(label), self._ended
-            )
+            children = self._children[label] = _TaskChildren(label, self)
         return children
 
     def runs_created(self, task_keys: Sequence[str]) -> None:
@@ -463,7 +471,7 @@ class ServerMetrics:
                 # attempt became due is not known, and no delay is observed.)
                 due = run.scheduled_time
             if due is not None:
-                self._of_task(run.task_key).start_delay.observe(
+                self._of_task(run.task_key).start_delay().observe(
                     max(0.0, _seconds(run.started_at, due))
                 )
             known = _Attempt(run.attempt, started_at=run.started_at, running=True)
@@ -477,7 +485,7 @@ class ServerMetrics:
                 seconds = self.now() - (known.started_at or run.scheduled_time).timestamp()
             if seconds is not None:
                 # Once: the entry is replaced (queued again) or dropped (ended) below.
-                self._of_task(run.task_key).duration.observe(max(0.0, seconds))
+                self._of_task(run.task_key).duration().observe(max(0.0, seconds))
         if run.state is TaskRunState.SCHEDULED:
             if known is None or known.attempt != run.attempt + 1:
                 # Queued (again): the next attempt is due at its scheduled time,

@@ -44,12 +44,16 @@ MAX_BATCH = 512
 
 
 #: The write-ahead log is checkpointed by the writer between two batches, in
-#: a worker thread, after this many commits or this many rows changed,
-#: whichever comes first. SQLite's own checkpoint ran inside whichever commit
-#: filled the log, on the event loop (where batches run by default), and the
-#: operations of that batch and everything else waited for it.
-CHECKPOINT_COMMITS = 200
+#: a worker thread, after this many batches, this many rows changed, or once
+#: the log's file is past this many bytes, whichever comes first. SQLite's
+#: own checkpoint ran inside whichever commit filled the log, on the event
+#: loop (where batches run by default), and the operations of that batch and
+#: everything else waited for it. The log's file is cut back to
+#: CHECKPOINT_BYTES when it starts over (``journal_size_limit``), so its size
+#: tells when a few large transactions (blob uploads) have filled it.
+CHECKPOINT_BATCHES = 200
 CHECKPOINT_CHANGES = 4000
+CHECKPOINT_BYTES = 4 * 1024 * 1024
 
 
 @attrs.define(eq=False)
@@ -87,7 +91,8 @@ class SQLiteRunner:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA wal_autocheckpoint=0")  # see CHECKPOINT_COMMITS
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # see CHECKPOINT_BATCHES
+            conn.execute(f"PRAGMA journal_size_limit={CHECKPOINT_BYTES}")
             conn.execute("PRAGMA busy_timeout=5000")
             # LIKE matches case as on PostgreSQL (the tag filter: "prod" is not "Prod").
             conn.execute("PRAGMA case_sensitive_like=ON")
@@ -119,7 +124,8 @@ class SQLiteRunner:
         """
         conn = await self._call_sync(partial(self._connect, setup))
         batch: list[_Op] = []
-        commits = 0
+        wal = None if str(self.path) == ":memory:" else Path(f"{self.path}-wal")
+        batches = 0
         changes = conn.total_changes
         try:
             task_status.started()
@@ -140,10 +146,11 @@ class SQLiteRunner:
                 for op in batch:
                     op.done.set()
                 batch = []
-                commits += 1
-                if self.path != ":memory:" and (
-                    commits >= CHECKPOINT_COMMITS
+                batches += 1
+                if wal is not None and (
+                    batches >= CHECKPOINT_BATCHES
                     or conn.total_changes - changes >= CHECKPOINT_CHANGES
+                    or _size(wal) > CHECKPOINT_BYTES
                 ):
                     # In a worker thread even when batches run on the trio
                     # thread: the event loop goes on meanwhile, and the
@@ -154,7 +161,7 @@ class SQLiteRunner:
                         await trio.to_thread.run_sync(_checkpoint, conn)
                     else:
                         _checkpoint(conn)
-                    commits, changes = 0, conn.total_changes
+                    batches, changes = 0, conn.total_changes
         finally:
             closed = outcome.Error(StoreError("the store is closed"))
             while True:
@@ -235,6 +242,13 @@ class SQLiteStore(Store):
         self, path: str | Path, default_max_redeliveries: int = 3, threaded: bool = True
     ) -> None:
         self.__attrs_init__(SQLiteRunner(path, threaded), default_max_redeliveries)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # not there (yet)
+        return 0
 
 
 def _clock_is_virtual() -> bool:

@@ -404,7 +404,12 @@ _APPEND_HISTORY = "history = COALESCE(history, '') || ?"
 
 def _entry(state: str, attempt: int, message: str | None, now: float) -> str:
     """One line of a run's ``history``: ``[at, state, attempt, message]`` as JSON."""
-    return orjson.dumps([now, state, attempt, message]).decode() + "\n"
+    try:
+        return orjson.dumps([now, state, attempt, message]).decode() + "\n"
+    except orjson.JSONEncodeError:  # a message that is not valid Unicode
+        assert message is not None
+        readable = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        return orjson.dumps([now, state, attempt, readable]).decode() + "\n"
 
 
 def _row_entry(row: _Row, now: float) -> str:
