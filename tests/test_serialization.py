@@ -236,3 +236,20 @@ def test_an_integer_written_as_a_float_past_2_to_the_53_is_refused() -> None:
         seq=2**53
     )
     assert decode_worker_frame('[{"type": "drain", "seq": 776.0}]')[0] == Drain(seq=776)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"\xff", "not valid UTF-8"),
+        ("{}".encode("utf-16"), "not valid UTF-8"),
+        (b"\xef\xbb\xbf[]", "byte order mark"),
+        (b'[{"type": "credit", "n": -Infinity}]', "Infinity is not a JSON number"),
+        (b"[" * 2000 + b"]" * 2000, "nested too deeply"),
+        (b"[1e400]", "infinity"),
+    ],
+)
+def test_json_that_cannot_be_parsed_is_refused_with_a_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(InvalidPayload, match="not valid JSON") as refused:
+        decode_worker_frame(data)
+    assert reason in str(refused.value)

@@ -348,8 +348,9 @@ def _load_json(data: bytes | str) -> Any:
 def _reason(exc: orjson.JSONDecodeError) -> str:
     if exc.msg.startswith("depth limit exceeded"):
         return "nested too deeply"
-    doc: Any = exc.doc
-    text = doc.decode("utf-8", "replace") if isinstance(doc, bytes | bytearray) else str(doc)
+    if exc.msg.startswith("str is not valid UTF-8"):
+        return "not valid UTF-8 (JSON must be UTF-8, without a byte order mark)"
+    text = str(exc.doc)  # orjson gives the document as str (empty when not UTF-8)
     for constant in _CONSTANTS:
         if text.startswith(constant, exc.pos):
             return f"{constant} is not a JSON number (at character {exc.pos})"
