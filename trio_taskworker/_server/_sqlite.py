@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -28,7 +29,6 @@ from typing import Any, ClassVar, TypeVar
 import attrs
 import outcome
 import trio
-import trio.testing
 
 from .._exceptions import ConfigurationError
 from ._store import SQLITE, Cursor, Dialect, Store, StoreError, StoreUnavailable
@@ -252,7 +252,10 @@ def _size(path: Path) -> int:
 
 
 def _clock_is_virtual() -> bool:
-    return isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
+    # Without trio.testing imported there is no MockClock (and importing it
+    # here would cost the server 10 MB).
+    testing = sys.modules.get("trio.testing")
+    return testing is not None and isinstance(trio.lowlevel.current_clock(), testing.MockClock)
 
 
 def _checkpoint(conn: sqlite3.Connection) -> None:
