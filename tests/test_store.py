@@ -281,48 +281,71 @@ async def test_an_operation_that_raises_is_undone_alone(memory_store: SQLiteStor
     assert existing in {r.id for r in runs}
 
 
-async def _wal_bytes_after_commits(path: Path, commits: int) -> int:
-    store = SQLiteStore(path, threaded=False)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(store.run)
-        for _ in range(commits):
-            await store.create_runs([TaskRunCreate(task_key="m:f", parameters=bytes(2000))], 1.0)
-        size = path.with_name(path.name + "-wal").stat().st_size
-        nursery.cancel_scope.cancel()
-    return size
+def _files(path: Path) -> tuple[int, int]:
+    """The sizes of the database file and of its write-ahead log."""
+    return path.stat().st_size, path.with_name(path.name + "-wal").stat().st_size
 
 
-async def test_the_write_ahead_log_is_checkpointed_between_batches(
+async def test_the_checkpointer_copies_the_log_back_beside_the_writer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SQLite's checkpoint inside a commit is off; the writer checkpoints
-    between batches, so the log starts over instead of growing."""
+    """SQLite's checkpoint inside a commit is off: without the checkpointer
+    everything stays in the log; with it, the log is copied back into the
+    database file, on a connection of its own."""
     from trio_taskworker._server import _sqlite
 
-    monkeypatch.setattr(_sqlite, "CHECKPOINT_BATCHES", 10**9)
-    monkeypatch.setattr(_sqlite, "CHECKPOINT_CHANGES", 10**9)
-    monkeypatch.setattr(_sqlite, "CHECKPOINT_BYTES", 10**12)
-    unchecked = await _wal_bytes_after_commits(tmp_path / "a.sqlite", 300)
-    monkeypatch.setattr(_sqlite, "CHECKPOINT_BATCHES", 20)
-    checked = await _wal_bytes_after_commits(tmp_path / "b.sqlite", 300)
-    # Without checkpoints every commit appends to the log (a page or more each).
-    assert unchecked > 300 * 4096
-    assert checked < unchecked / 5
+    async def write(path: Path, checkpoint: bool) -> tuple[int, int]:
+        store = SQLiteStore(path, threaded=False)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            for _ in range(300):
+                await store.create_runs(
+                    [TaskRunCreate(task_key="m:f", parameters=bytes(2000))], 1.0
+                )
+            checkpointer = store.runner._checkpointer  # type: ignore[attr-defined]
+            if checkpoint:
+                checkpointer.wanted.set()
+                with trio.fail_after(30):
+                    await checkpointer.finished.wait()
+            sizes = _files(path)
+            nursery.cancel_scope.cancel()
+        return sizes
+
+    for name in ("CHECKPOINT_BATCHES", "CHECKPOINT_CHANGES", "CHECKPOINT_BYTES"):
+        monkeypatch.setattr(_sqlite, name, 10**12)
+    database, log = await write(tmp_path / "a.sqlite", checkpoint=False)
+    assert log > 300 * 2000 and database < 300 * 2000  # all of it still in the log
+    database, log = await write(tmp_path / "b.sqlite", checkpoint=True)
+    assert database > 300 * 2000  # copied back
 
 
-async def test_the_write_ahead_log_stays_bounded_in_bytes(tmp_path: Path) -> None:
+async def test_the_write_ahead_log_stays_bounded_in_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A few large transactions (blob uploads of up to 64 MiB) fill the log
-    long before 200 commits: it must be checkpointed by size too, as
-    SQLite's own checkpoint (every 1,000 pages) did."""
-    path = tmp_path / "big.sqlite"
-    store = SQLiteStore(path, threaded=False)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(store.run)
-        for _ in range(40):
-            await store.put_blob(bytes(1024 * 1024), 1.0)
-        size = path.with_name(path.name + "-wal").stat().st_size
-        nursery.cancel_scope.cancel()
-    assert size < 8 * 1024 * 1024, f"the log holds {size / 2**20:.0f} MiB after 40 MiB of blobs"
+    long before 200 batches. Past CHECKPOINT_BYTES_SERIAL the writer
+    checkpoints itself, and the log starts over: it never holds much more than
+    that and one transaction."""
+    from trio_taskworker._server import _sqlite
+
+    async def upload(path: Path) -> int:
+        store = SQLiteStore(path, threaded=False)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            for _ in range(40):
+                await store.put_blob(bytes(64 * 1024), 1.0)
+            _, log = _files(path)
+            nursery.cancel_scope.cancel()
+        return log
+
+    for name in ("CHECKPOINT_BATCHES", "CHECKPOINT_CHANGES", "CHECKPOINT_BYTES"):
+        monkeypatch.setattr(_sqlite, name, 10**12)  # no checkpointer: the writer's alone
+    monkeypatch.setattr(_sqlite, "CHECKPOINT_BYTES_SERIAL", 10**12)
+    unbounded = await upload(tmp_path / "a.sqlite")
+    monkeypatch.setattr(_sqlite, "CHECKPOINT_BYTES_SERIAL", 256 * 1024)
+    bounded = await upload(tmp_path / "b.sqlite")
+    assert unbounded > 40 * 64 * 1024
+    assert bounded <= 256 * 1024 + 2 * 70 * 1024, f"the log holds {bounded} bytes"
 
 
 def test_a_history_line_with_text_that_is_not_unicode_is_kept_readable() -> None:

@@ -1,0 +1,82 @@
+"""Two quick measures for before/after comparisons, against a running server.
+
+Start a server and a worker first, then run this with the server's URL::
+
+    python -m trio_taskworker server start --port 8765 --data-dir /tmp/hot &
+    export TRIO_TASKWORKER_API_URL=http://127.0.0.1:8765
+    python -m trio_taskworker task serve benchmarks/bench_tasks.py:noop_async --limit 100 &
+    python benchmarks/hotpath.py batch 20000    # map in requests of 1,000, then gather_results
+    python benchmarks/hotpath.py latency 1000   # one run at a time; percentiles from histories
+
+``latency`` reads each run's state history and prints, in milliseconds, the
+medians and tails of created->leased (SCHEDULED->PENDING), leased->started
+(PENDING->RUNNING) and created->started, leaving out the first 20 runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_tasks import noop_async
+
+from trio_taskworker import gather_results, open_client
+
+
+async def batch(n: int) -> None:
+    async with open_client():
+        await gather_results(await noop_async.map(range(500)))  # warm up
+        began = time.perf_counter()
+        futures = []
+        for start in range(0, n, 1000):
+            futures += await noop_async.map(range(start, min(n, start + 1000)))
+        values = await gather_results(futures, timeout=600)
+        assert values == list(range(n))
+        print(f"batch async {n} runs: {n / (time.perf_counter() - began):.0f} runs/s")
+
+
+async def latency(n: int) -> None:
+    async with open_client():
+        ids = []
+        for i in range(n):
+            future = await noop_async.delay(i)
+            await future.result(timeout=60)
+            ids.append(future.task_run_id)
+    spans: dict[str, list[float]] = {"created->leased": [], "leased->started": []}
+    spans["created->started"] = []
+    async with httpx.AsyncClient(base_url=os.environ["TRIO_TASKWORKER_API_URL"]) as http:
+        for run_id in ids[20:]:
+            history = (await http.get(f"/runs/{run_id}/history")).json()["history"]
+            at = {
+                change["state"]: datetime.datetime.fromisoformat(change["timestamp"])
+                for change in history
+            }
+            spans["created->leased"].append(_ms(at, "SCHEDULED", "PENDING"))
+            spans["leased->started"].append(_ms(at, "PENDING", "RUNNING"))
+            spans["created->started"].append(_ms(at, "SCHEDULED", "RUNNING"))
+    for name, values in spans.items():
+        values.sort()
+        p90, p99 = values[int(len(values) * 0.9)], values[int(len(values) * 0.99)]
+        print(f"{name:18s} p50 {statistics.median(values):.2f} ms  p90 {p90:.2f}  p99 {p99:.2f}")
+
+
+def _ms(at: dict[str, datetime.datetime], first: str, then: str) -> float:
+    return (at[then] - at[first]) / datetime.timedelta(milliseconds=1)
+
+
+def main() -> None:
+    what, n = sys.argv[1], int(sys.argv[2])
+    trio.run({"batch": batch, "latency": latency}[what], n)
+
+
+if __name__ == "__main__":
+    main()
