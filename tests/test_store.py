@@ -313,6 +313,7 @@ async def test_the_checkpointer_copies_the_log_back_beside_the_writer(
 
     for name in ("CHECKPOINT_BATCHES", "CHECKPOINT_CHANGES", "CHECKPOINT_BYTES"):
         monkeypatch.setattr(_sqlite, name, 10**12)
+    monkeypatch.setattr(_sqlite, "CHECKPOINT_BYTES_SERIAL", 10**12)
     database, log = await write(tmp_path / "a.sqlite", checkpoint=False)
     assert log > 300 * 2000 and database < 300 * 2000  # all of it still in the log
     database, log = await write(tmp_path / "b.sqlite", checkpoint=True)
@@ -328,24 +329,32 @@ async def test_the_write_ahead_log_stays_bounded_in_bytes(
     that and one transaction."""
     from trio_taskworker._server import _sqlite
 
-    async def upload(path: Path) -> int:
+    async def upload(path: Path, database: Path | None = None) -> int:
         store = SQLiteStore(path, threaded=False)
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
             for _ in range(40):
                 await store.put_blob(bytes(64 * 1024), 1.0)
-            _, log = _files(path)
+            _, log = _files(database or path)
             nursery.cancel_scope.cancel()
         return log
 
     for name in ("CHECKPOINT_BATCHES", "CHECKPOINT_CHANGES", "CHECKPOINT_BYTES"):
-        monkeypatch.setattr(_sqlite, name, 10**12)  # no checkpointer: the writer's alone
+        monkeypatch.setattr(_sqlite, name, 10**12)  # the checkpointer is never asked
     monkeypatch.setattr(_sqlite, "CHECKPOINT_BYTES_SERIAL", 10**12)
     unbounded = await upload(tmp_path / "a.sqlite")
     monkeypatch.setattr(_sqlite, "CHECKPOINT_BYTES_SERIAL", 256 * 1024)
     bounded = await upload(tmp_path / "b.sqlite")
+    # A bound, and the database behind a symlink (SQLite names the log after
+    # the file it resolves to).
+    real = tmp_path / "volume" / "c.sqlite"
+    real.parent.mkdir()
+    real.touch()
+    (tmp_path / "c.sqlite").symlink_to(real)
+    behind_a_link = await upload(tmp_path / "c.sqlite", real)
     assert unbounded > 40 * 64 * 1024
-    assert bounded <= 256 * 1024 + 2 * 70 * 1024, f"the log holds {bounded} bytes"
+    for log in (bounded, behind_a_link):
+        assert log <= 256 * 1024 + 2 * 90 * 1024, f"the log holds {log} bytes"
 
 
 def test_a_history_line_with_text_that_is_not_unicode_is_kept_readable() -> None:
@@ -353,3 +362,33 @@ def test_a_history_line_with_text_that_is_not_unicode_is_kept_readable() -> None
 
     (change,) = _parse_history(_entry("FAILED", 1, "bad name \udcff", 1.5))
     assert change.message == "bad name \\udcff" and change.state is TaskRunState.FAILED
+
+
+async def test_every_operation_queued_at_shutdown_fails_with_store_error(
+    tmp_path: Path,
+) -> None:
+    """Each one is told the store closed (they shared one outcome, which
+    unwraps once: the second caller got AlreadyUsedError)."""
+    import threading
+
+    store = SQLiteStore(tmp_path / "q.sqlite", threaded=True)
+    release = threading.Event()
+    errors: list[str] = []
+
+    async def queued() -> None:
+        try:
+            await store.runner.transact(lambda cur: None)
+        except Exception as exc:
+            errors.append(type(exc).__name__)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        nursery.start_soon(store.runner.transact, lambda cur: release.wait(10))
+        await trio.testing.wait_all_tasks_blocked()  # the writer waits on that batch
+        async with trio.open_nursery() as callers:
+            for _ in range(3):
+                callers.start_soon(queued)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+            release.set()
+    assert errors == ["StoreError"] * 3

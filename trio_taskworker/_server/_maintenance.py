@@ -280,8 +280,9 @@ def _vacuum_step(cur: Cursor) -> tuple[int, int, int]:
 def _truncate_wal(path: Path) -> None:
     """Checkpoint the write-ahead log into the file and cut it to zero bytes.
 
-    The writer's own checkpoints reuse the log but never shorten it, and the
-    vacuum's page moves went through it. The checkpoint waits at most a second
+    Checkpoints reuse the log, and shorten it only to the writer's
+    ``journal_size_limit`` as it starts over; the vacuum's page moves went
+    through it. The checkpoint waits at most a second
     for the writer; if it is busy, the log is cut at a later sweep.
     """
     with contextlib.closing(sqlite3.connect(path, timeout=1.0, isolation_level=None)) as conn:

@@ -134,8 +134,12 @@ class SQLiteRunner:
         try:
             async with trio.open_nursery() as nursery:
                 checkpointer = self._checkpointer = None
-                if str(self.path) != ":memory:":
-                    checkpointer = self._checkpointer = _Checkpointer(self.path, self.threaded)
+                (_, _, file), *_ = conn.execute("PRAGMA database_list").fetchall()
+                if file:  # "" for ":memory:"
+                    # SQLite names the log after the file it opened (a
+                    # symlink resolved), which this path is.
+                    checkpointer = _Checkpointer(file, self.threaded)
+                    self._checkpointer = checkpointer
                     await nursery.start(checkpointer.run)
                 task_status.started()
                 while True:
@@ -158,7 +162,6 @@ class SQLiteRunner:
                     if checkpointer is not None:
                         await checkpointer.after_batch(conn)
         finally:
-            closed = outcome.Error(StoreError("the store is closed"))
             while True:
                 try:
                     batch.append(self._receive.receive_nowait())
@@ -167,8 +170,8 @@ class SQLiteRunner:
             # No checkpoint since the drain: nothing can slip in before this close.
             self._receive.close()
             for op in batch:
-                if op.result is None:
-                    op.result = closed
+                if op.result is None:  # (one Error each: an outcome unwraps once)
+                    op.result = outcome.Error(StoreError("the store is closed"))
                 op.done.set()
             conn.close()
 
@@ -256,6 +259,8 @@ class _Checkpointer:
     _wal: Path = attrs.field(init=False)
     _batches: int = 0
     _changes: int = 0
+    #: The log's size when the checkpointer was last asked for its growth.
+    _asked_at: int = 0
 
     def __attrs_post_init__(self) -> None:
         self._wal = Path(f"{self.path}-wal")
@@ -283,13 +288,19 @@ class _Checkpointer:
         or make one itself when the log has grown past CHECKPOINT_BYTES_SERIAL."""
         self._batches += 1
         size = _size(self._wal)
+        self._asked_at = min(self._asked_at, size)  # the log started over
         if size > CHECKPOINT_BYTES_SERIAL:
             await self._checkpoint(writer)
         elif (
             self._batches >= CHECKPOINT_BATCHES
             or writer.total_changes - self._changes >= CHECKPOINT_CHANGES
+            # Under load the log grows faster than batches count: the
+            # checkpointer copies each CHECKPOINT_BYTES it gains, so that
+            # little is left for the writer's own checkpoint.
+            or size - self._asked_at >= CHECKPOINT_BYTES
         ):
             self.wanted.set()
+            self._asked_at = size
         else:
             return
         self._batches, self._changes = 0, writer.total_changes
