@@ -286,47 +286,42 @@ def _files(path: Path) -> tuple[int, int]:
     return path.stat().st_size, path.with_name(path.name + "-wal").stat().st_size
 
 
-async def test_the_checkpointer_copies_the_log_back_beside_the_writer(
+async def test_the_writer_copies_the_log_back_between_batches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SQLite's checkpoint inside a commit is off: without the checkpointer
+    """SQLite's checkpoint inside a commit is off: without the writer's own,
     everything stays in the log; with it, the log is copied back into the
-    database file, on a connection of its own."""
+    database file."""
     from trio_taskworker._server import _sqlite
 
-    async def write(path: Path, checkpoint: bool) -> tuple[int, int]:
+    async def write(path: Path) -> tuple[int, int]:
         store = SQLiteStore(path, threaded=False)
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
+            run = TaskRunCreate(task_key="m:f", parameters=bytes(2000))
             for _ in range(300):
-                await store.create_runs(
-                    [TaskRunCreate(task_key="m:f", parameters=bytes(2000))], 1.0
-                )
-            checkpointer = store.runner._checkpointer  # type: ignore[attr-defined]
-            if checkpoint:
-                checkpointer.wanted.set()
-                with trio.fail_after(30):
-                    await checkpointer.finished.wait()
+                await store.create_runs([run], 1.0)
             sizes = _files(path)
             nursery.cancel_scope.cancel()
         return sizes
 
     for name in ("CHECKPOINT_BATCHES", "CHECKPOINT_CHANGES", "CHECKPOINT_BYTES"):
         monkeypatch.setattr(_sqlite, name, 10**12)
-    monkeypatch.setattr(_sqlite, "CHECKPOINT_BYTES_SERIAL", 10**12)
-    database, log = await write(tmp_path / "a.sqlite", checkpoint=False)
-    assert log > 300 * 2000 and database < 300 * 2000  # all of it still in the log
-    database, log = await write(tmp_path / "b.sqlite", checkpoint=True)
+    database, unchecked = await write(tmp_path / "a.sqlite")
+    assert unchecked > 300 * 2000 and database < 300 * 2000  # all of it in the log
+    monkeypatch.setattr(_sqlite, "CHECKPOINT_BATCHES", 20)
+    database, log = await write(tmp_path / "b.sqlite")
     assert database > 300 * 2000  # copied back
+    assert log < unchecked / 5  # and the log started over (20 batches' worth)
 
 
 async def test_the_write_ahead_log_stays_bounded_in_bytes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A few large transactions (blob uploads of up to 64 MiB) fill the log
-    long before 200 batches. Past CHECKPOINT_BYTES_SERIAL the writer
-    checkpoints itself, and the log starts over: it never holds much more than
-    that and one transaction."""
+    long before 200 batches. Past CHECKPOINT_BYTES the writer checkpoints,
+    and the log starts over: it never holds much more than that and one
+    transaction."""
     from trio_taskworker._server import _sqlite
 
     async def upload(path: Path, database: Path | None = None) -> int:
@@ -340,10 +335,9 @@ async def test_the_write_ahead_log_stays_bounded_in_bytes(
         return log
 
     for name in ("CHECKPOINT_BATCHES", "CHECKPOINT_CHANGES", "CHECKPOINT_BYTES"):
-        monkeypatch.setattr(_sqlite, name, 10**12)  # the checkpointer is never asked
-    monkeypatch.setattr(_sqlite, "CHECKPOINT_BYTES_SERIAL", 10**12)
+        monkeypatch.setattr(_sqlite, name, 10**12)
     unbounded = await upload(tmp_path / "a.sqlite")
-    monkeypatch.setattr(_sqlite, "CHECKPOINT_BYTES_SERIAL", 256 * 1024)
+    monkeypatch.setattr(_sqlite, "CHECKPOINT_BYTES", 256 * 1024)
     bounded = await upload(tmp_path / "b.sqlite")
     # A bound, and the database behind a symlink (SQLite names the log after
     # the file it resolves to).

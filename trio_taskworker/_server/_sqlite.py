@@ -43,23 +43,17 @@ T = TypeVar("T")
 MAX_BATCH = 512
 
 
-#: The write-ahead log is copied back into the database (checkpointed) by a
-#: checkpointer task, on a connection of its own and in a worker thread, while
-#: the writer goes on: after this many batches or this many rows changed.
-#: SQLite's own checkpoint ran inside whichever commit filled the log, on the
-#: event loop (where batches run by default), and everything waited for it; a
-#: checkpoint by the writer between batches still held the operations that
-#: arrived meanwhile (it was the p99 of submit->start).
+#: The write-ahead log is copied back into the database (checkpointed) by the
+#: writer between two batches, in a worker thread, after this many batches,
+#: this many rows changed, or once the log's file is past this many bytes,
+#: whichever comes first. SQLite's own checkpoint ran inside whichever commit
+#: filled the log, on the event loop (where batches run by default), and
+#: everything waited for it. The log's file is cut back to CHECKPOINT_BYTES
+#: when it starts over (``journal_size_limit``), so its size tells when a few
+#: large transactions (blob uploads) have filled it.
 CHECKPOINT_BATCHES = 200
 CHECKPOINT_CHANGES = 4000
-#: The log's file is cut back to this size when the log starts over
-#: (``journal_size_limit``).
 CHECKPOINT_BYTES = 4 * 1024 * 1024
-#: The log starts over only after a checkpoint that copied all of it while
-#: nothing was written, which under steady writes never happens beside the
-#: writer. Past this size (blob uploads fill it fast too), the writer
-#: checkpoints itself between two batches, and the log starts over.
-CHECKPOINT_BYTES_SERIAL = 4 * CHECKPOINT_BYTES
 
 
 @attrs.define(eq=False)
@@ -88,7 +82,6 @@ class SQLiteRunner:
     on_batch: Callable[[int, float], None] | None = None
     _send: trio.MemorySendChannel[_Op] = attrs.field(init=False, repr=False)
     _receive: trio.MemoryReceiveChannel[_Op] = attrs.field(init=False, repr=False)
-    _checkpointer: _Checkpointer | None = attrs.field(init=False, default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel[_Op](4 * MAX_BATCH)
@@ -131,36 +124,41 @@ class SQLiteRunner:
         """
         conn = await self._call_sync(partial(self._connect, setup))
         batch: list[_Op] = []
+        # SQLite names the log after the file it opened (a symlink resolved).
+        (_, _, file), *_ = conn.execute("PRAGMA database_list").fetchall()
+        wal = Path(f"{file}-wal") if file else None  # "" for ":memory:"
+        batches = 0
+        changes = conn.total_changes
         try:
-            async with trio.open_nursery() as nursery:
-                checkpointer = self._checkpointer = None
-                (_, _, file), *_ = conn.execute("PRAGMA database_list").fetchall()
-                if file:  # "" for ":memory:"
-                    # SQLite names the log after the file it opened (a
-                    # symlink resolved), which this path is.
-                    checkpointer = _Checkpointer(file, self.threaded)
-                    self._checkpointer = checkpointer
-                    await nursery.start(checkpointer.run)
-                task_status.started()
-                while True:
-                    batch = [await self._receive.receive()]
-                    # Let the tasks that are ready run first: the operations they
-                    # queue join this transaction instead of paying a commit each.
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                    while len(batch) < MAX_BATCH:
-                        try:
-                            batch.append(self._receive.receive_nowait())
-                        except trio.WouldBlock:
-                            break
-                    began = time.perf_counter()
-                    await self._call_sync(partial(self._execute, conn, batch))
-                    if self.on_batch is not None:
-                        self.on_batch(len(batch), time.perf_counter() - began)
-                    for op in batch:
-                        op.done.set()
-                    batch = []
-                    if checkpointer is not None:
-                        await checkpointer.after_batch(conn)
+            task_status.started()
+            while True:
+                batch = [await self._receive.receive()]
+                # Let the tasks that are ready run first: the operations they
+                # queue join this transaction instead of paying a commit each.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                began = time.perf_counter()
+                await self._call_sync(partial(self._execute, conn, batch))
+                if self.on_batch is not None:
+                    self.on_batch(len(batch), time.perf_counter() - began)
+                for op in batch:
+                    op.done.set()
+                batch = []
+                batches += 1
+                if wal is not None and (
+                    batches >= CHECKPOINT_BATCHES
+                    or conn.total_changes - changes >= CHECKPOINT_CHANGES
+                    or _size(wal) > CHECKPOINT_BYTES
+                ):
+                    # In a worker thread even when batches run on the trio
+                    # thread: the event loop goes on meanwhile, and the
+                    # operations that arrive wait for the next batch.
+                    await _in_thread(self.threaded, partial(_checkpoint, conn))
+                    batches, changes = 0, conn.total_changes
         finally:
             while True:
                 try:
@@ -240,70 +238,6 @@ class SQLiteStore(Store):
         self, path: str | Path, default_max_redeliveries: int = 3, threaded: bool = True
     ) -> None:
         self.__attrs_init__(SQLiteRunner(path, threaded), default_max_redeliveries)
-
-
-@attrs.define(eq=False)
-class _Checkpointer:
-    """Copies the write-ahead log back into the database beside the writer
-    (see :data:`CHECKPOINT_BATCHES`), on a connection of its own."""
-
-    path: str | Path
-    threaded: bool
-    #: Set by the writer when a checkpoint is due.
-    wanted: trio.Event = attrs.field(factory=trio.Event)
-    #: Set as each checkpoint ends (and replaced): what tests wait for.
-    finished: trio.Event = attrs.field(factory=trio.Event)
-    #: Held while a checkpoint runs: the writer's own waits for it (two
-    #: at once would leave the second with nothing done).
-    _lock: trio.Lock = attrs.field(factory=trio.Lock)
-    _wal: Path = attrs.field(init=False)
-    _batches: int = 0
-    _changes: int = 0
-    #: The log's size when the checkpointer was last asked for its growth.
-    _asked_at: int = 0
-
-    def __attrs_post_init__(self) -> None:
-        self._wal = Path(f"{self.path}-wal")
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute("PRAGMA busy_timeout=5000")
-            task_status.started()
-            while True:
-                await self.wanted.wait()
-                self.wanted = trio.Event()
-                await self._checkpoint(conn)
-        finally:
-            conn.close()
-
-    async def _checkpoint(self, conn: sqlite3.Connection) -> None:
-        async with self._lock:
-            await _in_thread(self.threaded, partial(_checkpoint, conn))
-        self.finished.set()
-        self.finished = trio.Event()
-
-    async def after_batch(self, writer: sqlite3.Connection) -> None:
-        """The writer committed a batch: ask for a checkpoint when one is due,
-        or make one itself when the log has grown past CHECKPOINT_BYTES_SERIAL."""
-        self._batches += 1
-        size = _size(self._wal)
-        self._asked_at = min(self._asked_at, size)  # the log started over
-        if size > CHECKPOINT_BYTES_SERIAL:
-            await self._checkpoint(writer)
-        elif (
-            self._batches >= CHECKPOINT_BATCHES
-            or writer.total_changes - self._changes >= CHECKPOINT_CHANGES
-            # Under load the log grows faster than batches count: the
-            # checkpointer copies each CHECKPOINT_BYTES it gains, so that
-            # little is left for the writer's own checkpoint.
-            or size - self._asked_at >= CHECKPOINT_BYTES
-        ):
-            self.wanted.set()
-            self._asked_at = size
-        else:
-            return
-        self._batches, self._changes = 0, writer.total_changes
 
 
 async def _in_thread(threaded: bool, fn: Callable[[], None]) -> None:
