@@ -11,7 +11,7 @@ import trio.testing
 from trio_taskworker import TaskRunState
 from trio_taskworker._models import Deliver, Finished, Started, TaskRunCreate
 from trio_taskworker._server import SQLiteStore
-from trio_taskworker._server._dispatch import CLAIM_INTERVAL, Dispatcher, Waiters
+from trio_taskworker._server._dispatch import CLAIM_INTERVAL, Dispatcher, Subscriber, Waiters
 
 EPOCH = 1_700_000_000.0
 
@@ -35,15 +35,22 @@ async def next_delivery(sub) -> Deliver:  # type: ignore[no-untyped-def]
     return message
 
 
+async def leased(
+    dispatcher: Dispatcher, store: SQLiteStore, *, credits: int, runs: int
+) -> tuple[Subscriber, Deliver]:
+    """A connection with ``credits``, ``runs`` runs queued for it, and its first delivery."""
+    sub = dispatcher.add(["k"], "w", credits=credits)
+    await store.create_runs([TaskRunCreate(task_key="k") for _ in range(runs)], clock_now())
+    dispatcher.wake()
+    return sub, await next_delivery(sub)
+
+
 async def test_delivers_no_more_than_credits(
     autojump_clock: trio.testing.MockClock,
     memory_store: SQLiteStore,
     dispatcher: Dispatcher,
 ) -> None:
-    sub = dispatcher.add(["k"], "w", credits=3)
-    await memory_store.create_runs([TaskRunCreate(task_key="k") for _ in range(10)], clock_now())
-    dispatcher.wake()
-    first = await next_delivery(sub)
+    sub, first = await leased(dispatcher, memory_store, credits=3, runs=10)
     assert len(first.runs) == 3 and sub.credits == 0
     await trio.testing.wait_all_tasks_blocked()
     assert (await memory_store.counts())["PENDING"] == 3
@@ -183,10 +190,7 @@ async def test_credits_handed_back_soon_after_a_lease_are_leased_together(
     memory_store: SQLiteStore,
     dispatcher: Dispatcher,
 ) -> None:
-    sub = dispatcher.add(["k"], "w", credits=10)
-    await memory_store.create_runs([TaskRunCreate(task_key="k") for _ in range(30)], clock_now())
-    dispatcher.wake()
-    first = await next_delivery(sub)
+    sub, first = await leased(dispatcher, memory_store, credits=10, runs=30)
     leased_at = trio.current_time()
     assert len(first.runs) == 10
     # Runs out, and credits trickling back one at a time: leased together, once
@@ -204,10 +208,7 @@ async def test_a_connection_with_all_its_credits_is_leased_at_once(
     memory_store: SQLiteStore,
     dispatcher: Dispatcher,
 ) -> None:
-    sub = dispatcher.add(["k"], "w", credits=2)
-    await memory_store.create_runs([TaskRunCreate(task_key="k")], clock_now())
-    dispatcher.wake()
-    await next_delivery(sub)
+    sub, _ = await leased(dispatcher, memory_store, credits=2, runs=1)
     dispatcher.grant(sub, 1)  # the run ended: the worker is idle again
     await trio.testing.wait_all_tasks_blocked()
     began = trio.current_time()
@@ -222,10 +223,7 @@ async def test_a_paced_connection_still_gets_a_run_that_comes_due(
     memory_store: SQLiteStore,
     dispatcher: Dispatcher,
 ) -> None:
-    sub = dispatcher.add(["k"], "w", credits=2)
-    await memory_store.create_runs([TaskRunCreate(task_key="k")], clock_now())
-    dispatcher.wake()
-    await next_delivery(sub)
+    sub, _ = await leased(dispatcher, memory_store, credits=2, runs=1)
     due = datetime.datetime.fromtimestamp(clock_now() + 60, datetime.UTC)
     await memory_store.create_runs([TaskRunCreate(task_key="k", scheduled_time=due)], clock_now())
     dispatcher.wake()  # paced (one run out, leased just now), then nothing due for a minute

@@ -604,13 +604,13 @@ class _Handlers:
             done = [run_id for run_id, has_ended in ends.items() if has_ended]
             read = await state.store.read_runs(done)
             # An ended run may have been retried since (it is watched) or
-            # deleted by retention (it is missing).
+            # deleted by retention since (it is missing, as below).
             ended = {r.id: r for r in read if r.state.is_terminal}
-            found = ends.keys() - (set(done) - {r.id for r in read})
-            if len(found) < len(wanted):
+            gone = (wanted - ends.keys()) | set(done).difference(r.id for r in read)
+            if gone:
                 # A run that does not exist (or was deleted by retention) would
                 # never end: say so now instead of holding the wait forever.
-                missing = sorted(str(i) for i in wanted - found)
+                missing = sorted(str(i) for i in gone)
                 more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
                 return _error(404, f"no run {', '.join(missing[:3])}{more}")
             with trio.move_on_after(min(wait.timeout, state.max_wait_seconds)):

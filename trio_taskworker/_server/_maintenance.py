@@ -282,8 +282,8 @@ def _truncate_wal(path: Path) -> None:
 
     Checkpoints reuse the log, and shorten it only to the writer's
     ``journal_size_limit`` as it starts over; the vacuum's page moves went
-    through it. The checkpoint waits at most a second
-    for the writer; if it is busy, the log is cut at a later sweep.
+    through it. The checkpoint waits at most a second for the writer; if it
+    is busy, the log is cut at a later sweep.
     """
     with contextlib.closing(sqlite3.connect(path, timeout=1.0, isolation_level=None)) as conn:
         busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()

@@ -112,25 +112,28 @@ class _TaskChildren:
     made when first observed (a series made is exported, zero or not)."""
 
     label: str
-    _metrics: ServerMetrics
+    #: The metrics (labelled families) whose series these are.
+    _start_delays: Histogram
+    _durations: Histogram
+    _ends: Counter
     _start_delay: Histogram | None = None
     _duration: Histogram | None = None
     _ended: dict[str, Counter] = attrs.field(factory=dict)
 
     def start_delay(self) -> Histogram:
         if self._start_delay is None:
-            self._start_delay = self._metrics._start_delay.labels(self.label)
+            self._start_delay = self._start_delays.labels(self.label)
         return self._start_delay
 
     def duration(self) -> Histogram:
         if self._duration is None:
-            self._duration = self._metrics._duration.labels(self.label)
+            self._duration = self._durations.labels(self.label)
         return self._duration
 
     def ended(self, state: str) -> Counter:
         counter = self._ended.get(state)
         if counter is None:
-            counter = self._ended[state] = self._metrics._ended.labels(self.label, state)
+            counter = self._ended[state] = self._ends.labels(self.label, state)
         return counter
 
 
@@ -399,7 +402,9 @@ class ServerMetrics:
         label = self._task_label(task_key)
         children = self._children.get(label)
         if children is None:
-            children = self._children[label] = _TaskChildren(label, self)
+            children = self._children[label] = _TaskChildren(
+                label, self._start_delay, self._duration, self._ended
+            )
         return children
 
     def runs_created(self, task_keys: Sequence[str]) -> None:
