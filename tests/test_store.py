@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from trio_taskworker._models import (
     Started,
     TaskRunCreate,
 )
-from trio_taskworker._server import SQLiteStore
+from trio_taskworker._server import SQLiteStore, _store
 from trio_taskworker._server._store import StoreError
 
 S = TaskRunState
@@ -37,6 +38,24 @@ async def test_create_read_list(memory_store: SQLiteStore) -> None:
     assert [r.id for r in listed] == [ids[1]]
     assert listed[0].parameters is None  # lists leave payloads out
     assert (await memory_store.counts())["SCHEDULED"] == 2
+
+
+async def test_ids_are_time_ordered_version_7(
+    memory_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run and blob ids begin with the creation time in milliseconds, so that
+    ids made later sort after earlier ones (and the key index grows at its end)."""
+    clock = types.SimpleNamespace(time_ns=lambda: 1_796_000_000_123_456_789)
+    monkeypatch.setattr(_store, "time", clock)
+    first = await memory_store.create_runs([create() for _ in range(50)], now=1.0)
+    ref = uuid.UUID(await memory_store.put_blob(b"x", 1.0))
+    for made in [*first, ref]:
+        assert made.version == 7 and made.variant == uuid.RFC_4122
+        assert made.int >> 80 == 1_796_000_000_123
+    assert len({*first, ref}) == 51  # the random bits tell apart ids of one millisecond
+    clock.time_ns = lambda: 1_796_000_000_124_000_000
+    later = await memory_store.create_runs([create() for _ in range(50)], now=2.0)
+    assert max(map(str, [*first, ref])) < min(map(str, later))
 
 
 async def test_claim_is_fair_across_keys_and_respects_n(memory_store: SQLiteStore) -> None:

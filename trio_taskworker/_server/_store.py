@@ -29,6 +29,8 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import os
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import IO, Any, NamedTuple, Protocol, TypeVar
@@ -68,9 +70,29 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreUnavailable",
+    "new_id",
 ]
 
 T = TypeVar("T")
+
+#: A version 7 UUID's fixed bits below its 48-bit timestamp: version 7, variant RFC 9562.
+_V7_FIXED = (0x7 << 76) | (0x2 << 62)
+#: The 74 random bits of a version 7 UUID, among its 80 low bits.
+_V7_RANDOM = ((1 << 80) - 1) & ~((0xF << 76) | (0x3 << 62))
+
+
+def new_id() -> uuid.UUID:
+    """A new run or blob id: a version 7 UUID (RFC 9562), which begins with
+    the time in milliseconds and ends with 74 random bits.
+
+    Ids made one after another sort together, so the primary key's index
+    grows at its end, where its pages are in the cache, instead of at random
+    pages: with random (version 4) ids, an insert into a table of 200,000
+    runs cost three to four times what it cost into an empty one
+    (``python benchmarks/ids.py``).
+    """
+    random = int.from_bytes(os.urandom(10)) & _V7_RANDOM
+    return uuid.UUID(int=(time.time_ns() // 1_000_000) << 80 | _V7_FIXED | random)
 
 
 @attrs.frozen
@@ -668,7 +690,7 @@ class Store:
                     return _Refused(
                         StoreError(f"no stored blob {c.parameters_ref!r} for parameters_ref")
                     )
-                run_id = uuid.uuid4()
+                run_id = new_id()
                 ids.append(run_id)
                 scheduled = now if c.scheduled_time is None else c.scheduled_time.timestamp()
                 rows.append(
@@ -1456,7 +1478,7 @@ class Store:
         incremental blob I/O), so neither the server nor the writer ever holds
         the whole payload; another backend reads it whole.
         """
-        ref = str(uuid.uuid4())
+        ref = str(new_id())
 
         def put(cur: Cursor) -> str:
             source.seek(0, 2)
