@@ -178,7 +178,7 @@ def test_run_table_fits_the_terminal_one_line_per_run(width: int) -> None:
     assert lines[0].split() == ["ID", "TASK", "STATE", "ATTEMPT", "CREATED", "DURATION"]
     _lines_fit(text, width)
     for run, line in zip(runs, lines[1:], strict=True):
-        assert line.startswith(run.id.hex[:8] + "  ")
+        assert line.startswith(run.id.hex[-8:] + "  ")
         assert str(run.state) in line
     assert lines[1].split()[1].endswith("_name")  # the function end of a key survives
     assert "\x1b" not in text and "\r" not in text and "\\ud800z" in lines[3]
@@ -191,7 +191,7 @@ def test_run_table_shows_whole_keys_when_there_is_room() -> None:
     text = runs_text([_run(task_key=key)], NOW, 200)
     assert key in text
     (_, row) = text.splitlines()
-    assert row.split() == ["0123abcd", key, "COMPLETED", "1", "5m", "ago", "2.5s"]
+    assert row.split() == ["00000001", key, "COMPLETED", "1", "5m", "ago", "2.5s"]
 
 
 def test_run_table_with_no_runs_is_the_header() -> None:
@@ -309,7 +309,7 @@ def test_worker_table_fits_and_marks_draining_workers() -> None:
             last_seen=NOW - datetime.timedelta(seconds=4),
         ),
         WorkerInfo(
-            connection_id="c0ffee" + "0" * 26,
+            connection_id="0" * 24 + "c0ffee00",
             client_id=HOSTILE,
             task_keys=(HOSTILE,),
             limit=1,
@@ -323,7 +323,7 @@ def test_worker_table_fits_and_marks_draining_workers() -> None:
     _lines_fit(text, 80)
     header, first, second = text.splitlines()
     assert header.split()[:5] == ["CONN", "CLIENT", "ID", "TASK", "KEYS"]
-    assert first.startswith(workers[0].connection_id[:8] + "  a-really")
+    assert first.startswith(workers[0].connection_id[-8:] + "  a-really")
     assert first.split()[-6:] == ["10", "3", "2h", "ago", "4s", "ago"]
     assert second.startswith("c0ffee00  a\\x1b[31m") and "draining" in second
     assert "\x1b" not in text
@@ -498,8 +498,8 @@ def test_retry_returns_the_run_back_in_the_queue(fake: Callable[[Handler], Inspe
 
 
 def test_a_short_id_is_found_among_the_newest_runs(fake: Callable[[Handler], Inspector]) -> None:
-    ids = [uuid.UUID(int=n << 96) for n in range(1, 2501)]  # distinct first 8 hex digits
-    ids.append(uuid.UUID("0000000a-ffff-4000-8000-000000000000"))  # shares 0000000a
+    ids = [uuid.UUID(int=n) for n in range(1, 2501)]  # distinct last 8 hex digits
+    ids.append(uuid.UUID("ffffffff-ffff-4000-8000-00000000000a"))  # shares 0000000a
     documents = [converter.unstructure(_run(id=i)) for i in ids]
     pages: list[int] = []
 
@@ -510,13 +510,13 @@ def test_a_short_id_is_found_among_the_newest_runs(fake: Callable[[Handler], Ins
 
     api = fake(handler)
     target = ids[2200]
-    assert api.resolve(target.hex[:8]) == target
+    assert api.resolve(target.hex[-8:]) == target
     assert pages == [0, 1000, 2000]  # it pages until the end
     assert api.resolve(str(target)) == target  # a whole id needs no search
     assert api.resolve(target.hex.upper()) == target
-    with pytest.raises(InspectError, match="2 runs have ids that start with '0000000a'"):
+    with pytest.raises(InspectError, match="2 runs have ids that end with '0000000a'"):
         api.resolve("0000000a")
-    with pytest.raises(InspectError, match="no run whose id starts with 'ffffffff'"):
+    with pytest.raises(InspectError, match="no run whose id ends with 'ffffffff'"):
         api.resolve("ffffffff")
     for bad in ("abc", "xyz12345", "", "12 34"):
         with pytest.raises(InspectError, match="is not a run id"):

@@ -289,7 +289,7 @@ def _parser() -> argparse.ArgumentParser:
     cancel = _client_command(run, "cancel", "cancel a run")
     for command in (show, retry, cancel):
         command.add_argument(
-            "run_id", metavar="RUN_ID", help="a run id, or its first 8 hex digits (admin role)"
+            "run_id", metavar="RUN_ID", help="a run id, or its last 8 hex digits (admin role)"
         )
 
     worker = groups.add_parser("worker", help="see workers").add_subparsers(

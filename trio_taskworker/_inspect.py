@@ -68,12 +68,12 @@ __all__ = [
 PICKLED_FIELDS = ("parameters", "result")
 #: Routes that need a key with the admin role; every other one needs submit.
 _ADMIN_PATHS = ("/runs", "/workers", "/tasks")
-#: A short id (``run ls`` shows the first 8 hex digits) is looked for among this
+#: A short id (``run ls`` shows the last 8 hex digits) is looked for among this
 #: many of the newest runs.
 PREFIX_SEARCH_RUNS = 10_000
 _PAGE = 1000
-_MIN_PREFIX = 4
-_HEX_PREFIX = re.compile(r"[0-9a-f]+")
+_MIN_DIGITS = 4
+_HEX_DIGITS = re.compile(r"[0-9a-f]+")
 #: The space between table columns.
 _GAP = "  "
 
@@ -206,9 +206,9 @@ class Inspector:
         return list(answer.tasks)
 
     def resolve(self, text: str) -> uuid.UUID:
-        """The run id that ``text`` names: a whole UUID, or the start of one's hex digits.
+        """The run id that ``text`` names: a whole UUID, or the end of one's hex digits.
 
-        A start (``run ls`` shows the first 8 digits) is looked for among the
+        An end (``run ls`` shows the last 8 digits) is looked for among the
         newest :data:`PREFIX_SEARCH_RUNS` runs, which needs the admin role;
         none or several matches is an :class:`InspectError`.
         """
@@ -216,25 +216,25 @@ class Inspector:
             return uuid.UUID(text)
         except ValueError:
             pass
-        prefix = text.strip().lower().replace("-", "")
-        if len(prefix) < _MIN_PREFIX or not _HEX_PREFIX.fullmatch(prefix):
+        digits = text.strip().lower().replace("-", "")
+        if len(digits) < _MIN_DIGITS or not _HEX_DIGITS.fullmatch(digits):
             raise InspectError(
-                f"{escape(text)!r} is not a run id (a UUID, or at least its first"
-                f" {_MIN_PREFIX} hex digits)"
+                f"{escape(text)!r} is not a run id (a UUID, or at least its last"
+                f" {_MIN_DIGITS} hex digits)"
             )
         found: set[uuid.UUID] = set()
         for offset in range(0, PREFIX_SEARCH_RUNS, _PAGE):
             page = self.list_runs(limit=_PAGE, offset=offset)
-            found.update(run.id for run in page if run.id.hex.startswith(prefix))
+            found.update(run.id for run in page if run.id.hex.endswith(digits))
             if len(found) > 1 or len(page) < _PAGE:
                 break
         if not found:
             raise InspectError(
-                f"no run whose id starts with {prefix!r} among the newest"
+                f"no run whose id ends with {digits!r} among the newest"
                 f" {PREFIX_SEARCH_RUNS} runs; give the whole id"
             )
         if len(found) > 1:
-            raise InspectError(f"{len(found)} runs have ids that start with {prefix!r}: give more")
+            raise InspectError(f"{len(found)} runs have ids that end with {digits!r}: give more")
         return found.pop()
 
 
@@ -427,8 +427,12 @@ def _run_duration(run: TaskRun, now: datetime.datetime) -> str:
 
 
 def short_id(value: uuid.UUID | str) -> str:
-    """The first 8 hex digits of an id: what the tables show (``run show`` takes them)."""
-    return str(value).replace("-", "")[:8]
+    """The last 8 hex digits of an id: what the tables show (``run show`` takes them).
+
+    The last, not the first: a run id begins with the time it was made (UUID
+    version 7), so runs made within a minute share their first 8 digits.
+    """
+    return str(value).replace("-", "")[-8:]
 
 
 # --- the outputs ---------------------------------------------------------------------

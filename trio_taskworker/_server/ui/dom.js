@@ -120,4 +120,5 @@ export function stateBadge(state) {
 }
 
 /** The first eight hex digits of a run id, which is what people compare by eye. */
-export const shortId = (id) => String(id).slice(0, 8);
+// The end of an id: a run id begins with the time it was made (UUID version 7).
+export const shortId = (id) => String(id).slice(-8);
