@@ -368,7 +368,8 @@ def _overlap(a: Execution, b: Execution, t: float) -> float:
 
 
 def _short(run_id: uuid.UUID) -> str:
-    return run_id.hex[:6]
+    # The end: a run id begins with the time it was made (UUID version 7).
+    return run_id.hex[-6:]
 
 
 class Boom(Exception):
@@ -883,12 +884,12 @@ class Explorer:
                 continue
             if not is_path(S(old), S(new)):
                 self.fail(
-                    f"run {run_id[:6]} went {old} -> {new} (attempt {attempt}): "
+                    f"run {run_id[-6:]} went {old} -> {new} (attempt {attempt}): "
                     "not a path in the state table"
                 )
             if owner in closed and (new == "CRASHED" or redeliveries != old_redeliveries):
                 self.fail(
-                    f"run {run_id[:6]} (attempt {attempt}) went {old} -> {new} ({message}) "
+                    f"run {run_id[-6:]} (attempt {attempt}) went {old} -> {new} ({message}) "
                     f"after worker {closed[owner]} stopped cleanly: its report was not "
                     "applied before stop() returned"
                 )

@@ -124,6 +124,11 @@ def test_runs_appear_change_state_and_are_cancelled_and_retried_from_the_page(
             # Newest first.
             expect(rows.first).to_have_attribute("data-run-id", str(to_retry.task_run_id))
             expect(rows.last).to_have_attribute("data-run-id", str(held.task_run_id))
+            # An unnamed run shows the end of its id: the start is the time it
+            # was made, the same for all of these.
+            for greeting in greeted:
+                link = row(page, greeting.task_run_id).locator("a.run-link")
+                expect(link).to_have_text(str(greeting.task_run_id)[-8:])
             # The list was fetched when the page was shown and again when the
             # event stream said it was ready, and not since.
             assert len(listings) == 2, listings

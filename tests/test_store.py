@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 import types
 import uuid
 from pathlib import Path
@@ -56,6 +58,21 @@ async def test_ids_are_time_ordered_version_7(
     clock.time_ns = lambda: 1_796_000_000_124_000_000
     later = await memory_store.create_runs([create() for _ in range(50)], now=2.0)
     assert max(map(str, [*first, ref])) < min(map(str, later))
+
+
+def test_new_ids_have_74_random_bits_and_a_48_bit_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = [_store.new_id() for _ in range(2000)]
+    low = (1 << 80) - 1
+    # Every one of the 74 bits varies, and nothing else below the time does.
+    assert functools.reduce(operator.or_, (i.int & low for i in ids)) == _store._V7_RANDOM | (
+        _store._V7_FIXED
+    )
+    assert all(i.int & low & ~_store._V7_RANDOM == _store._V7_FIXED for i in ids)
+    # A clock before 1970 counts as 1970; one past 48 bits of milliseconds starts over.
+    for nanoseconds, millisecond in ((-1, 0), (-(10**12), 0), ((1 << 48) * 10**6 + 5, 0)):
+        monkeypatch.setattr(_store, "time", types.SimpleNamespace(time_ns=lambda n=nanoseconds: n))
+        made = _store.new_id()
+        assert made.version == 7 and made.int >> 80 == millisecond
 
 
 async def test_claim_is_fair_across_keys_and_respects_n(memory_store: SQLiteStore) -> None:

@@ -70,7 +70,7 @@ PICKLED_FIELDS = ("parameters", "result")
 _ADMIN_PATHS = ("/runs", "/workers", "/tasks")
 #: A short id (``run ls`` shows the last 8 hex digits) is looked for among this
 #: many of the newest runs.
-PREFIX_SEARCH_RUNS = 10_000
+SHORT_ID_SEARCH_RUNS = 10_000
 _PAGE = 1000
 _MIN_DIGITS = 4
 _HEX_DIGITS = re.compile(r"[0-9a-f]+")
@@ -209,7 +209,7 @@ class Inspector:
         """The run id that ``text`` names: a whole UUID, or the end of one's hex digits.
 
         An end (``run ls`` shows the last 8 digits) is looked for among the
-        newest :data:`PREFIX_SEARCH_RUNS` runs, which needs the admin role;
+        newest :data:`SHORT_ID_SEARCH_RUNS` runs, which needs the admin role;
         none or several matches is an :class:`InspectError`.
         """
         try:
@@ -223,7 +223,7 @@ class Inspector:
                 f" {_MIN_DIGITS} hex digits)"
             )
         found: set[uuid.UUID] = set()
-        for offset in range(0, PREFIX_SEARCH_RUNS, _PAGE):
+        for offset in range(0, SHORT_ID_SEARCH_RUNS, _PAGE):
             page = self.list_runs(limit=_PAGE, offset=offset)
             found.update(run.id for run in page if run.id.hex.endswith(digits))
             if len(found) > 1 or len(page) < _PAGE:
@@ -231,7 +231,8 @@ class Inspector:
         if not found:
             raise InspectError(
                 f"no run whose id ends with {digits!r} among the newest"
-                f" {PREFIX_SEARCH_RUNS} runs; give the whole id"
+                f" {SHORT_ID_SEARCH_RUNS} runs (a short id is the last 8 hex digits);"
+                " give the whole id"
             )
         if len(found) > 1:
             raise InspectError(f"{len(found)} runs have ids that end with {digits!r}: give more")

@@ -119,6 +119,8 @@ export function stateBadge(state) {
   return h("span", { class: `badge state-${String(state).toLowerCase()}`, text: state });
 }
 
-/** The first eight hex digits of a run id, which is what people compare by eye. */
-// The end of an id: a run id begins with the time it was made (UUID version 7).
+/**
+ * The last eight hex digits of a run id, which is what people compare by eye
+ * (its first digits are the time it was made, the same for a minute's runs).
+ */
 export const shortId = (id) => String(id).slice(-8);
