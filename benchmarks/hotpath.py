@@ -7,6 +7,7 @@ Start a server and a worker first, then run this with the server's URL::
     python -m trio_taskworker task serve benchmarks/bench_tasks.py:noop_async --limit 100 &
     python benchmarks/hotpath.py batch 20000    # map in requests of 1,000, then gather_results
     python benchmarks/hotpath.py latency 1000   # one run at a time; percentiles from histories
+    python benchmarks/hotpath.py latency 600 sleep  # the same, sleeping 8 ms instead of waiting
 
 ``latency`` reads each run's state history and prints, in milliseconds, the
 medians and tails of created->leased (SCHEDULED->PENDING), leased->started
@@ -44,12 +45,15 @@ async def batch(n: int) -> None:
         print(f"batch async {n} runs: {n / (time.perf_counter() - began):.0f} runs/s")
 
 
-async def latency(n: int) -> None:
+async def latency(n: int, sleep: bool = False) -> None:
     async with open_client():
         ids = []
         for i in range(n):
             future = await noop_async.delay(i)
-            await future.result(timeout=60)
+            if sleep:  # no request of the caller's in flight while the run starts
+                await trio.sleep(0.008)
+            else:
+                await future.result(timeout=60)
             ids.append(future.task_run_id)
     spans: dict[str, list[float]] = {"created->leased": [], "leased->started": []}
     spans["created->started"] = []
@@ -75,7 +79,10 @@ def _ms(at: dict[str, datetime.datetime], first: str, then: str) -> float:
 
 def main() -> None:
     what, n = sys.argv[1], int(sys.argv[2])
-    trio.run({"batch": batch, "latency": latency}[what], n)
+    if what == "latency":
+        trio.run(latency, n, sys.argv[3:] == ["sleep"])
+    else:
+        trio.run(batch, n)
 
 
 if __name__ == "__main__":
