@@ -1,4 +1,4 @@
-"""Two quick measures for before/after comparisons, against a running server.
+"""Quick measures for before/after comparisons, against a running server.
 
 Start a server and a worker first, then run this with the server's URL::
 
@@ -8,10 +8,16 @@ Start a server and a worker first, then run this with the server's URL::
     python benchmarks/hotpath.py batch 20000    # map in requests of 1,000, then gather_results
     python benchmarks/hotpath.py latency 1000   # one run at a time; percentiles from histories
     python benchmarks/hotpath.py latency 600 sleep  # the same, sleeping 8 ms instead of waiting
+    python benchmarks/hotpath.py queue 1000000  # queue runs of a task no worker serves
+    python benchmarks/hotpath.py monitor 3      # GET /health, /tasks, /metrics 3 times each,
+                                                # probing GET /workers every 10 ms meanwhile
 
 ``latency`` reads each run's state history and prints, in milliseconds, the
 medians and tails of created->leased (SCHEDULED->PENDING), leased->started
 (PENDING->RUNNING) and created->started, leaving out the first 20 runs.
+``monitor`` shows whether the reads that monitoring makes (counts over the
+whole table) hold up the server: with a large queue each takes long, and a
+trivial request made meanwhile should not wait for it.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_tasks import noop_async
+from bench_tasks import never_served, noop_async
 
 from trio_taskworker import gather_results, open_client
 
@@ -73,6 +79,44 @@ async def latency(n: int, sleep: bool = False) -> None:
         print(f"{name:18s} p50 {statistics.median(values):.2f} ms  p90 {p90:.2f}  p99 {p99:.2f}")
 
 
+async def queue(n: int) -> None:
+    async with open_client():
+        for start in range(0, n, 1000):
+            await never_served.map(range(start, min(n, start + 1000)))
+
+
+async def monitor(rounds: int) -> None:
+    url = os.environ["TRIO_TASKWORKER_API_URL"]
+    probes: list[float] = []
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=120) as heavy,
+        httpx.AsyncClient(base_url=url, timeout=120) as light,
+    ):
+        done = trio.Event()
+
+        async def probe() -> None:
+            while not done.is_set():
+                began = time.perf_counter()
+                (await light.get("/workers")).raise_for_status()
+                probes.append((time.perf_counter() - began) * 1000)
+                await trio.sleep(0.01)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(probe)
+            for _ in range(rounds):
+                for path in ("/health", "/tasks", "/metrics"):
+                    began = time.perf_counter()
+                    (await heavy.get(path)).raise_for_status()
+                    print(f"GET {path}: {(time.perf_counter() - began) * 1000:.0f} ms")
+            done.set()
+    probes.sort()
+    print(
+        f"GET /workers meanwhile ({len(probes)} requests): p50"
+        f" {statistics.median(probes):.1f} ms  p90 {probes[int(len(probes) * 0.9)]:.1f}"
+        f"  max {probes[-1]:.1f}"
+    )
+
+
 def _ms(at: dict[str, datetime.datetime], first: str, then: str) -> float:
     return (at[then] - at[first]) / datetime.timedelta(milliseconds=1)
 
@@ -81,6 +125,8 @@ def main() -> None:
     what, n = sys.argv[1], int(sys.argv[2])
     if what == "latency":
         trio.run(latency, n, sys.argv[3:] == ["sleep"])
+    elif what in ("monitor", "queue"):
+        trio.run({"monitor": monitor, "queue": queue}[what], n)
     else:
         trio.run(batch, n)
 

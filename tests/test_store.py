@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import threading
 import types
 import uuid
 from pathlib import Path
@@ -315,6 +316,47 @@ async def test_an_operation_that_raises_is_undone_alone(memory_store: SQLiteStor
     assert len(runs) == 3  # both good operations committed, each once
     assert all(r.task_name != "changed" for r in runs)  # the failed write was undone
     assert existing in {r.id for r in runs}
+
+
+async def test_counts_and_listings_read_beside_the_writer(tmp_path: Path) -> None:
+    """On a file, the reads that may scan the table (counts, task statistics,
+    listings) use a second connection in a worker thread: they finish while the
+    writer is busy, and never run on the event loop's thread."""
+    store = SQLiteStore(tmp_path / "runs.sqlite", threaded=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        (run_id,) = await store.create_runs([create()], 1.0)
+        release = threading.Event()
+        writing = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def hold(cur: Any) -> None:
+            token.run_sync_soon(writing.set)
+            release.wait(10)  # the writer's thread waits here until the reads are done
+            cur.execute("UPDATE task_runs SET name = 'held' WHERE id = ?", (str(run_id),))
+
+        async def write() -> None:
+            await store.runner.transact(hold)
+
+        nursery.start_soon(write)
+        await writing.wait()
+        try:
+            with trio.fail_after(10):
+                assert (await store.counts())["SCHEDULED"] == 1
+                assert [r.id for r in await store.list_runs(None, None, 10, 0)] == [run_id]
+                (stats,) = await store.task_stats(2.0, {})
+                assert stats.queued == 1
+                thread = await store.runner.read(lambda cur: threading.get_ident())
+                assert thread != threading.get_ident()
+        finally:
+            release.set()
+        # The write went on after them, and a read sees it once it has committed.
+        await store.runner.transact(lambda cur: None)
+        (listed,) = await store.list_runs(None, None, 10, 0)
+        assert listed.name == "held"
+        nursery.cancel_scope.cancel()
+    with pytest.raises(StoreError, match="closed"):
+        await store.counts()
 
 
 def _files(path: Path) -> tuple[int, int]:

@@ -231,6 +231,11 @@ class PostgresRunner:
                     await self._idle.wait()
                 await trio.to_thread.run_sync(self._pool.close)
 
+    async def read(self, fn: Callable[[Cursor], T]) -> T:
+        """Run ``fn``, which only reads: as :meth:`transact` (every operation
+        runs on a pooled connection in a worker thread already)."""
+        return await self.transact(fn)
+
     async def transact(self, fn: Callable[[Cursor], T]) -> T:
         """Run ``fn`` in a transaction of its own on a pooled connection; return
         or raise as it did.

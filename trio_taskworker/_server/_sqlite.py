@@ -13,6 +13,12 @@ commit beats a transaction per change about tenfold).
 The database runs in WAL mode with ``synchronous=NORMAL``: a committed
 transaction survives the server process being killed; only a power loss
 can take the last few.
+
+The reads that may scan a large table (counts per state and per task, run
+listings: what health checks, metrics scrapes and the dashboard ask for) go
+to a second connection instead, one at a time, in a worker thread: with a
+million runs queued such a read takes a few hundred milliseconds, and on the
+writer it held up every write and the event loop for as long.
 """
 
 from __future__ import annotations
@@ -82,6 +88,11 @@ class SQLiteRunner:
     on_batch: Callable[[int, float], None] | None = None
     _send: trio.MemorySendChannel[_Op] = attrs.field(init=False, repr=False)
     _receive: trio.MemoryReceiveChannel[_Op] = attrs.field(init=False, repr=False)
+    #: The connection :meth:`read` uses, while the runner runs on a file; None
+    #: for ``":memory:"`` (a second connection would open another database).
+    _reader: sqlite3.Connection | None = attrs.field(init=False, default=None, repr=False)
+    _reading: trio.Lock = attrs.field(init=False, factory=trio.Lock, repr=False)
+    _stopped: bool = attrs.field(init=False, default=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel[_Op](4 * MAX_BATCH)
@@ -130,6 +141,8 @@ class SQLiteRunner:
         batches = 0
         changes = conn.total_changes
         try:
+            if file:
+                self._reader = _open_reader(file)
             task_status.started()
             while True:
                 batch = [await self._receive.receive()]
@@ -172,6 +185,12 @@ class SQLiteRunner:
                     op.result = outcome.Error(StoreError("the store is closed"))
                 op.done.set()
             conn.close()
+            self._stopped = True
+            with trio.CancelScope(shield=True):
+                async with self._reading:  # a read in its thread ends first
+                    if self._reader is not None:
+                        self._reader.close()
+                        self._reader = None
 
     async def _call_sync(self, fn: Callable[[], T]) -> T:
         if self.threaded:
@@ -195,6 +214,25 @@ class SQLiteRunner:
                 conn.rollback()
             for op in batch:
                 op.result = outcome.Error(exc)
+
+    async def read(self, fn: Callable[[Cursor], T]) -> T:
+        """Run ``fn``, which only reads, on the second connection in a worker
+        thread (inline under trio's MockClock), in a transaction that sees what
+        had committed when it began; reads take turns. On ``":memory:"`` it
+        joins the next batch, as :meth:`transact`.
+        """
+        if self._reader is None and not self._stopped:
+            return await self.transact(fn)  # ":memory:", or not started yet
+        async with self._reading:
+            reader = self._reader
+            if reader is None:
+                raise StoreError("the store is closed")
+            try:
+                return await _in_thread(self.threaded, partial(_read, reader, fn))
+            except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
+                if isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError):
+                    raise  # a bug in a query, not the database's state
+                raise StoreUnavailable(f"the database refused the read: {exc}") from exc
 
     async def transact(self, fn: Callable[[Cursor], T]) -> T:
         """Run ``fn`` in the next batch; return or raise as it did.
@@ -240,14 +278,32 @@ class SQLiteStore(Store):
         self.__attrs_init__(SQLiteRunner(path, threaded), default_max_redeliveries)
 
 
-async def _in_thread(threaded: bool, fn: Callable[[], None]) -> None:
+async def _in_thread(threaded: bool, fn: Callable[[], T]) -> T:
     """``fn()`` in a worker thread, so that the event loop goes on; inline
     under a virtual clock (tests on trio's MockClock), where a thread would
     let the clock jump while it runs."""
     if threaded or not _clock_is_virtual():
-        await trio.to_thread.run_sync(fn)
-    else:
-        fn()
+        return await trio.to_thread.run_sync(fn)
+    return fn()
+
+
+def _open_reader(file: str) -> sqlite3.Connection:
+    """The connection for :meth:`SQLiteRunner.read`: it may not write."""
+    reader = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
+    reader.execute("PRAGMA query_only=ON")
+    reader.execute("PRAGMA busy_timeout=5000")
+    reader.execute("PRAGMA case_sensitive_like=ON")  # as the writer's: the tag filter
+    return reader
+
+
+def _read(reader: sqlite3.Connection, fn: Callable[[Cursor], T]) -> T:
+    """``fn`` in one read transaction (one snapshot for all its statements)."""
+    cur = reader.cursor()
+    cur.execute("BEGIN")
+    try:
+        return fn(cur)
+    finally:
+        cur.execute("ROLLBACK")  # it wrote nothing: this only ends the snapshot
 
 
 def _size(path: Path) -> int:

@@ -237,6 +237,13 @@ class Runner(Protocol):
         :meth:`transact` that has not run fails with :class:`StoreError`.
         """
 
+    async def read(self, fn: Callable[[Cursor], T]) -> T:
+        """Run ``fn``, which only reads, in a transaction of its own, without
+        holding up the writes or the event loop while it runs (a count over a
+        large table); it sees what had committed when it began. Raises as
+        :meth:`transact` does.
+        """
+
     async def transact(self, fn: Callable[[Cursor], T]) -> T:
         """Run ``fn`` inside a transaction; return its value or raise its error.
 
@@ -847,7 +854,7 @@ class Store:
             cur.execute(sql, [*params, limit, offset])
             return _readable(_Row._make(raw) for raw in cur.fetchall())
 
-        return await self.runner.transact(list_)
+        return await self.runner.read(list_)
 
     async def read_history(self, run_id: uuid.UUID) -> list[StateChange] | None:
         """The run's state changes, oldest first; None when there is no such run."""
@@ -1094,7 +1101,7 @@ class Store:
                 for key, entry in sorted(keys.items())
             ]
 
-        return await self.runner.transact(stats)
+        return await self.runner.read(stats)
 
     async def counts(self) -> dict[str, int]:
         """The number of runs in each state."""
@@ -1104,7 +1111,7 @@ class Store:
             found = {state: int(n) for state, n in cur.fetchall()}
             return {s.value: found.get(s.value, 0) for s in TaskRunState}
 
-        return await self.runner.transact(count)
+        return await self.runner.read(count)
 
     # --- dispatch -----------------------------------------------------------------
 
