@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from trio_taskworker import TaskRunState
 from trio_taskworker._models import (
@@ -22,6 +23,7 @@ from trio_taskworker._models import (
     TaskRunCreate,
 )
 from trio_taskworker._server import SQLiteStore, _store
+from trio_taskworker._server._sqlite import SQLiteRunner
 from trio_taskworker._server._store import StoreError
 
 S = TaskRunState
@@ -357,6 +359,177 @@ async def test_counts_and_listings_read_beside_the_writer(tmp_path: Path) -> Non
         nursery.cancel_scope.cancel()
     with pytest.raises(StoreError, match="closed"):
         await store.counts()
+
+
+class _HeldRead:
+    """A read that holds its snapshot until released (in the reader's thread)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.reading = trio.Event()
+        self.token = trio.lowlevel.current_trio_token()
+
+    def __call__(self, cur: Any) -> int:
+        cur.execute("SELECT COUNT(*) FROM task_runs")
+        (n,) = cur.fetchone()
+        self.token.run_sync_soon(self.reading.set)
+        self.release.wait(10)
+        return int(n)
+
+
+async def test_the_writer_checkpoints_between_reads_so_that_the_log_starts_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint made while a read holds a snapshot cannot let the log start
+    over; under steady reads the log would grow and the writer checkpoint after
+    every batch. A checkpoint that comes due during a read waits for it to end
+    (new reads wait meanwhile), and is then complete."""
+    from trio_taskworker._server import _sqlite
+
+    results: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(
+        _sqlite,
+        "_checkpoint",
+        lambda conn: results.append(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()),
+    )
+    for name in ("CHECKPOINT_CHANGES", "CHECKPOINT_BYTES"):
+        monkeypatch.setattr(_sqlite, name, 10**12)
+    monkeypatch.setattr(_sqlite, "CHECKPOINT_BATCHES", 5)
+    store = SQLiteStore(tmp_path / "runs.sqlite", threaded=False)
+    later: list[int] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await store.create_runs([create()], 1.0)
+        held = _HeldRead()
+        nursery.start_soon(store.runner.read, held)
+        await held.reading.wait()
+        for _ in range(6):
+            await store.create_runs([create()], 1.0)
+        assert results == []  # due, and waiting for the read to end
+
+        read_done = trio.Event()
+
+        async def read_later() -> None:
+            later.append(await store.runner.read(lambda cur: 1))
+            read_done.set()
+
+        nursery.start_soon(read_later)
+        await trio.testing.wait_all_tasks_blocked()
+        assert later == []  # new reads wait for the checkpoint
+        held.release.set()
+        with trio.fail_after(10):
+            await read_done.wait()  # no write comes: the read's end has the writer look
+        ((busy, logged, copied),) = results
+        assert busy == 0 and logged == copied  # complete: the log starts over
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_read_that_fails_keeps_its_error_and_the_reader(tmp_path: Path) -> None:
+    """SQLite may end a read's transaction itself (out of memory or disk): the
+    error is the read's, not the ROLLBACK's, and the next read works."""
+    import sqlite3
+
+    store = SQLiteStore(tmp_path / "runs.sqlite", threaded=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+
+        def fails(cur: Any) -> None:
+            cur.execute("ROLLBACK")
+            raise sqlite3.OperationalError("disk I/O error")
+
+        with pytest.raises(_store.StoreUnavailable, match="disk I/O error"):
+            await store.runner.read(fails)
+        assert (await store.counts())["SCHEDULED"] == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_reads_queued_as_the_store_stops_find_it_closed(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "runs.sqlite", threaded=False)
+    outcomes: list[object] = []
+    async with trio.open_nursery() as outer, trio.open_nursery() as inner:
+        await inner.start(store.run)
+        held = _HeldRead()
+        outer.start_soon(store.runner.read, held)
+        await held.reading.wait()
+
+        async def queued() -> None:
+            try:
+                outcomes.append(await store.counts())
+            except StoreError as exc:
+                outcomes.append(exc)
+
+        outer.start_soon(queued)
+        await trio.testing.wait_all_tasks_blocked()
+        inner.cancel_scope.cancel()  # the store stops; it waits for the read in flight
+        held.release.set()
+    (outcome,) = outcomes
+    assert isinstance(outcome, StoreError) and "closed" in str(outcome)
+
+
+async def test_a_second_connection_that_cannot_open_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from trio_taskworker import ConfigurationError
+    from trio_taskworker._server import _sqlite
+
+    real_connect = sqlite3.connect
+    calls: list[object] = []
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        calls.append(args)
+        if len(calls) == 2:
+            raise sqlite3.OperationalError("unable to open database file")
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(_sqlite.sqlite3, "connect", connect)
+    store = SQLiteStore(tmp_path / "runs.sqlite", threaded=False)
+    with pytest.raises(ExceptionGroup) as caught:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+    (error,) = caught.value.exceptions
+    assert isinstance(error, ConfigurationError)
+    assert "runs.sqlite: cannot open a second connection" in str(error)
+
+
+async def test_without_reads_waits_for_the_read_in_flight_and_holds_new_ones(
+    tmp_path: Path,
+) -> None:
+    """What the retention sweep runs its log truncation in."""
+    store = SQLiteStore(tmp_path / "runs.sqlite", threaded=False)
+    runner = store.runner
+    assert isinstance(runner, SQLiteRunner)
+    order: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        held = _HeldRead()
+        nursery.start_soon(runner.read, held)
+        await held.reading.wait()
+
+        async def quiet() -> None:
+            async with runner.without_reads():
+                order.append("quiet")
+                await trio.testing.wait_all_tasks_blocked()
+                order.append("quiet done")
+
+        all_done = trio.Event()
+
+        async def read_after() -> None:
+            await runner.read(lambda cur: None)
+            order.append("read")
+            all_done.set()
+
+        nursery.start_soon(quiet)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(read_after)
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == []  # both wait for the read in flight
+        held.release.set()
+        with trio.fail_after(10):
+            await all_done.wait()
+        assert order == ["quiet", "quiet done", "read"]
+        nursery.cancel_scope.cancel()
 
 
 def _files(path: Path) -> tuple[int, int]:

@@ -55,6 +55,7 @@ import attrs
 import trio
 
 from .._exceptions import ConfigurationError
+from ._sqlite import SQLiteRunner
 from ._store import Cursor, Store, StoreError
 
 __all__ = [
@@ -250,7 +251,16 @@ class Maintenance:
             if not pages or not left:
                 break
         if freed and self.sqlite_path is not None:
-            await trio.to_thread.run_sync(_truncate_wal, self.sqlite_path)
+            runner = self.store.runner
+            # With no read in flight: the truncation holds the write lock
+            # while it waits for readers, and every write would wait too.
+            quiet = (
+                runner.without_reads()
+                if isinstance(runner, SQLiteRunner)
+                else contextlib.nullcontext()
+            )
+            async with quiet:
+                await trio.to_thread.run_sync(_truncate_wal, self.sqlite_path)
         return freed
 
 

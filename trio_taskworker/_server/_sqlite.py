@@ -18,16 +18,20 @@ The reads that may scan a large table (counts per state and per task, run
 listings: what health checks, metrics scrapes and the dashboard ask for) go
 to a second connection instead, one at a time, in a worker thread: with a
 million runs queued such a read takes a few hundred milliseconds, and on the
-writer it held up every write and the event loop for as long.
+writer it held up every write and the event loop for as long. The log can
+start over after a checkpoint only when no read holds a snapshot of it, so
+the writer checkpoints only between two reads: when one is due while a read
+runs, new reads wait until the writer has made it, right after that read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -92,6 +96,9 @@ class SQLiteRunner:
     #: for ``":memory:"`` (a second connection would open another database).
     _reader: sqlite3.Connection | None = attrs.field(init=False, default=None, repr=False)
     _reading: trio.Lock = attrs.field(init=False, factory=trio.Lock, repr=False)
+    #: Set while a checkpoint waits for the read in flight to end: new reads
+    #: wait for it (see :meth:`read`).
+    _reads_paused: trio.Event | None = attrs.field(init=False, default=None, repr=False)
     _stopped: bool = attrs.field(init=False, default=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -167,10 +174,22 @@ class SQLiteRunner:
                     or conn.total_changes - changes >= CHECKPOINT_CHANGES
                     or _size(wal) > CHECKPOINT_BYTES
                 ):
+                    if self._reading.locked():
+                        # A read holds a snapshot: after a checkpoint now the log
+                        # could not start over. New reads wait; the one in flight
+                        # has the writer look again as it ends (see read()).
+                        if self._reads_paused is None:
+                            self._reads_paused = trio.Event()
+                        continue
                     # In a worker thread even when batches run on the trio
                     # thread: the event loop goes on meanwhile, and the
                     # operations that arrive wait for the next batch.
-                    await _in_thread(self.threaded, partial(_checkpoint, conn))
+                    self._reading.acquire_nowait()
+                    try:
+                        await _in_thread(self.threaded, partial(_checkpoint, conn))
+                    finally:
+                        self._reading.release()
+                        self._resume_reads()
                     batches, changes = 0, conn.total_changes
         finally:
             while True:
@@ -186,6 +205,7 @@ class SQLiteRunner:
                 op.done.set()
             conn.close()
             self._stopped = True
+            self._resume_reads()  # to find the store closed
             with trio.CancelScope(shield=True):
                 async with self._reading:  # a read in its thread ends first
                     if self._reader is not None:
@@ -223,9 +243,16 @@ class SQLiteRunner:
         """
         if self._reader is None and not self._stopped:
             return await self.transact(fn)  # ":memory:", or not started yet
-        async with self._reading:
+        while True:
+            while self._reads_paused is not None:
+                await self._reads_paused.wait()
+            await self._reading.acquire()
+            if self._reads_paused is None:
+                break
+            self._end_read()  # a checkpoint came due while it waited its turn
+        try:
             reader = self._reader
-            if reader is None:
+            if reader is None or self._stopped:
                 raise StoreError("the store is closed")
             try:
                 return await _in_thread(self.threaded, partial(_read, reader, fn))
@@ -233,6 +260,33 @@ class SQLiteRunner:
                 if isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError):
                     raise  # a bug in a query, not the database's state
                 raise StoreUnavailable(f"the database refused the read: {exc}") from exc
+        finally:
+            self._end_read()
+
+    def _end_read(self) -> None:
+        """Let the next read go; the last one out while a checkpoint waits has
+        the writer look again now (with an empty operation), not at its next
+        batch, which may be a while away."""
+        self._reading.release()
+        if self._reads_paused is not None and not self._reading.locked():
+            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                self._send.send_nowait(_Op(_nothing))  # (a full queue: a batch is near)
+
+    def _resume_reads(self) -> None:
+        if self._reads_paused is not None:
+            self._reads_paused.set()
+            self._reads_paused = None
+
+    @contextlib.asynccontextmanager
+    async def without_reads(self) -> AsyncIterator[None]:
+        """No read in flight while the block runs; reads that come wait for it
+        (the retention sweep cuts the log back: SQLite's TRUNCATE checkpoint
+        holds the write lock while it waits for readers)."""
+        await self._reading.acquire()
+        try:
+            yield
+        finally:
+            self._end_read()
 
     async def transact(self, fn: Callable[[Cursor], T]) -> T:
         """Run ``fn`` in the next batch; return or raise as it did.
@@ -289,10 +343,17 @@ async def _in_thread(threaded: bool, fn: Callable[[], T]) -> T:
 
 def _open_reader(file: str) -> sqlite3.Connection:
     """The connection for :meth:`SQLiteRunner.read`: it may not write."""
-    reader = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
-    reader.execute("PRAGMA query_only=ON")
-    reader.execute("PRAGMA busy_timeout=5000")
-    reader.execute("PRAGMA case_sensitive_like=ON")  # as the writer's: the tag filter
+    try:
+        reader = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise ConfigurationError(f"{file}: cannot open a second connection ({exc})") from None
+    try:
+        reader.execute("PRAGMA query_only=ON")
+        reader.execute("PRAGMA busy_timeout=5000")
+        reader.execute("PRAGMA case_sensitive_like=ON")  # as the writer's: the tag filter
+    except sqlite3.Error as exc:
+        reader.close()
+        raise ConfigurationError(f"{file}: cannot set up a second connection ({exc})") from None
     return reader
 
 
@@ -303,7 +364,14 @@ def _read(reader: sqlite3.Connection, fn: Callable[[Cursor], T]) -> T:
     try:
         return fn(cur)
     finally:
-        cur.execute("ROLLBACK")  # it wrote nothing: this only ends the snapshot
+        # It wrote nothing: this only ends the snapshot. (SQLite may have ended
+        # the transaction itself, out of memory or disk: the error is fn's.)
+        if reader.in_transaction:
+            cur.execute("ROLLBACK")
+
+
+def _nothing(cur: Cursor) -> None:
+    """An operation that only makes the writer take a turn (see ``_end_read``)."""
 
 
 def _size(path: Path) -> int:
