@@ -4,8 +4,9 @@ Creates runs one at a time through the SQLite store (on the trio thread, as
 the server runs it) for a few seconds, while two tasks read back to back on
 the store's read connection, each read holding its snapshot for 50 ms (as a
 count over a large table does), and prints how many runs were created, how
-many checkpoints the writer made, and the largest size the log's file
-reached::
+many checkpoints the writer made, the largest size the log's file reached,
+how many reads were done and how long a read waited for its turn (its time
+less the 50 ms)::
 
     python benchmarks/wal_under_reads.py [--seconds 4]
 
@@ -17,6 +18,7 @@ would checkpoint after nearly every batch.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -39,22 +41,25 @@ async def measure(path: Path, seconds: float) -> None:
     checkpoints = 0
     checkpoint = _sqlite._checkpoint
 
-    def counted(conn: Any) -> None:
+    def counted(conn: Any) -> bool:
         nonlocal checkpoints
         checkpoints += 1
-        checkpoint(conn)
+        return checkpoint(conn)
 
     _sqlite._checkpoint = counted
     store = SQLiteStore(path, threaded=False)
     log = Path(f"{path}-wal")
     created = largest = 0
+    waits: list[float] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
         stop = trio.current_time() + seconds
 
         async def reader() -> None:
             while trio.current_time() < stop:
+                began = time.perf_counter()
                 await store.runner.read(slow_count)
+                waits.append(time.perf_counter() - began - 0.05)
                 await trio.sleep(0.001)
 
         nursery.start_soon(reader)
@@ -65,9 +70,12 @@ async def measure(path: Path, seconds: float) -> None:
             created += 1
             largest = max(largest, _sqlite._size(log))  # (a stat, as the writer does)
         nursery.cancel_scope.cancel()
+    waits.sort()
     print(
         f"{created:,} runs created, {checkpoints:,} checkpoints,"
-        f" largest log {largest / 2**20:.1f} MiB"
+        f" largest log {largest / 2**20:.1f} MiB; {len(waits)} reads, waiting"
+        f" p50 {statistics.median(waits) * 1000:.1f} ms,"
+        f" p99 {waits[int(len(waits) * 0.99)] * 1000:.1f} ms"
     )
 
 

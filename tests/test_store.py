@@ -396,6 +396,8 @@ async def test_the_writer_checkpoints_between_reads_so_that_the_log_starts_over(
         monkeypatch.setattr(_sqlite, name, 10**12)
     monkeypatch.setattr(_sqlite, "CHECKPOINT_BATCHES", 5)
     store = SQLiteStore(tmp_path / "runs.sqlite", threaded=False)
+    batches: list[int] = []
+    store.runner.on_batch = lambda operations, seconds: batches.append(operations)  # type: ignore[attr-defined]
     later: list[int] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
@@ -416,11 +418,13 @@ async def test_the_writer_checkpoints_between_reads_so_that_the_log_starts_over(
         nursery.start_soon(read_later)
         await trio.testing.wait_all_tasks_blocked()
         assert later == []  # new reads wait for the checkpoint
+        written = len(batches)
         held.release.set()
         with trio.fail_after(10):
             await read_done.wait()  # no write comes: the read's end has the writer look
         ((busy, logged, copied),) = results
         assert busy == 0 and logged == copied  # complete: the log starts over
+        assert len(batches) == written  # and that look was no transaction
         nursery.cancel_scope.cancel()
 
 
@@ -506,13 +510,6 @@ async def test_without_reads_waits_for_the_read_in_flight_and_holds_new_ones(
         held = _HeldRead()
         nursery.start_soon(runner.read, held)
         await held.reading.wait()
-
-        async def quiet() -> None:
-            async with runner.without_reads():
-                order.append("quiet")
-                await trio.testing.wait_all_tasks_blocked()
-                order.append("quiet done")
-
         all_done = trio.Event()
 
         async def read_after() -> None:
@@ -520,15 +517,72 @@ async def test_without_reads_waits_for_the_read_in_flight_and_holds_new_ones(
             order.append("read")
             all_done.set()
 
+        async def quiet() -> None:
+            async with runner.without_reads():
+                order.append("quiet")
+                nursery.start_soon(read_after)
+                await trio.testing.wait_all_tasks_blocked()
+                assert runner._reading.statistics().tasks_waiting == 1  # the new read waits
+                order.append("quiet done")
+
         nursery.start_soon(quiet)
         await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(read_after)
-        await trio.testing.wait_all_tasks_blocked()
-        assert order == []  # both wait for the read in flight
+        assert order == []  # it waits for the read in flight
         held.release.set()
         with trio.fail_after(10):
             await all_done.wait()
         assert order == ["quiet", "quiet done", "read"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_reader_outside_the_server_does_not_make_reads_wait_for_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot held outside the server (a shell, a backup) keeps the log
+    from starting over whatever the server does: then its reads do not wait for
+    checkpoints, until one completes again."""
+    import sqlite3
+
+    from trio_taskworker._server import _sqlite
+
+    for name in ("CHECKPOINT_CHANGES", "CHECKPOINT_BYTES"):
+        monkeypatch.setattr(_sqlite, name, 10**12)
+    monkeypatch.setattr(_sqlite, "CHECKPOINT_BATCHES", 2)
+    path = tmp_path / "runs.sqlite"
+    store = SQLiteStore(path, threaded=False)
+    runner = store.runner
+    assert isinstance(runner, SQLiteRunner)
+
+    async def write(n: int) -> None:
+        for _ in range(n):
+            await store.create_runs([create()], 1.0)
+        await store.runner.transact(lambda cur: None)  # after the checkpoint, if one was due
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await write(1)
+        outside = sqlite3.connect(path)
+        outside.execute("BEGIN")
+        outside.execute("SELECT COUNT(*) FROM task_runs").fetchone()
+        await write(2)
+        assert runner._pause_reads_for_checkpoints is False  # that one left the log partly copied
+        held = _HeldRead()
+        read_done = trio.Event()
+
+        async def hold_a_read() -> None:
+            await runner.read(held)
+            read_done.set()
+
+        nursery.start_soon(hold_a_read)
+        await held.reading.wait()
+        await write(3)
+        assert runner._reads_paused is None  # due, but pausing reads would buy nothing
+        held.release.set()
+        await read_done.wait()
+        outside.rollback()
+        outside.close()
+        await write(2)
+        assert runner._pause_reads_for_checkpoints is True  # complete again
         nursery.cancel_scope.cancel()
 
 

@@ -99,6 +99,11 @@ class SQLiteRunner:
     #: Set while a checkpoint waits for the read in flight to end: new reads
     #: wait for it (see :meth:`read`).
     _reads_paused: trio.Event | None = attrs.field(init=False, default=None, repr=False)
+    #: False once a checkpoint with no read of ours in flight left the log
+    #: partly copied: a reader outside this process (a shell, a backup) holds
+    #: a snapshot, and pausing reads would buy nothing. True again once a
+    #: checkpoint completes.
+    _pause_reads_for_checkpoints: bool = attrs.field(init=False, default=True, repr=False)
     _stopped: bool = attrs.field(init=False, default=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -161,14 +166,19 @@ class SQLiteRunner:
                         batch.append(self._receive.receive_nowait())
                     except trio.WouldBlock:
                         break
-                began = time.perf_counter()
-                await self._call_sync(partial(self._execute, conn, batch))
-                if self.on_batch is not None:
-                    self.on_batch(len(batch), time.perf_counter() - began)
+                if all(op.fn is _nothing for op in batch):
+                    # Only the turn a read asked for (see _end_read): no transaction.
+                    for op in batch:
+                        op.result = outcome.Value(None)
+                else:
+                    began = time.perf_counter()
+                    await self._call_sync(partial(self._execute, conn, batch))
+                    if self.on_batch is not None:
+                        self.on_batch(len(batch), time.perf_counter() - began)
+                    batches += 1
                 for op in batch:
                     op.done.set()
                 batch = []
-                batches += 1
                 if wal is not None and (
                     batches >= CHECKPOINT_BATCHES
                     or conn.total_changes - changes >= CHECKPOINT_CHANGES
@@ -178,7 +188,7 @@ class SQLiteRunner:
                         # A read holds a snapshot: after a checkpoint now the log
                         # could not start over. New reads wait; the one in flight
                         # has the writer look again as it ends (see read()).
-                        if self._reads_paused is None:
+                        if self._pause_reads_for_checkpoints and self._reads_paused is None:
                             self._reads_paused = trio.Event()
                         continue
                     # In a worker thread even when batches run on the trio
@@ -186,10 +196,11 @@ class SQLiteRunner:
                     # operations that arrive wait for the next batch.
                     self._reading.acquire_nowait()
                     try:
-                        await _in_thread(self.threaded, partial(_checkpoint, conn))
+                        complete = await _in_thread(self.threaded, partial(_checkpoint, conn))
                     finally:
                         self._reading.release()
                         self._resume_reads()
+                    self._pause_reads_for_checkpoints = complete
                     batches, changes = 0, conn.total_changes
         finally:
             while True:
@@ -388,13 +399,16 @@ def _clock_is_virtual() -> bool:
     return testing is not None and isinstance(trio.lowlevel.current_clock(), testing.MockClock)
 
 
-def _checkpoint(conn: sqlite3.Connection) -> None:
+def _checkpoint(conn: sqlite3.Connection) -> bool:
     """Copy what the write-ahead log holds into the database file (without
-    waiting for readers), so that the log starts over instead of growing."""
+    waiting for readers), so that the log starts over instead of growing.
+    True when all of it was copied."""
     try:
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        busy, logged, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     except sqlite3.Error as exc:  # a full disk: the next one tries again
         log.warning("SQLite checkpoint failed: %s", exc)
+        return False
+    return not busy and logged == copied
 
 
 def _run_batch(cur: sqlite3.Cursor, batch: list[_Op], *, savepoints: bool) -> bool:
