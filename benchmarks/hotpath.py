@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,19 +33,25 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _procs import percentiles
 from bench_tasks import never_served, noop_async
 
 from trio_taskworker import gather_results, open_client
+
+
+async def submit(task, n: int) -> list:  # type: ignore[no-untyped-def]
+    """``map`` in requests of 1,000 runs."""
+    futures = []
+    for start in range(0, n, 1000):
+        futures += await task.map(range(start, min(n, start + 1000)))
+    return futures
 
 
 async def batch(n: int) -> None:
     async with open_client():
         await gather_results(await noop_async.map(range(500)))  # warm up
         began = time.perf_counter()
-        futures = []
-        for start in range(0, n, 1000):
-            futures += await noop_async.map(range(start, min(n, start + 1000)))
-        values = await gather_results(futures, timeout=600)
+        values = await gather_results(await submit(noop_async, n), timeout=600)
         assert values == list(range(n))
         print(f"batch async {n} runs: {n / (time.perf_counter() - began):.0f} runs/s")
 
@@ -70,19 +75,16 @@ async def latency(n: int, sleep: bool = False) -> None:
                 change["state"]: datetime.datetime.fromisoformat(change["timestamp"])
                 for change in history
             }
-            spans["created->leased"].append(_ms(at, "SCHEDULED", "PENDING"))
-            spans["leased->started"].append(_ms(at, "PENDING", "RUNNING"))
-            spans["created->started"].append(_ms(at, "SCHEDULED", "RUNNING"))
+            spans["created->leased"].append(_seconds(at, "SCHEDULED", "PENDING"))
+            spans["leased->started"].append(_seconds(at, "PENDING", "RUNNING"))
+            spans["created->started"].append(_seconds(at, "SCHEDULED", "RUNNING"))
     for name, values in spans.items():
-        values.sort()
-        p90, p99 = values[int(len(values) * 0.9)], values[int(len(values) * 0.99)]
-        print(f"{name:18s} p50 {statistics.median(values):.2f} ms  p90 {p90:.2f}  p99 {p99:.2f}")
+        print(f"{name:18s} {_shown(values)}")
 
 
 async def queue(n: int) -> None:
     async with open_client():
-        for start in range(0, n, 1000):
-            await never_served.map(range(start, min(n, start + 1000)))
+        await submit(never_served, n)
 
 
 async def monitor(rounds: int) -> None:
@@ -98,7 +100,7 @@ async def monitor(rounds: int) -> None:
             while not done.is_set():
                 began = time.perf_counter()
                 (await light.get("/workers")).raise_for_status()
-                probes.append((time.perf_counter() - began) * 1000)
+                probes.append(time.perf_counter() - began)
                 await trio.sleep(0.01)
 
         async with trio.open_nursery() as nursery:
@@ -109,16 +111,15 @@ async def monitor(rounds: int) -> None:
                     (await heavy.get(path)).raise_for_status()
                     print(f"GET {path}: {(time.perf_counter() - began) * 1000:.0f} ms")
             done.set()
-    probes.sort()
-    print(
-        f"GET /workers meanwhile ({len(probes)} requests): p50"
-        f" {statistics.median(probes):.1f} ms  p90 {probes[int(len(probes) * 0.9)]:.1f}"
-        f"  max {probes[-1]:.1f}"
-    )
+    print(f"GET /workers meanwhile ({len(probes)} requests): {_shown(probes)}")
 
 
-def _ms(at: dict[str, datetime.datetime], first: str, then: str) -> float:
-    return (at[then] - at[first]) / datetime.timedelta(milliseconds=1)
+def _seconds(at: dict[str, datetime.datetime], first: str, then: str) -> float:
+    return (at[then] - at[first]).total_seconds()
+
+
+def _shown(seconds: list[float]) -> str:
+    return "  ".join(f"{name[:-3]} {ms:.2f} ms" for name, ms in percentiles(seconds).items())
 
 
 def main() -> None:

@@ -18,13 +18,17 @@ would checkpoint after nearly every batch.
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _procs import percentiles
 
 from trio_taskworker._models import TaskRunCreate
 from trio_taskworker._server import _sqlite
@@ -70,12 +74,11 @@ async def measure(path: Path, seconds: float) -> None:
             created += 1
             largest = max(largest, _sqlite._size(log))  # (a stat, as the writer does)
         nursery.cancel_scope.cancel()
-    waits.sort()
+    wait = percentiles(waits)
     print(
         f"{created:,} runs created, {checkpoints:,} checkpoints,"
         f" largest log {largest / 2**20:.1f} MiB; {len(waits)} reads, waiting"
-        f" p50 {statistics.median(waits) * 1000:.1f} ms,"
-        f" p99 {waits[int(len(waits) * 0.99)] * 1000:.1f} ms"
+        f" p50 {wait['p50_ms']} ms, p99 {wait['p99_ms']} ms"
     )
 
 

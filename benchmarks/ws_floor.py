@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import argparse
 import socket
-import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _procs import percentiles, stop
 
 MESSAGE = '[{"type":"deliver","runs":[{"id":"0193b5a0-0000-7000-8000-000000000000"}]}]'
 
@@ -113,16 +117,10 @@ def measure(kind: str, n: int) -> dict[str, float]:
     try:
         trio.run(wait_for, port)
         timer = time_websocket if kind == "websocket" else time_tcp
-        spent = sorted(trio.run(timer, port, n))[n // 10 :]  # the first tenth warms up
+        spent = trio.run(timer, port, n)[n // 10 :]  # the first tenth warms up
     finally:
-        server.terminate()
-        server.wait()
-    ms = [s * 1000 for s in spent]
-    return {
-        "p50_ms": round(statistics.median(ms), 3),
-        "p90_ms": round(ms[int(len(ms) * 0.9)], 3),
-        "p99_ms": round(ms[int(len(ms) * 0.99)], 3),
-    }
+        stop(server)
+    return percentiles(spent)
 
 
 def main() -> None:

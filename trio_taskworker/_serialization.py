@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import functools
 import hashlib
 import hmac
 import json
@@ -262,16 +263,9 @@ def _describe(exc: Exception) -> str:
 #: What cattrs and the models' checks raise for data that does not fit.
 _STRUCTURE_ERRORS = (cattrs.BaseValidationError, ValueError, TypeError, KeyError, AttributeError)
 
-#: Whether each type structured so far is an attrs class (``attrs.has`` per
-#: message showed in profiles); the types are the code's own, a few dozen.
-_ATTRS_TYPES: dict[Any, bool] = {}
-
-
-def _is_attrs(cls: Any) -> bool:
-    known = _ATTRS_TYPES.get(cls)
-    if known is None:
-        known = _ATTRS_TYPES[cls] = attrs.has(cls)
-    return known
+#: Whether a type is an attrs class, remembered (``attrs.has`` per message
+#: showed in profiles); the types are the code's own, a few dozen.
+_is_attrs: Callable[[Any], bool] = functools.cache(attrs.has)
 
 
 def structure(data: Any, cls: type[T]) -> T:

@@ -250,17 +250,9 @@ class Maintenance:
             freed += pages * page_size
             if not pages or not left:
                 break
-        if freed and self.sqlite_path is not None:
-            runner = self.store.runner
-            # With no read in flight: the truncation holds the write lock
-            # while it waits for readers, and every write would wait too.
-            quiet = (
-                runner.without_reads()
-                if isinstance(runner, SQLiteRunner)
-                else contextlib.nullcontext()
-            )
-            async with quiet:
-                await trio.to_thread.run_sync(_truncate_wal, self.sqlite_path)
+        if freed and isinstance(self.store.runner, SQLiteRunner):
+            # The vacuum's page moves went through the log: cut it back.
+            await self.store.runner.truncate_log()
         return freed
 
 
@@ -285,20 +277,6 @@ def _vacuum_step(cur: Cursor) -> tuple[int, int, int]:
     cur.execute("PRAGMA freelist_count")
     left = int(cur.fetchone()[0])
     return free - left, page_size, left
-
-
-def _truncate_wal(path: Path) -> None:
-    """Checkpoint the write-ahead log into the file and cut it to zero bytes.
-
-    Checkpoints reuse the log, and shorten it only to the writer's
-    ``journal_size_limit`` as it starts over; the vacuum's page moves went
-    through it. The checkpoint waits at most a second for the writer; if it
-    is busy, the log is cut at a later sweep.
-    """
-    with contextlib.closing(sqlite3.connect(path, timeout=1.0, isolation_level=None)) as conn:
-        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-    if busy:
-        log.debug("retention: the write-ahead log was busy; it is truncated at a later sweep")
 
 
 def prepare_sqlite_file(path: Path) -> None:

@@ -105,6 +105,8 @@ class SQLiteRunner:
     #: checkpoint completes.
     _pause_reads_for_checkpoints: bool = attrs.field(init=False, default=True, repr=False)
     _stopped: bool = attrs.field(init=False, default=False, repr=False)
+    #: The database's file as SQLite opened it (a symlink resolved); "" for ":memory:".
+    _file: str = attrs.field(init=False, default="", repr=False)
 
     def __attrs_post_init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel[_Op](4 * MAX_BATCH)
@@ -149,6 +151,7 @@ class SQLiteRunner:
         batch: list[_Op] = []
         # SQLite names the log after the file it opened (a symlink resolved).
         (_, _, file), *_ = conn.execute("PRAGMA database_list").fetchall()
+        self._file = file
         wal = Path(f"{file}-wal") if file else None  # "" for ":memory:"
         batches = 0
         changes = conn.total_changes
@@ -288,6 +291,20 @@ class SQLiteRunner:
             self._reads_paused.set()
             self._reads_paused = None
 
+    async def truncate_log(self) -> None:
+        """Copy the write-ahead log back and cut its file to zero bytes.
+
+        Checkpoints reuse the log, and shorten it only to ``journal_size_limit``
+        as it starts over; the retention sweep's page moves (a large
+        ``incremental_vacuum``) go through it. With no read in flight: SQLite's
+        TRUNCATE checkpoint holds the write lock while it waits for readers. It
+        waits at most a second for the writer; if it is busy, the log is cut
+        at a later sweep.
+        """
+        if self._file:
+            async with self.without_reads():
+                await trio.to_thread.run_sync(_truncate_log, self._file)
+
     @contextlib.asynccontextmanager
     async def without_reads(self) -> AsyncIterator[None]:
         """No read in flight while the block runs; reads that come wait for it
@@ -379,6 +396,13 @@ def _read(reader: sqlite3.Connection, fn: Callable[[Cursor], T]) -> T:
         # the transaction itself, out of memory or disk: the error is fn's.)
         if reader.in_transaction:
             cur.execute("ROLLBACK")
+
+
+def _truncate_log(file: str) -> None:
+    with contextlib.closing(sqlite3.connect(file, timeout=1.0, isolation_level=None)) as conn:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    if busy:
+        log.debug("the write-ahead log was busy; it is cut back at a later sweep")
 
 
 def _nothing(cur: Cursor) -> None:
